@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""qwenvl-edge: turn a Qwen-VL checkpoint into a validated edge bundle.
+
+With no arguments it runs the whole flow on the bundled nano checkpoint: calibration set ->
+GPTQ int4 -> vision and decoder ONNX engines -> staged drift report -> bundle -> one demo answer.
+All logic lives in exporters/pipeline.py; this file only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  python export.py                                   # nano checkpoint, int4 plan, ./out/bundle
+  python export.py --checkpoint ~/Qwen-VL-Chat --plan int4 --device-profile agx-orin-32gb
+  python export.py --checkpoint ~/Qwen-VL-Chat-Int4  # official GPTQ checkpoint: GPTQ is skipped
+  python export.py --plan fp16 --calib my_items.jsonl --out out/fp16
+  python export.py --plan-only --checkpoint ~/Qwen-VL-Chat --device-profile orin-nx-16gb
+
+then run the bundle (no torch needed):
+  python -m runtime --bundle out/bundle --image photo.jpg --prompt "What is in the picture?"
+
+stages are cached in <out>.work/: rerunning after a failure resumes where it stopped.
+exit codes: 0 ok, 1 validation FAILED (bundle not written unless --allow-drift), 2 usage or input error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from exporters.memory_plan import PROFILES
+
+    p = argparse.ArgumentParser(
+        prog="export.py", description=__doc__.split("\n\n")[0] + ".",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="Hugging Face checkpoint directory (Qwen/Qwen-VL, Qwen-VL-Chat or "
+                        "Qwen-VL-Chat-Int4). Default: the bundled nano checkpoint")
+    p.add_argument("--plan", choices=["fp32", "fp16", "int4"], default="int4",
+                   help="precision plan (default int4: GPTQ int4 decoder, int8 LM head, fp16 vision "
+                        "with fp32 norms)")
+    p.add_argument("--calib", type=Path, default=None,
+                   help="calibration/validation items: a manifest .jsonl/.json or a folder of "
+                        "images (default: calib_data/manifest.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("out/bundle"),
+                   help="bundle directory to write (default out/bundle)")
+    p.add_argument("--device-profile", choices=sorted(PROFILES), default="desktop",
+                   help="target device for the memory plan (default desktop)")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length the plan must hold (default: the model's 2048)")
+    p.add_argument("--force", action="store_true",
+                   help="build even when the memory plan says it does not fit")
+    p.add_argument("--plan-only", action="store_true", help="print the memory plan and stop")
+    p.add_argument("--allow-drift", action="store_true",
+                   help="write the bundle and exit 0 even when validation FAILs")
+    p.add_argument("--skip-validation", action="store_true", help="do not run the drift report")
+    p.add_argument("--n-calib", type=int, default=None, help="use at most N calibration items")
+    p.add_argument("--n-val", type=int, default=None, help="use at most N validation items")
+    p.add_argument("--group-size", type=int, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
+    p.add_argument("--lm-head", choices=["int8", "fp16"], default="int8",
+                   help="LM head precision in the int4 plan (default int8)")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo answer at the end")
+    p.add_argument("--demo-prompt", default=None, help="question for the demo answer")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname).1s %(name)s: %(message)s")
+    from exporters.pipeline import ExportError, ExportOptions, report_json, run_export
+    from models.checkpoint import CheckpointError
+    from models.config import ConfigError
+
+    try:
+        if args.plan_only:
+            from exporters.memory_plan import plan_memory
+            from exporters.pipeline import resolve_checkpoint
+            from models.config import QwenVLConfig
+
+            cfg = QwenVLConfig.from_pretrained(resolve_checkpoint(args.checkpoint))
+            mem = plan_memory(cfg, args.plan, args.device_profile, args.context)
+            print("\n".join(mem.lines()))
+            return 0 if mem.fits else 1
+        opts = ExportOptions(
+            checkpoint=args.checkpoint, plan=args.plan, calib=args.calib, out=args.out,
+            device_profile=args.device_profile, context=args.context, force=args.force,
+            allow_drift=args.allow_drift, skip_validation=args.skip_validation,
+            n_calib=args.n_calib, n_val=args.n_val, group_size=args.group_size,
+            desc_act=args.act_order, lm_head=args.lm_head, demo=not args.no_demo,
+            demo_prompt=args.demo_prompt)
+        rep = run_export(opts)
+    except ExportError as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 1 if "validation FAILED" in str(e) else 2
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("export.py: interrupted; finished stages are cached, rerun to resume",
+              file=sys.stderr)
+        return 130
+    print(f"bundle: {rep.bundle}  validation: {rep.verdict}")
+    if args.json:
+        print(report_json(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

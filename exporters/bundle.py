@@ -1,0 +1,246 @@
+"""Writing a bundle (DESIGN.md §4): files + checksums + ``manifest.json``, renamed into place whole.
+
+``write_bundle`` copies (or moves) the files into a temporary sibling directory, hashes each one,
+writes ``manifest.json`` last and renames the directory onto ``out_dir`` only when everything
+succeeded, so a crash never leaves a half bundle behind a valid-looking name. Verification lives in
+``runtime/bundle.py`` (the runtime must not import the exporters); it is re-exported here.
+
+``manifest_fields`` builds the model facts, generation defaults, versions and source identity
+from a checkpoint; ``engine_io`` reads the input/output names, dtypes and shapes of an ONNX file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, Manifest, read_manifest,
+                            sha256_file, verify_bundle)
+
+__all__ = ["BundleError", "Manifest", "engine_io", "manifest_fields", "model_facts",
+           "read_manifest", "verify_bundle", "versions", "write_bundle"]
+
+TOOLKIT = "qwenvl-edge"
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
+                9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version(TOOLKIT)
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
+        return "0.1.0"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the tools used to export (recorded in the manifest)."""
+    out: dict[str, str | None] = {"toolkit": toolkit_version(), "python": platform.python_version()}
+    for mod in ("torch", "onnx", "onnxruntime", "numpy", "tiktoken"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            out[mod] = None
+    return out
+
+
+def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The facts the runtime needs, from a ``models.config.QwenVLConfig``."""
+    img_start = cfg.image_start_id
+    eod = img_start - 214  # <|endoftext|> is the first special token, <img> the 215th
+    special = {"eod": eod, "im_start": eod + 1, "im_end": eod + 2, "img_start": img_start,
+               "img_end": img_start + 1, "img_pad": img_start + 2, "ref_start": img_start - 6,
+               "ref_end": img_start - 5, "box_start": img_start - 4, "box_end": img_start - 3}
+    special.update(dict(tokenizer_specials or {}))
+    return {
+        "vocab_size": cfg.vocab_size,
+        "n_vocab": img_start + 3,  # real tokens; rows above are padding
+        "n_queries": cfg.visual.n_queries,
+        "image_size": cfg.visual.image_size,
+        "hidden": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "head_dim": cfg.head_dim,
+        "max_context": cfg.seq_length,
+        "special_ids": special,
+    }
+
+
+def manifest_fields(checkpoint: str | Path, precision: str, checkpoint_id: str | None = None,
+                    engines: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Manifest fields for a bundle exported from ``checkpoint`` (a HF checkpoint directory)."""
+    from models.checkpoint import CheckpointReader
+    from models.config import QwenVLConfig
+
+    ckpt = Path(checkpoint)
+    cfg = QwenVLConfig.from_pretrained(ckpt)
+    gen_file = ckpt / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    generation = {k: gen[k] for k in ("do_sample", "top_p", "top_k", "temperature",
+                                      "repetition_penalty", "max_new_tokens", "max_window_size")
+                  if k in gen}
+    try:
+        index_sha = CheckpointReader(ckpt).sha256_of_index()
+    except Exception:  # noqa: BLE001 - a checkpoint without weights (tests)
+        index_sha = None
+    fields: dict[str, Any] = {
+        "source": {"checkpoint": checkpoint_id or ckpt.name, "index_sha256": index_sha},
+        "precision": precision,
+        "model": model_facts(cfg),
+        "chat_format": gen.get("chat_format", "chatml"),
+        "generation": generation,
+    }
+    if engines is not None:
+        fields["engines"] = dict(engines)
+    fields.update(extra)
+    return fields
+
+
+def engine_io(onnx_path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, dtypes and shapes (ints or symbolic names) of an ONNX file."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+
+    def describe(vi) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.shape.dim]
+        return {"name": vi.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)),
+                "shape": dims}
+
+    inits = {i.name for i in m.graph.initializer}
+    return {"inputs": [describe(i) for i in m.graph.input if i.name not in inits],
+            "outputs": [describe(o) for o in m.graph.output]}
+
+
+def _external_data(onnx_path: Path) -> list[str]:
+    """Locations (relative to the model) of the external-data files an ONNX model references."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    locs = []
+    for t in _get_all_tensors(m):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location" and kv.value not in locs:
+                    locs.append(kv.value)
+    return locs
+
+
+def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
+                 manifest_fields: Mapping[str, Any], move: bool = False) -> Path:
+    """Write a bundle atomically and return its path.
+
+    ``files``: ``{name inside the bundle: source path}``; the external-data files an ``.onnx``
+    references are added automatically (next to it, under the name the model records).
+    ``manifest_fields``: merged into the manifest (``model`` facts are required by the runtime);
+    ``engines`` I/O is filled from the ONNX files when not given. ``move`` moves instead of copying.
+    """
+    from models.checkpoint import atomic_dir
+
+    out = Path(out_dir)
+    plan: dict[str, Path] = {}
+    for name, src in files.items():
+        src = Path(src)
+        if not src.is_file():
+            raise BundleError(f"cannot bundle {name}: source file {src} does not exist")
+        plan[name] = src
+        if name.endswith(".onnx"):
+            for loc in _external_data(src):
+                data_name = str(Path(name).parent / loc) if Path(name).parent != Path(".") else loc
+                data_src = src.parent / loc
+                if data_name not in plan and data_name not in files:
+                    if not data_src.is_file():
+                        raise BundleError(f"cannot bundle {name}: its external data {data_src} is "
+                                          "missing")
+                    plan[data_name] = data_src
+    fields = dict(manifest_fields)
+    engines = dict(fields.pop("engines", {}) or {})
+    for eng in ("vision", "decoder"):
+        if eng not in engines and f"{eng}.onnx" in plan:
+            engines[eng] = {"file": f"{eng}.onnx", **engine_io(plan[f"{eng}.onnx"])}
+    with atomic_dir(out) as tmp:
+        listed: dict[str, dict[str, Any]] = {}
+        for name, src in plan.items():
+            dst = tmp / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                raise BundleError(f"bundle file name '{name}' must be relative and inside the bundle")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if move:
+                shutil.move(str(src), dst)
+            else:
+                shutil.copyfile(src, dst)
+            listed[name] = {"sha256": sha256_file(dst), "size": dst.stat().st_size}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            **fields,
+            "engines": engines,
+            "files": dict(sorted(listed.items())),
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return out
+
+
+def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32",
+                 model: Any = None, quant_tensors: Mapping[str, Any] | None = None,
+                 vision_precision: str = "fp32", vision_onnx: str | Path | None = None,
+                 checkpoint_id: str | None = None,
+                 decoder_kwargs: Mapping[str, Any] | None = None) -> Path:
+    """Export both engines of ``checkpoint`` and write a bundle (tests, benchmarks, nano runs).
+
+    ``model``: the already loaded fp32 reference (else loaded from ``checkpoint``).
+    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
+    the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
+    engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
+    (``act_dtype``, ``kv_dtype``, ``lm_head``, ...). The full export flow with validation is
+    ``exporters/pipeline.py``; this one skips validation.
+    """
+    import tempfile
+
+    from exporters.decoder import export_decoder
+    from models.checkpoint import load_model
+
+    ckpt = Path(checkpoint)
+    out = Path(out_dir)
+    model = model if model is not None else load_model(ckpt, "fp32")
+    with tempfile.TemporaryDirectory(prefix=".bundle-src-", dir=out.parent if out.parent.exists()
+                                     else None) as tmp:
+        t = Path(tmp)
+        kwargs: dict[str, Any] = {}
+        if plan == "int4":
+            group = 128
+            while model.cfg.hidden_size % group or model.cfg.ffn_dim % group:
+                group //= 2
+            if quant_tensors is not None:
+                t0 = quant_tensors["transformer.h.0.attn.c_attn"]
+                group = t0.in_features // t0.n_groups
+            else:
+                from quant.fake_quant import rtn_gptq_tensors
+                quant_tensors = rtn_gptq_tensors(model, group_size=group)
+            kwargs = {"quant_tensors": quant_tensors, "group_size": group}
+        kwargs.update(decoder_kwargs or {})
+        export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
+        if vision_onnx is None:
+            from exporters.vision import export_vision
+            export_vision(model, t / "vision.onnx", precision=vision_precision,
+                          write_trt_script=False)
+            vision_onnx = t / "vision.onnx"
+        files = {"vision.onnx": Path(vision_onnx), "decoder.onnx": t / "decoder.onnx",
+                 "tokenizer/qwen.tiktoken": ckpt / "qwen.tiktoken"}
+        fields = manifest_fields(ckpt, plan, checkpoint_id,
+                                 vision_precision=vision_precision)
+        return write_bundle(out, files, fields)

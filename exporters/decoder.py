@@ -1,0 +1,757 @@
+"""Qwen-VL language decoder -> one ONNX graph for prefill and decode (KV cache), for onnxruntime.
+
+The graph is written directly with ``onnx.helper`` (no torch.onnx): it uses onnxruntime's fused
+contrib ops, pulls weights one tensor at a time from a ``get_tensor(name)`` callable and streams
+initializers straight into the external-data file, so the 7B decoder exports without ever holding
+the model in RAM.
+
+IO contract (the runtime is written against it; ``H`` heads, ``D`` head dim, ``L`` layers)::
+
+    input_ids                   int64   [batch, sequence_length]
+    image_embeds                float32 [image_rows, hidden]          (image_rows may be 0)
+    attention_mask              int64   [batch, total_sequence_length] (1 = real token, left padding)
+    past_key_values.{i}.key     KV      [batch, H, past_sequence_length, D]   i = 0..L-1
+    past_key_values.{i}.value   KV      [batch, H, past_sequence_length, D]
+    ->
+    logits                      float32 [batch, sequence_length, vocab_size]
+    present.{i}.key             KV      [batch, H, total_sequence_length, D]
+    present.{i}.value           KV      [batch, H, total_sequence_length, D]
+
+KV is float32 in the fp32 plan and float16 in the fp16/int4 plans (``kv_dtype`` overrides). Keys
+are stored after RoPE. ``total_sequence_length = past_sequence_length + sequence_length``.
+
+Prompt-table trick: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``,
+every other id the embedding table (``Where`` + two ``Gather``); the table never leaves the engine.
+An id past the last image row is an error (Gather out of bounds), never a silent zero.
+
+Positions: ``position = cumsum(attention_mask) - 1`` over the whole (past + current) mask, i.e. the
+count of real tokens before a token (the GroupQueryAttention / onnxruntime-genai convention). For
+batch 1 without padding this is ``P .. P+S-1``, exactly the reference. For a left-padded row the
+real tokens start at position 0, so each row of a padded batch computes what it would alone; the HF
+reference instead counts the pads (positions ``0..T-1`` whatever the mask, spec §3.7), which makes
+its padded rows differ from their unpadded runs. Pad tokens get position 0 and are masked as keys.
+
+Precision plans (``plan``):
+
+* ``fp32``: fp32 weights and activations; matches ``models.qwen_vl`` to float rounding.
+* ``fp16``: fp16 weights/activations/KV; RMSNorm statistics are computed in fp32 inside
+  (Skip)SimplifiedLayerNormalization, attention softmax in fp32 inside the attention kernel;
+  logits are cast to fp32.
+* ``int4``: the five Linears per layer as ``MatMulNBits`` (bits 4, block ``group_size``) from GPTQ
+  tensors, act-order expressed as a ``Gather`` of the activation columns (no ``g_idx``); LM head
+  int8 per channel (``MatMulNBits`` bits 8) or fp16; embedding table and norms fp16; activations
+  fp16 or fp32 (``act_dtype``); KV fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from models.config import QwenVLConfig
+from models.qwen_vl import rotary_cos_sin
+from quant.fake_quant import LINEAR_SUFFIXES, check_gptq_shape
+from quant.packing import (GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits,
+                           quantize_int8_per_channel)
+
+log = logging.getLogger(__name__)
+
+PLANS = ("fp32", "fp16", "int4")
+OPSET = 21
+IR_VERSION = 10
+MS_DOMAIN = "com.microsoft"
+EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside decoder.onnx
+_NP = {"fp32": np.float32, "fp16": np.float16}
+_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+         np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
+         np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class DecoderExportError(ValueError):
+    """Arguments or weights the decoder exporter cannot turn into a graph."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sources
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class WeightSource:
+    """Config + ``get(name) -> tensor`` over checkpoint tensor names (loaded one at a time)."""
+
+    cfg: QwenVLConfig
+    get: Callable[[str], torch.Tensor]
+    has: Callable[[str], bool]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "WeightSource":
+        params = dict(model.named_parameters())
+        return cls(model.cfg, lambda n: params[n].detach(), lambda n: n in params)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "WeightSource":
+        from models.checkpoint import CheckpointReader
+
+        reader = CheckpointReader(path)
+        return cls(QwenVLConfig.from_pretrained(path), reader.get, reader.__contains__)
+
+
+def _as_source(model: nn.Module | WeightSource | str | Path) -> WeightSource:
+    if isinstance(model, WeightSource):
+        return model
+    if isinstance(model, nn.Module):
+        return WeightSource.from_model(model)
+    return WeightSource.from_checkpoint(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class IOSpec:
+    name: str
+    dtype: str  # numpy name: int64, float32, float16
+    shape: list[int | str]
+
+
+@dataclass
+class DecoderExportResult:
+    onnx_path: Path
+    data_path: Path
+    plan: str
+    settings: dict[str, Any]
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    op_counts: dict[str, int]
+    weight_bytes: dict[str, int]  # by category: linear, lm_head, embedding, norm, rope, other
+    bytes_per_token: int  # weight bytes read per decoded token (no embedding table, no KV)
+    kv_bytes_per_token: int  # KV cache bytes per token of context (all layers, K and V)
+    file_bytes: int
+    seconds: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["onnx_path"], d["data_path"] = str(self.onnx_path), str(self.data_path)
+        return d
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        wb = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items() if v)
+        return (f"decoder {self.plan} ({self.settings['act_dtype']} activations, "
+                f"{self.settings['kv_dtype']} KV, lm_head {self.settings['lm_head']}): "
+                f"{sum(self.op_counts.values())} nodes [{ops}]; weights [{wb}]; "
+                f"{self.bytes_per_token / 2**20:.1f} MiB read per decoded token + "
+                f"{self.kv_bytes_per_token / 1024:.1f} KiB KV per context token; "
+                f"files {self.file_bytes / 2**20:.1f} MiB; {self.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph builder with streamed external data
+# ---------------------------------------------------------------------------------------------
+
+class _GraphWriter:
+    def __init__(self, data_file, data_name: str):
+        self.f = data_file
+        self.data_name = data_name
+        self.offset = 0
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.bytes = Counter()
+        self._names: set[str] = set()
+        self._n = 0
+
+    def init(self, name: str, arr: np.ndarray, cat: str) -> str:
+        if name in self._names:
+            raise DecoderExportError(f"duplicate initializer {name}")
+        self._names.add(name)
+        arr = np.ascontiguousarray(arr)
+        self.bytes[cat] += arr.nbytes
+        if arr.nbytes < EXTERNAL_THRESHOLD:
+            self.inits.append(numpy_helper.from_array(arr, name))
+            return name
+        align = 4096 if arr.nbytes >= 65536 else 64
+        pad = (-self.offset) % align
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        t = TensorProto(name=name, data_type=_ONNX[arr.dtype], dims=list(arr.shape))
+        self.f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self.offset)),
+                     ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.offset += arr.nbytes
+        self.inits.append(t)
+        return name
+
+    def const(self, value, dtype) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        self._n += 1
+        return self.init(f"const_{self._n}", arr, "other")
+
+    def op(self, op_type: str, inputs: list[str], n_out: int | list[str | None] = 1,
+           scope: str = "", domain: str = "", **attrs) -> Any:
+        """Add a node; ``n_out`` is a count or a list of output names (None = auto, "" = unused).
+
+        Returns the output name for one output, else the list (unused ones as "").
+        """
+        self._n += 1
+        base = f"{scope}/{op_type}_{self._n}" if scope else f"/{op_type}_{self._n}"
+        spec = [None] * n_out if isinstance(n_out, int) else n_out
+        outs = [f"{base}/out{j}" if o is None else o for j, o in enumerate(spec)]
+        while inputs and inputs[-1] == "":
+            inputs = inputs[:-1]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None,
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder graph
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Settings:
+    plan: str
+    act_dtype: str
+    kv_dtype: str
+    lm_head: str
+    group_size: int
+    accuracy_level: int
+    attention: str
+    max_positions: int
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """Torch (any float dtype, incl. bf16) -> numpy ``dtype`` without a full fp32 detour if fp16."""
+    t = t.detach()
+    if dtype == np.float16:
+        return t.to(torch.float16).numpy()
+    return t.to(torch.float32).numpy().astype(dtype, copy=False)
+
+
+class _DecoderGraph:
+    def __init__(self, src: WeightSource, s: _Settings, g: _GraphWriter,
+                 quant: Mapping[str, GPTQTensors] | None):
+        self.src, self.s, self.g, self.quant = src, s, g, quant
+        cfg = src.cfg
+        self.cfg = cfg
+        self.hid, self.H, self.D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.L, self.V, self.F = cfg.num_hidden_layers, cfg.vocab_size, cfg.ffn_dim
+        self.A = _NP[s.act_dtype]
+        self.KV = _NP[s.kv_dtype]
+        self.tA, self.tKV = _ONNX[np.dtype(self.A)], _ONNX[np.dtype(self.KV)]
+        # fp32 plan keeps fp32 small tensors; the fp16/int4 plans store them in fp16
+        self.small_dtype = np.float32 if s.plan == "fp32" else np.float16
+        from models.checkpoint import expected_shapes
+
+        self.shapes = expected_shapes(cfg)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """A source tensor, checked against the shape the config implies."""
+        t = self.src.get(name)
+        if tuple(t.shape) != self.shapes.get(name):
+            raise DecoderExportError(f"tensor {name} has shape {tuple(t.shape)}, the config expects "
+                                     f"{self.shapes.get(name)}: weights and config.json disagree")
+        return t
+
+    def small(self, name: str) -> np.ndarray:
+        """A norm weight / bias as the plan stores it, in the activation dtype."""
+        return _np(self.get(name), self.small_dtype).astype(self.A)
+
+    def cast(self, x: str, to, scope: str) -> str:
+        return self.g.op("Cast", [x], scope=scope, to=_ONNX[np.dtype(to)])
+
+    def fp_linear(self, x: str, name: str, wdtype, scope: str, cast_back: bool = True) -> str:
+        """MatMul with the transposed weight in ``wdtype`` (+ Add bias); output in the act dtype
+        (or in ``wdtype`` when ``cast_back`` is False)."""
+        g = self.g
+        wt = _np(self.get(name + ".weight"), wdtype).T  # [K, N] for MatMul
+        W = g.init(name + ".weight_t", wt, "lm_head" if name == "lm_head" else "linear")
+        del wt
+        differs = np.dtype(wdtype) != np.dtype(self.A)
+        xin = self.cast(x, wdtype, scope) if differs else x
+        y = g.op("MatMul", [xin, W], scope=scope)
+        bias_name = name + ".bias"
+        if self.src.has(bias_name):
+            b = g.init(bias_name, _np(self.get(bias_name), wdtype), "linear")
+            y = g.op("Add", [y, b], scope=scope)
+        if differs and cast_back:
+            y = self.cast(y, self.A, scope)
+        return y
+
+    def nbits(self, x: str, name: str, mm: MatMulNBitsWeights, bias: np.ndarray | None,
+              scope: str, cat: str) -> str:
+        g = self.g
+        if mm.perm is not None:
+            perm = g.init(name + ".perm", mm.perm.astype(np.int64), cat)
+            x = g.op("Gather", [x, perm], scope=scope, axis=-1)
+        B = g.init(name + ".qweight", mm.B, cat)
+        sc = g.init(name + ".scales", mm.scales.astype(self.A), cat)
+        zp = g.init(name + ".qzeros", mm.zero_points, cat) if mm.zero_points is not None else ""
+        b = g.init(name + ".bias", bias.astype(self.A), cat) if bias is not None else ""
+        return g.op("MatMulNBits", [x, B, sc, zp, "", b], scope=scope, domain=MS_DOMAIN,
+                    K=mm.K, N=mm.N, bits=mm.bits, block_size=mm.block_size,
+                    accuracy_level=self.s.accuracy_level)
+
+    def linear(self, x: str, name: str, scope: str) -> str:
+        if self.s.plan != "int4":
+            return self.fp_linear(x, name, self.A, scope)
+        t = self.quant[name]
+        k_in = self.hid if not name.endswith("mlp.c_proj") else self.F
+        n_out = {"attn.c_attn": 3 * self.hid, "mlp.w1": self.F, "mlp.w2": self.F}.get(
+            name.split(".", 3)[-1], self.hid)
+        check_gptq_shape(name, t, n_out, k_in)
+        gs = self.s.group_size
+        if t.n_groups != -(-k_in // gs):
+            raise PackingError(
+                f"quant tensor {name} has {t.n_groups} groups for {k_in} inputs, i.e. group size "
+                f"{k_in // max(t.n_groups, 1)}, but the exporter was asked for group_size {gs}: pass "
+                "the group size the GPTQ run used")
+        mm = gptq_to_matmul_nbits(t, gs)
+        if t.bias is not None:
+            bias = t.bias.astype(np.float32)
+        elif self.src.has(name + ".bias"):
+            bias = _np(self.get(name + ".bias"), np.float16).astype(np.float32)
+        else:
+            bias = None
+        if bias is not None and not np.any(bias):
+            bias = None
+        return self.nbits(x, name, mm, bias, scope, "linear")
+
+    def lm_head(self, x: str) -> tuple[str, Any]:
+        """-> (logits name, its numpy dtype)."""
+        mode, scope = self.s.lm_head, "/lm_head"
+        if mode in ("fp32", "fp16"):
+            dt = _NP[mode]
+            return self.fp_linear(x, "lm_head", dt, scope, cast_back=False), dt
+        # int8 per output channel, quantised in row chunks (a 151936 x 4096 head in fp32 is 2.5 GB)
+        w = self.get("lm_head.weight")
+        n, k = w.shape
+        parts = [quantize_int8_per_channel(w[i:i + 8192].float().numpy()) for i in range(0, n, 8192)]
+        del w
+        mm = MatMulNBitsWeights(B=np.concatenate([p.B for p in parts]),
+                                scales=np.concatenate([p.scales for p in parts]), zero_points=None,
+                                perm=None, K=k, N=n, block_size=parts[0].block_size, bits=8)
+        del parts
+        return self.nbits(x, "lm_head", mm, None, scope, "lm_head"), self.A
+
+    # -- graph --------------------------------------------------------------------------------
+    def build(self) -> tuple[list, list]:
+        g, cfg, s = self.g, self.cfg, self.s
+        hid, H, D, L, V = self.hid, self.H, self.D, self.L, self.V
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+                  helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["image_rows", hid]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                ["batch", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", "sequence_length", V])]
+        for i in range(L):
+            for kv in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kv}", self.tKV, ["batch", H, "past_sequence_length", D]))
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kv}", self.tKV, ["batch", H, "total_sequence_length", D]))
+
+        # ---- embeddings: prompt-table trick ----
+        sc = "/embed"
+        vocab = g.const(V, np.int64)
+        is_img = g.op("GreaterOrEqual", ["input_ids", vocab], scope=sc)
+        zero_i = g.const(0, np.int64)
+        tok_ids = g.op("Where", [is_img, zero_i, "input_ids"], scope=sc)
+        wte = g.init("transformer.wte.weight", _np(self.get("transformer.wte.weight"),
+                                                   self.small_dtype), "embedding")
+        tok = g.op("Gather", [wte, tok_ids], scope=sc, axis=0)
+        if np.dtype(self.small_dtype) != np.dtype(self.A):
+            tok = self.cast(tok, self.A, sc)
+        img = "image_embeds" if self.A == np.float32 else self.cast("image_embeds", self.A, sc)
+        # row 0 of the table is a zero row, so an empty image_embeds still gathers
+        table = g.op("Concat", [g.const(np.zeros((1, hid)), self.A), img], scope=sc, axis=0)
+        img_idx = g.op("Where", [is_img, g.op("Sub", ["input_ids", g.const(V - 1, np.int64)], scope=sc),
+                                 zero_i], scope=sc)
+        img_rows = g.op("Gather", [table, img_idx], scope=sc, axis=0)
+        x = g.op("Where", [g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc), img_rows, tok],
+                 scope=sc)
+
+        # ---- positions and masks (shared by all layers) ----
+        sc = "/positions"
+        csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)], scope=sc)
+        seq = g.op("Shape", ["input_ids"], scope=sc, start=1, end=2)
+        start = g.op("Neg", [seq], scope=sc)
+        pos = g.op("Slice", [csum, start, g.const([np.iinfo(np.int64).max], np.int64),
+                             g.const([1], np.int64)], scope=sc)
+        pos = g.op("Max", [g.op("Sub", [pos, g.const(1, np.int64)], scope=sc), zero_i], scope=sc)
+        mask_i32 = g.op("Cast", ["attention_mask"], scope=sc, to=TensorProto.INT32)
+        inv_freq_pos = torch.arange(s.max_positions)
+        cos, sin = rotary_cos_sin(inv_freq_pos, D, cfg.rotary_emb_base)  # fp32, as the reference
+        cos_c = g.init("rotary.cos_cache", cos[:, : D // 2].numpy().astype(self.A), "rope")
+        sin_c = g.init("rotary.sin_cache", sin[:, : D // 2].numpy().astype(self.A), "rope")
+        attn_bias = self._plain_mask(seq) if s.attention == "plain" else None
+
+        # ---- blocks ----
+        resid = x
+        pending = None  # output of the previous sub-block, added to resid by the next norm
+        eps = float(cfg.layer_norm_epsilon)
+        t0 = time.perf_counter()
+        for i in range(L):
+            if i:
+                log.debug("decoder layer %d/%d written (%.0f MiB, %.1f s)", i, L,
+                          g.offset / 2**20, time.perf_counter() - t0)
+            p = f"transformer.h.{i}"
+            sc = f"/layers.{i}"
+            ln1 = g.init(f"{p}.ln_1.weight", self.small(f"{p}.ln_1.weight"), "norm")
+            if pending is None:
+                h = g.op("SimplifiedLayerNormalization", [resid, ln1], scope=sc + "/ln_1", axis=-1,
+                         epsilon=eps, stash_type=1)
+            else:
+                h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [pending, resid, ln1],
+                                      n_out=[None, "", "", None], scope=sc + "/ln_1",
+                                      domain=MS_DOMAIN, epsilon=eps)
+            qkv = self.linear(h, f"{p}.attn.c_attn", sc + "/attn/c_attn")
+            q, k, v = g.op("Split", [qkv, g.const([hid] * 3, np.int64)], n_out=3,
+                           scope=sc + "/attn", axis=-1)
+            q = g.op("RotaryEmbedding", [q, pos, cos_c, sin_c], scope=sc + "/attn/rope_q",
+                     domain=MS_DOMAIN, num_heads=H, interleaved=0)
+            k = g.op("RotaryEmbedding", [k, pos, cos_c, sin_c], scope=sc + "/attn/rope_k",
+                     domain=MS_DOMAIN, num_heads=H, interleaved=0)
+            a = self._attention(i, q, k, v, mask_i32, attn_bias, sc + "/attn")
+            a = self.linear(a, f"{p}.attn.c_proj", sc + "/attn/c_proj")
+            ln2 = g.init(f"{p}.ln_2.weight", self.small(f"{p}.ln_2.weight"), "norm")
+            h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [a, resid, ln2],
+                                  n_out=[None, "", "", None], scope=sc + "/ln_2",
+                                  domain=MS_DOMAIN, epsilon=eps)
+            up = self.linear(h, f"{p}.mlp.w1", sc + "/mlp/w1")
+            gate = self.linear(h, f"{p}.mlp.w2", sc + "/mlp/w2")
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope=sc + "/mlp")], scope=sc + "/mlp")
+            pending = self.linear(g.op("Mul", [up, act], scope=sc + "/mlp"), f"{p}.mlp.c_proj",
+                                  sc + "/mlp/c_proj")
+        lnf = g.init("transformer.ln_f.weight", self.small("transformer.ln_f.weight"), "norm")
+        h = g.op("SkipSimplifiedLayerNormalization", [pending, resid, lnf], n_out=1,
+                 scope="/ln_f", domain=MS_DOMAIN, epsilon=eps)
+        logits, ldt = self.lm_head(h)
+        if np.dtype(ldt) != np.dtype(np.float32):
+            g.op("Cast", [logits], n_out=["logits"], scope="/lm_head", to=TensorProto.FLOAT)
+        else:
+            g.op("Identity", [logits], n_out=["logits"], scope="/lm_head")
+        return inputs, outputs
+
+    def _attention(self, i: int, q: str, k: str, v: str, mask_i32: str, attn_bias: str | None,
+                   scope: str) -> str:
+        g, H, D = self.g, self.H, self.D
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        same = np.dtype(self.KV) == np.dtype(self.A)
+        if not same:
+            past_k, past_v = self.cast(past_k, self.A, scope), self.cast(past_v, self.A, scope)
+        if self.s.attention == "mha":
+            o, pk, pv = g.op("MultiHeadAttention", [q, k, v, "", mask_i32, "", past_k, past_v],
+                             n_out=[None, pres_k if same else None, pres_v if same else None],
+                             scope=scope, domain=MS_DOMAIN, num_heads=H, unidirectional=1,
+                             scale=1.0 / math.sqrt(D))
+        else:
+            o, pk, pv = self._plain_attention(q, k, v, past_k, past_v, attn_bias, scope,
+                                              pres_k if same else None, pres_v if same else None)
+        if not same:
+            g.op("Cast", [pk], n_out=[pres_k], scope=scope, to=self.tKV)
+            g.op("Cast", [pv], n_out=[pres_v], scope=scope, to=self.tKV)
+        return o
+
+    # -- plain-op attention (fallback; fp32 scores and softmax) -------------------------------
+    def _plain_mask(self, seq: str) -> str:
+        g, sc = self.g, "/positions"
+        total = g.op("Shape", ["attention_mask"], scope=sc, start=1, end=2)
+        past = g.op("Sub", [total, seq], scope=sc)
+        one = g.const(1, np.int64)
+        sq = lambda t: g.op("Squeeze", [t, g.const([0], np.int64)], scope=sc)  # noqa: E731
+        kpos = g.op("Range", [g.const(0, np.int64), sq(total), one], scope=sc)  # [T]
+        qpos = g.op("Range", [sq(past), sq(total), one], scope=sc)  # [S]
+        causal = g.op("LessOrEqual", [g.op("Unsqueeze", [kpos, g.const([0], np.int64)], scope=sc),
+                                      g.op("Unsqueeze", [qpos, g.const([1], np.int64)], scope=sc)],
+                      scope=sc)  # [S, T]
+        pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2], np.int64)],
+                                 scope=sc)], scope=sc, to=TensorProto.BOOL)  # [B,1,1,T]
+        keep = g.op("And", [causal, pad], scope=sc)  # [B,1,S,T]
+        return g.op("Where", [keep, g.const(0.0, np.float32),
+                              g.const(np.finfo(np.float32).min, np.float32)], scope=sc)
+
+    def _plain_attention(self, q, k, v, past_k, past_v, bias, scope, pres_k, pres_v):
+        g, H, D = self.g, self.H, self.D
+        heads = g.const([0, 0, H, D], np.int64)
+
+        def bhsd(t):
+            return g.op("Transpose", [g.op("Reshape", [t, heads], scope=scope)], scope=scope,
+                        perm=[0, 2, 1, 3])
+
+        kk = g.op("Concat", [past_k, bhsd(k)], n_out=[pres_k] if pres_k else 1, scope=scope, axis=2)
+        vv = g.op("Concat", [past_v, bhsd(v)], n_out=[pres_v] if pres_v else 1, scope=scope, axis=2)
+        qf, kf = bhsd(q), kk
+        if self.A != np.float32:
+            qf, kf = self.cast(qf, np.float32, scope), self.cast(kf, np.float32, scope)
+        scores = g.op("MatMul", [qf, g.op("Transpose", [kf], scope=scope, perm=[0, 1, 3, 2])],
+                      scope=scope)
+        scores = g.op("Div", [scores, g.const(math.sqrt(D), np.float32)], scope=scope)
+        probs = g.op("Softmax", [g.op("Add", [scores, bias], scope=scope)], scope=scope, axis=-1)
+        if self.A != np.float32:
+            probs = self.cast(probs, self.A, scope)
+        o = g.op("MatMul", [probs, vv], scope=scope)
+        o = g.op("Reshape", [g.op("Transpose", [o], scope=scope, perm=[0, 2, 1, 3]),
+                             g.const([0, 0, H * D], np.int64)], scope=scope)
+        return o, kk, vv
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_size,
+              accuracy_level, attention, max_positions) -> _Settings:
+    if plan not in PLANS:
+        raise DecoderExportError(f"unknown decoder plan '{plan}': use one of {', '.join(PLANS)}")
+    act = act_dtype or {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}[plan]
+    kv = kv_dtype or {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}[plan]
+    head = lm_head or {"fp32": "fp32", "fp16": "fp16", "int4": "int8"}[plan]
+    for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _NP),
+                          ("lm_head", head, ("int8", "fp16", "fp32")),
+                          ("attention", attention, ("mha", "plain"))):
+        if val not in ok:
+            raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
+    if plan == "fp32" and act != "fp32":
+        raise DecoderExportError("the fp32 plan has fp32 activations; use plan='fp16' for fp16")
+    if plan == "fp16" and act != "fp16":
+        raise DecoderExportError("the fp16 plan has fp16 activations; use plan='fp32' for fp32")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise DecoderExportError(f"group_size {group_size}: MatMulNBits needs a power of two >= 16")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise DecoderExportError("accuracy_level must be 0..4 (0 = unset, 4 = int8 activations)")
+    if max_positions is None:
+        # NTK / logN change RoPE past seq_length: the cache ends there so longer contexts fail
+        exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)
+        max_positions = cfg.max_position_embeddings if exact else cfg.seq_length
+    return _Settings(plan, act, kv, head, group_size, accuracy_level, attention, int(max_positions))
+
+
+def _atomic_pair(out_path: Path):
+    """Temporary directory beside ``out_path`` holding the .onnx and its .data before renaming."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+
+
+def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
+                   plan: str = "fp32", quant_tensors: Mapping[str, GPTQTensors] | None = None,
+                   group_size: int = 128, lm_head: str | None = None, act_dtype: str | None = None,
+                   kv_dtype: str | None = None, accuracy_level: int = 0, attention: str = "mha",
+                   max_positions: int | None = None, check: bool = True) -> DecoderExportResult:
+    """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
+
+    ``model``: the PyTorch reference, a ``WeightSource`` or a checkpoint directory (weights are read
+    one tensor at a time). ``quant_tensors``: ``{"transformer.h.{i}.attn.c_attn": GPTQTensors, ...}``
+    for the five Linears of every layer (required by, and only used by, ``plan="int4"``; may be a
+    lazy Mapping). ``lm_head``: ``int8`` | ``fp16`` | ``fp32`` (default int8 for int4, else the plan
+    dtype). ``act_dtype``: ``fp16``/``fp32`` activations of the int4 plan. ``kv_dtype`` overrides the
+    KV dtype. ``accuracy_level``: MatMulNBits compute precision (0 = unset, exact). ``attention``:
+    ``mha`` (com.microsoft MultiHeadAttention) or ``plain`` (MatMul/Softmax fallback).
+    """
+    t0 = time.perf_counter()
+    src = _as_source(model)
+    cfg = src.cfg
+    s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level, attention,
+                  max_positions)
+    if plan == "int4":
+        if quant_tensors is None:
+            raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
+                                     "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
+        names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers) for sfx in LINEAR_SUFFIXES]
+        missing = [n for n in names if n not in quant_tensors]
+        if missing:
+            raise DecoderExportError(f"quant_tensors lacks {len(missing)} of {len(names)} Linears, "
+                                     f"first {missing[0]}")
+    out_path = Path(out_path)
+    data_name = out_path.name + ".data"
+    tmp = _atomic_pair(out_path)
+    try:
+        with open(tmp / data_name, "wb") as f:
+            gw = _GraphWriter(f, data_name)
+            dg = _DecoderGraph(src, s, gw, quant_tensors)
+            inputs, outputs = dg.build()
+        graph = helper.make_graph(gw.nodes, "qwenvl_decoder", inputs, outputs, initializer=gw.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="qwenvl-edge", producer_version="0.1.0")
+        m.ir_version = IR_VERSION
+        meta = {
+            "qwenvl_edge.engine": "decoder", "plan": s.plan, "act_dtype": s.act_dtype,
+            "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "num_layers": str(cfg.num_hidden_layers),
+            "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
+            "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
+            "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
+            "settings": json.dumps(asdict(s)),
+        }
+        helper.set_model_props(m, meta)
+        (tmp / out_path.name).write_bytes(m.SerializeToString())
+        if check:
+            _check(m, tmp)
+        os.replace(tmp / data_name, out_path.parent / data_name)
+        os.replace(tmp / out_path.name, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    op_counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in gw.nodes)
+    wb = dict(gw.bytes)
+    per_token = sum(v for k, v in wb.items() if k in ("linear", "lm_head", "norm"))
+    kv_item = np.dtype(_NP[s.kv_dtype]).itemsize
+    res = DecoderExportResult(
+        onnx_path=out_path, data_path=out_path.parent / data_name, plan=s.plan, settings=asdict(s),
+        inputs=[IOSpec(i.name, _np_name(i.type.tensor_type.elem_type), _dims(i)) for i in inputs],
+        outputs=[IOSpec(o.name, _np_name(o.type.tensor_type.elem_type), _dims(o)) for o in outputs],
+        op_counts=dict(op_counts), weight_bytes=wb, bytes_per_token=per_token,
+        kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.hidden_size * kv_item,
+        file_bytes=out_path.stat().st_size + (out_path.parent / data_name).stat().st_size,
+        seconds=time.perf_counter() - t0, metadata=meta)
+    log.info("%s", res.summary())
+    return res
+
+
+def _check(m: onnx.ModelProto, directory: Path) -> None:
+    """onnx.checker on the graph (weights are external and not read).
+
+    ``SimplifiedLayerNormalization`` is an onnxruntime kernel registered in the ONNX domain that
+    onnx itself does not know, so the check runs on a copy where it is moved to com.microsoft
+    (nodes of unregistered domains are only checked structurally).
+    """
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    for n in c.graph.node:
+        if n.op_type == "SimplifiedLayerNormalization":
+            n.domain = MS_DOMAIN
+    path = directory / "_check.onnx"  # beside the .data file, which the checker looks for
+    path.write_bytes(c.SerializeToString())
+    try:
+        onnx.checker.check_model(str(path))
+    finally:
+        path.unlink()
+
+
+def _np_name(elem_type: int) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def _dims(vi) -> list[int | str]:
+    return [d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running (tests, validation): onnxruntime only, no torch needed
+# ---------------------------------------------------------------------------------------------
+
+def open_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
+    """An onnxruntime CPU session for a decoder; ``optimization`` all | extended | basic | none."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+KVPair = tuple[np.ndarray, np.ndarray]
+
+
+def run_decoder(session, input_ids, image_embeds=None, attention_mask=None,
+                past: list[KVPair] | None = None) -> tuple[np.ndarray, list[KVPair]]:
+    """One decoder call with defaults filled in: no images, an all-ones mask, an empty past.
+
+    Returns ``(logits [B,S,V] float32, present [(key, value)] per layer)``.
+    """
+    ins = {i.name: i for i in session.get_inputs()}
+    n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
+    kv0 = ins["past_key_values.0.key"]
+    kv_dtype = _ORT_TYPES[kv0.type]
+    heads, head_dim = kv0.shape[1], kv0.shape[3]
+    hidden = ins["image_embeds"].shape[1]
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    b, s = ids.shape
+    if past is None:
+        empty = np.zeros((b, heads, 0, head_dim), kv_dtype)
+        past = [(empty, empty)] * n_layers
+    p = past[0][0].shape[2]
+    if attention_mask is None:
+        attention_mask = np.ones((b, p + s), np.int64)
+    if image_embeds is None:
+        image_embeds = np.zeros((0, hidden), np.float32)
+    feed = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, np.int64),
+            "image_embeds": np.asarray(image_embeds, np.float32)}
+    for i, (k, v) in enumerate(past):
+        feed[f"past_key_values.{i}.key"] = np.asarray(k, kv_dtype)
+        feed[f"past_key_values.{i}.value"] = np.asarray(v, kv_dtype)
+    out = session.run(None, feed)
+    names = [o.name for o in session.get_outputs()]
+    res = dict(zip(names, out))
+    present = [(res[f"present.{i}.key"], res[f"present.{i}.value"]) for i in range(n_layers)]
+    return res["logits"], present
+
+
+def prompt_table_ids(input_ids, image_start_id: int, vocab_size: int) -> tuple[np.ndarray, int]:
+    """Replace the slots between each ``<img>``/``</img>`` with ``vocab_size + row`` ids.
+
+    Image ``k``'s slot ``j`` becomes ``vocab_size + k * n_slots + j``, so ``image_embeds`` is the
+    vision output ``[n_images, n_slots, hidden]`` reshaped to ``[n_images * n_slots, hidden]``.
+    Returns the new ids and the number of image rows they address.
+    """
+    ids = np.array(input_ids, dtype=np.int64, copy=True)
+    flat = ids.reshape(-1, ids.shape[-1])
+    row = 0
+    for r in range(flat.shape[0]):
+        starts = np.flatnonzero(flat[r] == image_start_id)
+        ends = np.flatnonzero(flat[r] == image_start_id + 1)
+        if len(starts) != len(ends):
+            raise ValueError(f"row {r}: unbalanced <img>/</img> tags")
+        for a, e in zip(starts, ends):
+            n = e - a - 1
+            flat[r, a + 1:e] = vocab_size + row + np.arange(n)
+            row += n
+    return ids, row
+
+
+def greedy_generate(session, input_ids, image_embeds=None, max_new_tokens: int = 10,
+                    stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding of one prompt with the KV cache (reference loop for tests)."""
+    logits, past = run_decoder(session, input_ids, image_embeds)
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        tok = int(np.argmax(logits[0, -1]))
+        if tok in stop_ids:
+            break
+        new.append(tok)
+        if step + 1 == max_new_tokens:
+            break
+        logits, past = run_decoder(session, [[tok]], None, None, past)
+    return new

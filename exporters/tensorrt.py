@@ -1,0 +1,406 @@
+"""TensorRT for the vision engine: a strongly typed build, and the commands to do it on the target.
+
+TensorRT cannot be installed where the toolkit is developed (no wheel) and engines are specific to
+one GPU and one TensorRT version anyway, so there are two paths:
+
+* :func:`build_engine` - when ``tensorrt`` is importable: parse ``vision.onnx`` into a
+  **strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: every tensor keeps
+  the dtype the graph gives it, so the fp32 LayerNorm / softmax / residual islands of the fp16
+  graph are honoured instead of being overridden the way ``--fp16`` does), one optimisation
+  profile over the batch, a timing cache, written to ``engines/<gpu>-trt<version>/vision.plan``
+  with a JSON sidecar.
+* :func:`write_trt_commands` - always: ``build_vision_trt.sh`` in the bundle, with the equivalent
+  ``trtexec --stronglyTyped ...`` build and ``polygraphy run ... --trt --onnxrt`` comparisons on
+  the real check photos (TensorRT vs onnxruntime, and TensorRT vs the saved PyTorch fp32 features),
+  so a user can build and check on the Jetson itself.
+
+Engine directory naming (the runtime matches it): ``engines/<slug(gpu name)>-trt<major.minor.patch>``
+where slug = lower case, every run of characters outside ``[a-z0-9]`` replaced by one ``-``,
+trimmed; the GPU name comes from ``$GPU_NAME``, else ``nvidia-smi``, else the Jetson's
+``/proc/device-tree/model``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PIXELS = "pixel_values"
+EMBEDS = "image_embeds"
+SCRIPT_NAME = "build_vision_trt.sh"
+CHECK_INPUTS = "vision_check_inputs.json"  # polygraphy --load-inputs format
+CHECK_REFERENCE = "vision_reference_outputs.json"  # polygraphy --load-outputs format (PyTorch fp32)
+POLYGRAPHY_VERSION = "0.53.6"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """``tensorrt`` is not importable here."""
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "unknown-gpu"
+
+
+def gpu_name() -> str:
+    """Name of the GPU this process would build for (see the module docstring for the order)."""
+    env = os.environ.get("GPU_NAME")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+        name = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 else ""
+        if name:
+            return name
+    except (OSError, IndexError, subprocess.SubprocessError):
+        pass
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        name = model.read_bytes().replace(b"\0", b"").decode(errors="replace").strip()
+        if name:
+            return name
+    return "unknown-gpu"
+
+
+def trt_version() -> str:
+    """``major.minor.patch`` of the importable TensorRT (``$TRT_VERSION`` overrides)."""
+    env = os.environ.get("TRT_VERSION")
+    if env:
+        return env
+    if not tensorrt_available():
+        raise TensorRTUnavailable("tensorrt is not importable: pass trt_version= or set TRT_VERSION")
+    import tensorrt as trt  # type: ignore[import-not-found]
+
+    return ".".join(trt.__version__.split(".")[:3])
+
+
+def engine_dir_name(gpu: str | None = None, version: str | None = None) -> str:
+    """``engines/<gpu-slug>-trt<version>`` (relative to the bundle)."""
+    return f"engines/{slug(gpu or gpu_name())}-trt{version or trt_version()}"
+
+
+def engine_path(bundle_dir: str | Path, gpu: str | None = None, version: str | None = None) -> Path:
+    return Path(bundle_dir) / engine_dir_name(gpu, version) / "vision.plan"
+
+
+def _onnx_input_size(onnx_path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    for v in m.graph.input:
+        if v.name == PIXELS:
+            return int(v.type.tensor_type.shape.dim[-1].dim_value)
+    raise ValueError(f"{onnx_path} has no input '{PIXELS}'")
+
+
+def _shape(batch: int, image_size: int, sep: str = "x") -> str:
+    return sep.join(str(d) for d in (batch, 3, image_size, image_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building with the TensorRT Python API
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineBuild:
+    plan: Path
+    metadata: Path
+    timing_cache: Path
+    gpu: str
+    trt_version: str
+    seconds: float
+
+
+def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
+                 opt_batch: int = 1, max_batch: int = 4, timing_cache: str | Path | None = None,
+                 workspace_gib: float | None = None) -> EngineBuild:
+    """Build a strongly typed TensorRT engine from ``vision.onnx`` into ``out_dir/engines/...``.
+
+    Raises :class:`TensorRTUnavailable` when ``tensorrt`` cannot be imported.
+    """
+    if not tensorrt_available():
+        raise TensorRTUnavailable(
+            "tensorrt is not importable on this machine: copy the bundle to the target and run "
+            f"{SCRIPT_NAME} there (trtexec --stronglyTyped)")
+    import tensorrt as trt  # type: ignore[import-not-found]
+
+    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} has no strongly typed networks "
+                                  "(needs 9.1+): the fp32 islands could not be honoured")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got "
+                         f"{min_batch}/{opt_batch}/{max_batch}")
+    onnx_path = Path(onnx_path)
+    image_size = _onnx_input_size(onnx_path)
+    version = ".".join(trt.__version__.split(".")[:3])
+    gpu = gpu_name()
+    plan = engine_path(out_dir, gpu, version)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    cache_path = Path(timing_cache) if timing_cache else plan.parent / "timing.cache"
+    t0 = time.perf_counter()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and \
+            int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves <stem>.onnx.data next to it
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(PIXELS, (min_batch, 3, image_size, image_size),
+                      (opt_batch, 3, image_size, image_size), (max_batch, 3, image_size, image_size))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log.info("building the TensorRT engine (strongly typed, batch %d/%d/%d) for %s ...",
+             min_batch, opt_batch, max_batch, gpu)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
+    _atomic_write(plan, bytes(serialized))
+    _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    seconds = time.perf_counter() - t0
+    meta = {"tensorrt": trt.__version__, "gpu": gpu, "strongly_typed": True,
+            "profile": {"min": [min_batch, 3, image_size, image_size],
+                        "opt": [opt_batch, 3, image_size, image_size],
+                        "max": [max_batch, 3, image_size, image_size]},
+            "onnx": onnx_path.name, "onnx_sha256": _sha256(onnx_path),
+            "build_seconds": round(seconds, 1)}
+    meta_path = plan.with_name(plan.name + ".json")
+    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    log.info("wrote %s in %.0f s", plan, seconds)
+    return EngineBuild(plan=plan, metadata=meta_path, timing_cache=cache_path, gpu=gpu,
+                       trt_version=version, seconds=seconds)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands for the target
+# ---------------------------------------------------------------------------------------------
+
+def _np_b64(a: np.ndarray) -> dict[str, str]:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return {"array": base64.b64encode(buf.getvalue()).decode(), "polygraphy_class": "ndarray"}
+
+
+def polygraphy_inputs_json(batches: Sequence[np.ndarray]) -> str:
+    """polygraphy ``--load-inputs`` file: one feed dict per iteration."""
+    return json.dumps([{PIXELS: _np_b64(b.astype(np.float32))} for b in batches])
+
+
+def polygraphy_outputs_json(batches: Sequence[np.ndarray], runner: str = "pytorch-fp32") -> str:
+    """polygraphy ``--load-outputs`` file (a RunResults with one runner)."""
+    its = [{"outputs": {EMBEDS: {"values": _np_b64(b.astype(np.float32)),
+                                 "polygraphy_class": "LazyArray"}},
+            "runtime": 0.0, "runner_name": runner, "polygraphy_class": "IterationResult"}
+           for b in batches]
+    return json.dumps({"lst": [[runner, its]], "polygraphy_class": "RunResults"})
+
+
+@dataclass
+class TrtCommandSettings:
+    onnx: str
+    image_size: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    min_cosine: float
+    atol: float
+
+
+def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: int | None = None,
+                       min_batch: int = 1, opt_batch: int = 1, max_batch: int = 4,
+                       precision: str | None = None, check_pixels: np.ndarray | None = None,
+                       check_reference: np.ndarray | None = None, tolerances: Any = None,
+                       atol: float | None = None, min_cosine: float | None = None) -> Path:
+    """Write ``build_vision_trt.sh`` (trtexec build + polygraphy checks) into ``out_dir``.
+
+    With ``check_pixels`` (preprocessed real photos ``[N,3,S,S]``) the polygraphy comparisons
+    run on them (``vision_check_inputs.json``); with ``check_reference`` (the PyTorch fp32
+    features) a second comparison checks TensorRT against PyTorch
+    (``vision_reference_outputs.json``). Returns the script path.
+    """
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if image_size is None:
+        image_size = _onnx_input_size(onnx_path)
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got "
+                         f"{min_batch}/{opt_batch}/{max_batch}")
+    if precision is None:
+        precision = "fp16" if "fp16" in onnx_path.name else "fp32"
+    # Tolerances of the export check, translated to polygraphy's flags.
+    if tolerances is not None:
+        min_cosine = min_cosine if min_cosine is not None else tolerances.min_cosine
+    min_cosine = min_cosine if min_cosine is not None else (0.9995 if precision == "fp16"
+                                                            else 0.99999)
+    if atol is None:
+        peak = float(np.max(np.abs(check_reference))) if check_reference is not None else 1.0
+        rel = getattr(tolerances, "max_abs_rel", None) or (0.05 if precision == "fp16" else 1e-3)
+        atol = float(f"{rel * peak:.3g}")
+    try:
+        rel_onnx = os.path.relpath(onnx_path, out_dir)
+    except ValueError:
+        rel_onnx = str(onnx_path)
+
+    has_inputs = check_pixels is not None
+    has_ref = has_inputs and check_reference is not None
+    if has_inputs:
+        bs = max_batch
+        px = [check_pixels[i:i + bs] for i in range(0, len(check_pixels), bs)]
+        _atomic_write(out_dir / CHECK_INPUTS, polygraphy_inputs_json(px).encode())
+        if has_ref:
+            refs = [check_reference[i:i + bs] for i in range(0, len(check_reference), bs)]
+            _atomic_write(out_dir / CHECK_REFERENCE, polygraphy_outputs_json(refs).encode())
+    settings = TrtCommandSettings(onnx=rel_onnx, image_size=image_size, min_batch=min_batch,
+                                  opt_batch=opt_batch, max_batch=max_batch,
+                                  min_cosine=min_cosine, atol=atol)
+    script = _script_text(settings, precision, has_inputs, has_ref)
+    path = out_dir / SCRIPT_NAME
+    _atomic_write(path, script.encode(), mode=0o755)
+    log.info("wrote %s (trtexec --stronglyTyped build + polygraphy checks)", path)
+    return path
+
+
+def trt_command_files(out_dir: str | Path) -> list[Path]:
+    """The files :func:`write_trt_commands` may have written in ``out_dir``."""
+    return [p for p in (Path(out_dir) / n for n in (SCRIPT_NAME, CHECK_INPUTS, CHECK_REFERENCE))
+            if p.exists()]
+
+
+def _script_text(s: TrtCommandSettings, precision: str, has_inputs: bool, has_ref: bool) -> str:
+    q = shlex.quote
+    S = s.image_size
+    shapes = [("min", s.min_batch), ("opt", s.opt_batch), ("max", s.max_batch)]
+    J = " \\\n        "
+    trtexec = J.join(
+        ['"$TRTEXEC"', f"--onnx={q(s.onnx)}", "--stronglyTyped"]
+        + [f"--{k}Shapes={PIXELS}:{_shape(b, S)}" for k, b in shapes]
+        + ['--timingCacheFile="$ENGINE_DIR/timing.cache"', '--saveEngine="$ENGINE_DIR/vision.plan"',
+           "--skipInference"])
+    def poly_shape(b: int) -> str:
+        return q(PIXELS + ":[" + _shape(b, S, ",") + "]")
+
+    trt_flags = ["--strongly-typed"] + [f"--trt-{k}-shapes {poly_shape(b)}" for k, b in shapes]
+    trt_flags.append('--load-timing-cache "$ENGINE_DIR/timing.cache"')
+    data = [f"--load-inputs {CHECK_INPUTS}"] if has_inputs else [
+        f"--input-shapes {poly_shape(s.opt_batch)}", "--seed 0"]
+    compare = ["--compare simple cosine_similarity",
+               f"--cosine-similarity-threshold {s.min_cosine}",
+               f"--check-error-stat max --atol {s.atol:g} --rtol 0"]
+    ort = ['--providers $ORT_PROVIDERS', "--graph-optimization-level ORT_ENABLE_EXTENDED"]
+    poly_ort = J.join(['"$POLYGRAPHY" run', q(s.onnx), "--trt", "--onnxrt"]
+                               + trt_flags + ort + data + compare)
+    poly_ref = J.join(['"$POLYGRAPHY" run "$ENGINE_DIR/vision.plan"', "--model-type engine",
+                       "--trt"] + data + [f"--load-outputs {CHECK_REFERENCE}"] + compare)
+    ref_block = f"""
+    echo "== the built engine vs the PyTorch fp32 reference features (saved at export time)"
+    {poly_ref}""" if has_ref else ""
+    return f"""#!/usr/bin/env bash
+# Build and check the TensorRT vision engine ON THE TARGET (Jetson / GPU box); written by
+# qwenvl-edge exporters/tensorrt.py next to {s.onnx} ({precision}).
+#
+#   ./{SCRIPT_NAME}           build, then compare
+#   ./{SCRIPT_NAME} build     only build engines/<gpu>-trt<version>/vision.plan
+#   ./{SCRIPT_NAME} check     only compare (polygraphy {POLYGRAPHY_VERSION}: pip install polygraphy=={POLYGRAPHY_VERSION})
+#
+# --stronglyTyped: TensorRT keeps every tensor in the dtype of the ONNX graph, so the fp32
+# LayerNorm / softmax / residual islands of the fp16 graph stay fp32 (do NOT add --fp16: that
+# lets TensorRT run them in fp16, the drift every peer reports). Batch profile
+# {s.min_batch}/{s.opt_batch}/{s.max_batch}; rebuild with other --minShapes/--optShapes/--maxShapes for more.
+# Environment: TRTEXEC, POLYGRAPHY, GPU_NAME, TRT_VERSION, ORT_PROVIDERS (default "cpu"; with
+# onnxruntime-gpu use "cuda cpu").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TRTEXEC=${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}
+POLYGRAPHY=${{POLYGRAPHY:-polygraphy}}
+ORT_PROVIDERS=${{ORT_PROVIDERS:-cpu}}
+
+if [ -z "${{GPU_NAME:-}}" ]; then
+    GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+fi
+if [ -z "${{GPU_NAME:-}}" ] && [ -r /proc/device-tree/model ]; then
+    GPU_NAME=$(tr -d '\\0' < /proc/device-tree/model)
+fi
+GPU_NAME=${{GPU_NAME:-unknown-gpu}}
+if [ -z "${{TRT_VERSION:-}}" ]; then
+    TRT_VERSION=$(python3 -c 'import tensorrt; print(".".join(tensorrt.__version__.split(".")[:3]))' 2>/dev/null || true)
+fi
+if [ -z "${{TRT_VERSION:-}}" ]; then  # "[TensorRT v100300]" -> 10.3.0
+    V=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*TensorRT v\\([0-9][0-9]*\\).*/\\1/p' | head -n 1)
+    if [ -n "$V" ]; then TRT_VERSION="$((V / 10000)).$((V / 100 % 100)).$((V % 100))"; fi
+fi
+if [ -z "${{TRT_VERSION:-}}" ]; then
+    echo "cannot tell the TensorRT version: set TRT_VERSION=x.y.z or TRTEXEC=/path/to/trtexec" >&2
+    exit 2
+fi
+SLUG=$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+ENGINE_DIR="engines/${{SLUG:-unknown-gpu}}-trt${{TRT_VERSION}}"
+mkdir -p "$ENGINE_DIR"
+STEP=${{1:-all}}
+
+if [ "$STEP" = all ] || [ "$STEP" = build ]; then
+    echo "== building $ENGINE_DIR/vision.plan ($GPU_NAME, TensorRT $TRT_VERSION)"
+    {trtexec}
+fi
+
+if [ "$STEP" = all ] || [ "$STEP" = check ]; then
+    echo "== TensorRT (strongly typed) vs onnxruntime on the same graph"
+    {poly_ort}{ref_block}
+fi
+"""
+

@@ -1,0 +1,559 @@
+"""GPTQ (Frantar et al. 2022) over the Qwen-VL decoder, one block at a time, on CPU.
+
+Our own implementation (~120 lines of maths in ``gptq_quantize_weight``), not gptqmodel's internal
+``GPTQ`` class: gptqmodel 7.6.0 adds ~40 packages / +500 MB (transformers, datasets, pandas,
+pyarrow, torchao ...) and its low-level API is internal. The maths is checked in
+``tests/test_gptq.py`` against an independent float64 re-implementation of the paper's algorithm
+(always run) and against gptqmodel when it happens to be installed (skipped otherwise).
+
+Algorithm, per Linear with weight W [N, K] and calibration inputs X [n, K]:
+
+* ``H = 2/n * X^T X`` (running average), dead inputs (``H_ii == 0``) get ``H_ii = 1, W[:, i] = 0``;
+* act-order (``desc_act``): columns sorted by ``diag(H)`` descending; groups are consecutive in that
+  order and ``g_idx`` maps each input column to its group (AutoGPTQ semantics);
+* ``H += damp_percent * mean(diag H) * I`` (damping grows x10 if the Cholesky fails), then the
+  upper Cholesky factor ``U`` of ``H^-1``;
+* columns quantised left to right in lazy batches of 128; each column's rounding error divided by
+  ``U_jj`` is propagated to the not-yet-quantised columns (``W[:, j:] -= err * U[j, j:]``);
+* the scale/zero of a group is computed when its first column is reached, from the *updated*
+  weights of the whole group (the paper's rule; AutoGPTQ does the same when group_size equals the
+  lazy batch, as in the default g128);
+* scales are rounded to fp16 *before* use, so the codes, the fake-quant weights and what the
+  checkpoint stores are exactly consistent (``dequantize(pack_gptq(...)) == Q`` bitwise).
+
+Block-sequential driver (``quantize_decoder``): the hidden states entering block 0 (from
+image-conditioned prompts, ``quant.calibration``) are pushed through the decoder one block at a
+time. Within a block the Linears are quantised in true-sequential order (``attn.c_attn`` ->
+``attn.c_proj`` -> ``mlp.w1``/``mlp.w2`` -> ``mlp.c_proj``): each stage's inputs are collected
+with the earlier stages already fake-quantised; the forward is cut short as soon as the stage's
+inputs are seen. A final pass through the fake-quantised block measures each Linear's output error
+``||X W^T - X Q^T||^2`` (exact, on all calibration tokens) and yields the next block's inputs.
+Memory: one block (fp32) + its Hessians + the calibration hidden states; blocks can come from a
+lazy loader (``CheckpointBlocks``) so the full-size 7B decoder never has to be in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.config import QwenVLConfig
+from models.qwen_vl import QWenBlock, QWenLMHeadModel, rotary_cos_sin
+
+from .fake_quant import LINEAR_SUFFIXES
+from .packing import GPTQTensors, pack_gptq
+
+log = logging.getLogger(__name__)
+
+# True-sequential stages inside one decoder block (module names relative to the block).
+STAGES: tuple[tuple[str, ...], ...] = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"),
+                                       ("mlp.c_proj",))
+assert sorted(s for st in STAGES for s in st) == sorted(LINEAR_SUFFIXES)
+
+
+class QuantError(ValueError):
+    """A quantisation request or result that cannot be represented."""
+
+
+@dataclass
+class QuantConfig:
+    """GPTQ settings; field names follow ``quantize_config.json``."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+    static_groups: bool = False
+    block_cols: int = 128  # lazy-batch width of the column loop (not stored in the checkpoint)
+
+    def validate(self, in_features: Iterable[int] = ()) -> None:
+        problems = []
+        if self.bits != 4:
+            problems.append(f"bits={self.bits} (only 4-bit is supported: the engines use int4 "
+                            "MatMulNBits)")
+        gs = self.group_size
+        if not isinstance(gs, int) or gs < 16 or gs & (gs - 1):
+            problems.append(f"group_size={gs} (must be a power of two >= 16: MatMulNBits block "
+                            "sizes; -1 / per-channel is not supported)")
+        else:
+            bad = sorted({k for k in in_features if k % gs})
+            if bad:
+                problems.append(f"group_size={gs} does not divide in_features {bad}")
+        if not 0 < float(self.damp_percent) < 1:
+            problems.append(f"damp_percent={self.damp_percent} (must lie in (0, 1))")
+        if self.static_groups:
+            problems.append("static_groups=true is not supported")
+        if problems:
+            raise QuantError("unsupported GPTQ config: " + "; ".join(problems))
+
+    def quantize_config(self) -> dict:
+        """The ``quantize_config.json`` content (AutoGPTQ / GPTQModel v1 layout)."""
+        return {"bits": self.bits, "group_size": self.group_size,
+                "damp_percent": self.damp_percent, "desc_act": self.desc_act,
+                "static_groups": False, "sym": self.sym, "true_sequential": self.true_sequential,
+                "model_name_or_path": None, "model_file_base_name": "model",
+                "quant_method": "gptq", "checkpoint_format": "gptq"}
+
+
+@dataclass
+class LayerLoss:
+    """Quantisation loss of one Linear on the calibration tokens."""
+
+    name: str
+    loss: float  # sum over tokens of ||x W^T - x Q^T||^2 (the GPTQ objective, bias excluded)
+    rel: float  # loss / sum ||x W^T||^2
+    n_tokens: int
+    damp: float  # damping actually added (absolute)
+    seconds: float  # GPTQ maths time for this Linear
+
+    @property
+    def per_token(self) -> float:
+        return self.loss / max(1, self.n_tokens)
+
+
+@dataclass
+class QuantResult:
+    tensors: dict[str, GPTQTensors]  # "transformer.h.0.attn.c_attn" -> GPTQ v1 tensors
+    losses: list[LayerLoss]
+    config: QuantConfig
+    n_tokens: int = 0
+    n_items: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        rel = np.array([x.rel for x in self.losses]) if self.losses else np.zeros(1)
+        return {"config": asdict(self.config), "n_items": self.n_items, "n_tokens": self.n_tokens,
+                "seconds": round(self.seconds, 2), "rel_loss_mean": float(rel.mean()),
+                "rel_loss_max": float(rel.max()),
+                "worst": max(self.losses, key=lambda x: x.rel).name if self.losses else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPTQ maths for one weight matrix
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int32 [N, K], original column order, 0..2^bits-1
+    scales: torch.Tensor  # float32 [N, G] (fp16-representable)
+    zeros: torch.Tensor  # int32 [N, G] real zero points
+    g_idx: torch.Tensor  # int32 [K]
+    dequant: torch.Tensor  # float32 [N, K] = (codes - zeros[:, g_idx]) * scales[:, g_idx]
+    damp: float
+
+    def pack(self, bias: np.ndarray | None = None) -> GPTQTensors:
+        return pack_gptq(self.codes.numpy(), self.scales.numpy(), self.zeros.numpy(),
+                         self.g_idx.numpy(), bias=bias)
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool,
+                 round_fp16: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (rounded to fp16) and integer zero point per row of ``w`` [N, g] (min/max grid).
+
+    ``round_fp16=False`` keeps fp32 scales (AutoGPTQ/gptqmodel's loop; only for cross-checks: the
+    checkpoint stores fp16, so the fake-quant weights would then differ from the stored ones).
+    """
+    maxq = (1 << bits) - 1
+    if sym:
+        amax = w.abs().amax(dim=1)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        lo = torch.clamp(w.amin(dim=1), max=0)
+        hi = torch.clamp(w.amax(dim=1), min=0)
+        scale = (hi - lo) / maxq
+    flat = scale == 0
+    scale = torch.where(flat, torch.ones_like(scale), scale)
+    if not round_fp16:
+        if not sym:
+            zero = torch.clamp(torch.round(-lo / scale), 1, maxq)
+        return scale, zero
+    # What the checkpoint stores: fp16. Tiny scales would underflow fp16, huge ones overflow.
+    scale16 = scale.clamp(min=2.0 ** -24).to(torch.float16)
+    if torch.isinf(scale16).any():
+        raise QuantError("a weight group's scale overflows fp16 (|w| > ~4.9e5): the weights are "
+                         "corrupt or not a trained model")
+    scale = scale16.to(w.dtype)
+    if not sym:
+        # GPTQ v1 stores zero-1 in 4 bits, so a zero point of 0 is not representable.
+        zero = torch.clamp(torch.round(-lo / scale), 1, maxq)
+    return scale, zero
+
+
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp I)^-1; damping grows x10 until it factorises."""
+    mean_diag = float(h.diagonal().mean())
+    pct = damp_percent
+    for attempt in range(6):
+        damp = pct * mean_diag
+        hd = h.clone()
+        hd.diagonal().add_(damp)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            del chol, hd
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(u).all():
+                if attempt:
+                    log.warning("%s: Hessian needed damp_percent %.3g to factorise", name, pct)
+                return u, damp
+        pct = min(pct * 10, 1.0) if attempt < 4 else 1.0
+    raise QuantError(f"{name}: the Hessian is not positive definite even with damp_percent 1.0 "
+                     "(NaN/Inf in the calibration activations?)")
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+                         name: str = "linear", compute_dtype: torch.dtype = torch.float32,
+                         round_scales_fp16: bool = True) -> QuantizedWeight:
+    """GPTQ one weight [N, K] given the Hessian [K, K] of its inputs (``2/n X^T X``).
+
+    ``compute_dtype`` float64 and ``round_scales_fp16=False`` exist for cross-checks only.
+    """
+    bits, gs, sym = config.bits, config.group_size, config.sym
+    maxq = (1 << bits) - 1
+    n_out, k = weight.shape
+    if k % gs:
+        raise QuantError(f"{name}: in_features {k} is not a multiple of group_size {gs}")
+    if hessian.shape != (k, k):
+        raise QuantError(f"{name}: Hessian {tuple(hessian.shape)} does not match in_features {k}")
+    if not torch.isfinite(hessian).all():
+        raise QuantError(f"{name}: the calibration activations contain NaN/Inf")
+    w = weight.detach().to(compute_dtype).clone()
+    h = hessian.to(compute_dtype).clone()
+    dead = h.diagonal() == 0
+    if dead.any():
+        h.diagonal()[dead] = 1
+        w[:, dead] = 0
+    perm = None
+    if config.desc_act:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    u, damp = _inverse_cholesky(h, config.damp_percent, name)
+    del h
+
+    # Lazy-batch width aligned with the groups, so a group starting inside a batch lies in it.
+    bs = config.block_cols
+    bs = gs * max(1, bs // gs) if gs <= bs else gs
+    n_groups = k // gs
+    scales = torch.empty(n_out, n_groups, dtype=compute_dtype)
+    zeros = torch.empty(n_out, n_groups, dtype=compute_dtype)
+    codes = torch.empty(n_out, k, dtype=torch.int32)
+    q_all = torch.empty(n_out, k, dtype=compute_dtype)
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty(n_out, count, dtype=compute_dtype)
+        u1 = u[i1:i2, i1:i2]
+        scale = zero = None
+        for i in range(count):
+            col = i1 + i
+            if col % gs == 0:
+                g = col // gs
+                src = w1[:, i:i + gs] if i + gs <= count else w[:, col:col + gs]
+                scales[:, g], zeros[:, g] = group_params(src, bits, sym, round_scales_fp16)
+            if scale is None or col % gs == 0:
+                scale, zero = scales[:, col // gs], zeros[:, col // gs]
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+            qd = (q - zero) * scale
+            codes[:, col] = q.to(torch.int32)
+            q_all[:, col] = qd
+            e = (x - qd) / u1[i, i]
+            w1[:, i + 1:].addr_(e, u1[i, i + 1:], alpha=-1)
+            err1[:, i] = e
+        if i2 < k:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    del u, w
+    g_idx = torch.arange(k, dtype=torch.int32) // gs
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, q_all = codes[:, inv], q_all[:, inv]
+        g_idx = g_idx[inv]
+    return QuantizedWeight(codes=codes.contiguous(), scales=scales.float(),
+                           zeros=zeros.to(torch.int32), g_idx=g_idx.contiguous(),
+                           dequant=q_all.float().contiguous(), damp=damp)
+
+
+class Hessian:
+    """Running ``2/n X^T X`` over calibration tokens (AutoGPTQ's normalisation), fp32."""
+
+    def __init__(self, k: int):
+        self.h = torch.zeros(k, k, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.h.mul_(self.n / total)
+        self.h.addmm_(x.T, x, alpha=2.0 / total)
+        self.n = total
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sources: the decoder in memory, or streamed from a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+class BlockSource(Protocol):
+    cfg: QwenVLConfig
+
+    def num_blocks(self) -> int: ...
+
+    def load(self, i: int) -> QWenBlock:
+        """Decoder block ``i`` as an fp32 module the driver may modify."""
+
+    def done(self, i: int, block: QWenBlock) -> None:
+        """Called with the fake-quantised block when block ``i`` is finished."""
+
+
+class ModelBlocks:
+    """Blocks of an in-memory model. ``inplace``: write the fake-quant weights (and the
+    fp16-rounded biases) of the quantised Linears back into it."""
+
+    def __init__(self, model: QWenLMHeadModel, inplace: bool = False):
+        self.model, self.cfg, self.inplace = model, model.cfg, inplace
+
+    def num_blocks(self) -> int:
+        return len(self.model.transformer.h)
+
+    def load(self, i: int) -> QWenBlock:
+        return copy.deepcopy(self.model.transformer.h[i]).float().eval()
+
+    @torch.no_grad()
+    def done(self, i: int, block: QWenBlock) -> None:
+        if not self.inplace:
+            return
+        dst = self.model.transformer.h[i]
+        for suffix in LINEAR_SUFFIXES:
+            src, tgt = block.get_submodule(suffix), dst.get_submodule(suffix)
+            tgt.weight.copy_(src.weight.to(tgt.weight.dtype))
+            if tgt.bias is not None:
+                tgt.bias.copy_(src.bias.to(tgt.bias.dtype))
+
+
+class CheckpointBlocks:
+    """Blocks materialised one at a time from a checkpoint (``CheckpointReader.get`` per tensor)."""
+
+    def __init__(self, path_or_reader, cfg: QwenVLConfig | None = None):
+        from models.checkpoint import CheckpointReader
+
+        self.reader = (path_or_reader if isinstance(path_or_reader, CheckpointReader)
+                       else CheckpointReader(path_or_reader))
+        self.cfg = cfg or QwenVLConfig.from_pretrained(self.reader.path)
+
+    def num_blocks(self) -> int:
+        return self.cfg.num_hidden_layers
+
+    def load(self, i: int) -> QWenBlock:
+        from models.checkpoint import CheckpointError
+
+        with torch.device("meta"):
+            blk = QWenBlock(self.cfg)
+        for pname, param in list(blk.named_parameters()):
+            full = f"transformer.h.{i}.{pname}"
+            t = self.reader.get(full)
+            if tuple(t.shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor {full} has shape {tuple(t.shape)}, the config "
+                                      f"expects {tuple(param.shape)}")
+            mod_name, _, attr = pname.rpartition(".")
+            blk.get_submodule(mod_name)._parameters[attr] = nn.Parameter(
+                t.to(torch.float32).contiguous(), requires_grad=False)
+        return blk.eval()
+
+    def done(self, i: int, block: QWenBlock) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The block-sequential driver
+# ---------------------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_forward(block: QWenBlock, x: torch.Tensor, cfg: QwenVLConfig) -> torch.Tensor:
+    """One prefill pass of a decoder block (positions 0..T-1, causal mask), as the model does."""
+    s = x.shape[1]
+    cos, sin = rotary_cos_sin(torch.arange(s), cfg.head_dim, cfg.rotary_emb_base)
+    mask = QWenLMHeadModel._mask(x.shape[0], s, 0, None, x.dtype)
+    return block(x, cos, sin, mask, None)[0]
+
+
+def _collect_hessians(block: QWenBlock, names: Sequence[str], inputs: Sequence[torch.Tensor],
+                      cfg: QwenVLConfig) -> dict[str, Hessian]:
+    """Hessians of ``names``' inputs; Linears fed the same tensor (w1/w2) share one Hessian."""
+    hessians: dict[str, Hessian] = {}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def pre_hook(name: str):
+        def fn(_mod, args):
+            x = args[0]
+            owner = next((o for o, ox in seen.items() if ox is x), None)
+            if name not in hessians:
+                hessians[name] = hessians[owner] if owner is not None else Hessian(x.shape[-1])
+            shared = owner is not None and hessians[name] is hessians[owner]
+            if (owner is not None) != shared:
+                raise QuantError(f"{name}: its input is shared with another Linear for some "
+                                 "calibration items but not for others")
+            if not shared:
+                hessians[name].add(x)
+            seen[name] = x
+            if len(seen) == len(names):
+                raise _StopForward
+        return fn
+
+    for name in names:
+        hooks.append(block.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
+    try:
+        for x in inputs:
+            seen.clear()
+            try:
+                _block_forward(block, x, cfg)
+            except _StopForward:
+                pass
+            if len(seen) != len(names):
+                raise QuantError(f"the block forward never reached {sorted(set(names) - set(seen))}")
+    finally:
+        for hk in hooks:
+            hk.remove()
+        seen.clear()
+    return hessians
+
+
+@torch.no_grad()
+def quantize_decoder(model: QWenLMHeadModel | BlockSource, calib_batches: Sequence[torch.Tensor],
+                     config: QuantConfig | None = None, *, inplace: bool = False,
+                     max_blocks: int | None = None, progress: bool = True) -> QuantResult:
+    """GPTQ every quantised Linear of the decoder, block by block.
+
+    ``model``: the reference model (blocks are copied; ``inplace=True`` writes the fake-quant
+    weights back into it) or a ``BlockSource`` such as ``CheckpointBlocks`` for models that do not
+    fit in memory. ``calib_batches``: hidden states entering block 0, each ``[1, T, hidden]``
+    (``quant.calibration.build_calibration``). ``max_blocks``: stop after that many blocks (timing
+    runs). Returns the GPTQ tensors keyed ``transformer.h.{i}.{linear}`` and per-Linear losses.
+    """
+    config = config or QuantConfig()
+    source: BlockSource = ModelBlocks(model, inplace) if isinstance(model, QWenLMHeadModel) else model
+    cfg = source.cfg
+    config.validate((cfg.hidden_size, cfg.ffn_dim))
+    if not calib_batches:
+        raise QuantError("no calibration inputs: build them with quant.calibration.build_calibration")
+    inputs = []
+    for x in calib_batches:
+        if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+            raise QuantError(f"calibration inputs must be [B, T, {cfg.hidden_size}] hidden states, "
+                             f"got {tuple(x.shape)}")
+        inputs.append(x.detach().float())
+    n_tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
+    stages = STAGES if config.true_sequential else (tuple(s for st in STAGES for s in st),)
+    n_blocks = source.num_blocks() if max_blocks is None else min(max_blocks, source.num_blocks())
+    result = QuantResult(tensors={}, losses=[], config=config, n_tokens=n_tokens,
+                         n_items=len(inputs))
+    t_start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(range(n_blocks), desc="GPTQ", unit="block", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = range(n_blocks)
+    for i in bar:
+        block = source.load(i)
+        deltas: dict[str, torch.Tensor] = {}
+        damps: dict[str, float] = {}
+        secs: dict[str, float] = {}
+        for stage in stages:
+            hessians = _collect_hessians(block, stage, inputs, cfg)
+            for suffix in stage:
+                full = f"transformer.h.{i}.{suffix}"
+                lin: nn.Linear = block.get_submodule(suffix)
+                t0 = time.perf_counter()
+                qw = gptq_quantize_weight(lin.weight, hessians[suffix].h, config, full)
+                secs[suffix] = time.perf_counter() - t0
+                bias = (lin.bias.detach().numpy() if lin.bias is not None
+                        else np.zeros(lin.out_features, np.float32))
+                result.tensors[full] = qw.pack(bias=bias)
+                deltas[suffix] = lin.weight.detach() - qw.dequant
+                damps[suffix] = qw.damp
+                lin.weight.data = qw.dequant
+                if lin.bias is not None:  # the checkpoint stores biases in fp16
+                    lin.bias.data = lin.bias.data.half().float()
+                del qw
+            del hessians
+        # Final pass: exact output error per Linear, and the next block's inputs.
+        err = {s: 0.0 for s in deltas}
+        ref = {s: 0.0 for s in deltas}
+
+        def post_hook(suffix: str):
+            def fn(mod, args, out):
+                x = args[0]
+                d = x @ deltas[suffix].T
+                y_q = out if mod.bias is None else out - mod.bias
+                err[suffix] += float(d.double().pow(2).sum())
+                ref[suffix] += float((y_q + d).double().pow(2).sum())
+            return fn
+
+        hooks = [block.get_submodule(s).register_forward_hook(post_hook(s)) for s in deltas]
+        try:
+            for j, x in enumerate(inputs):
+                inputs[j] = _block_forward(block, x, cfg)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for suffix in LINEAR_SUFFIXES:
+            full = f"transformer.h.{i}.{suffix}"
+            ll = LayerLoss(full, err[suffix], err[suffix] / max(ref[suffix], 1e-30), n_tokens,
+                           damps[suffix], secs[suffix])
+            result.losses.append(ll)
+            log.info("GPTQ %-32s loss %.4e (%.3e/token) rel %.3e  damp %.3g  %.2fs", full,
+                     ll.loss, ll.per_token, ll.rel, ll.damp, ll.seconds)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(rel=f"{max(err[s] / max(ref[s], 1e-30) for s in err):.2e}")
+        del deltas
+        source.done(i, block)
+        del block
+    result.seconds = time.perf_counter() - t_start
+    s = result.summary()
+    log.info("GPTQ done: %d Linears over %d blocks, %d items / %d tokens, mean rel loss %.3e, "
+             "worst %s, %.1fs", len(result.tensors), n_blocks, len(inputs), n_tokens,
+             s["rel_loss_mean"], s["worst"], result.seconds)
+    return result
+
+
+def quantize_checkpoint(path: str | Path, calib_batches: Sequence[torch.Tensor],
+                        config: QuantConfig | None = None, **kw) -> QuantResult:
+    """``quantize_decoder`` streaming the blocks from a checkpoint directory (full-size models)."""
+    return quantize_decoder(CheckpointBlocks(path), calib_batches, config, **kw)
+
+
+def fake_quant_rtn_weight(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Round-to-nearest fake-quant of one weight with the same grid (baseline for comparisons)."""
+    from .packing import rtn_quantize
+
+    codes, scales, zeros = rtn_quantize(w.detach().float().numpy(), config.group_size, config.sym,
+                                        config.bits)
+    g = np.arange(w.shape[1]) // config.group_size
+    return torch.from_numpy(((codes - zeros[:, g]) * scales[:, g]).astype(np.float32))
+
+
+__all__ = ["QuantConfig", "QuantResult", "LayerLoss", "QuantError", "QuantizedWeight",
+           "gptq_quantize_weight", "group_params", "Hessian", "quantize_decoder",
+           "quantize_checkpoint", "ModelBlocks", "CheckpointBlocks", "BlockSource", "STAGES",
+           "fake_quant_rtn_weight"]

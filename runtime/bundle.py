@@ -1,0 +1,226 @@
+"""Reading and verifying a bundle (DESIGN.md §4) — the runtime half; ``exporters/bundle.py`` writes.
+
+A bundle is a directory::
+
+    manifest.json                 format_version, versions, source, precision, model facts,
+                                  generation defaults, engine I/O, files {name: {sha256, size}}
+    vision.onnx(+.data)  decoder.onnx(+.data)  tokenizer/qwen.tiktoken
+    engines/<gpu>-trt<ver>/vision.plan   (optional, built on the target device)
+    report/...                    (optional)
+
+``verify_bundle`` checks the format version, that every listed file exists with the recorded size
+and sha256, and that the engines and tokenizer the runtime needs are listed. Every refusal is one
+line that names the file and says what to do. Standard library only (the runtime must not import
+torch, onnx or the exporters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # what this toolkit writes
+MIN_FORMAT_VERSION = 1  # the oldest the runtime still reads
+REQUIRED_FILES = ("vision.onnx", "decoder.onnx", "tokenizer/qwen.tiktoken")
+MODEL_KEYS = ("vocab_size", "n_queries", "image_size", "hidden", "layers", "heads", "head_dim",
+              "max_context", "special_ids")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded; the message names the file and the fix."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of a verified bundle (the raw dict plus typed accessors)."""
+
+    path: Path  # the bundle directory
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.data["format_version"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data.get("model", {})
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.model.get("special_ids", {}).items()}
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return self.data.get("generation", {})
+
+    @property
+    def precision(self) -> str:
+        return str(self.data.get("precision", "unknown"))
+
+    @property
+    def engines(self) -> dict[str, Any]:
+        return self.data.get("engines", {})
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("files", {})
+
+    @property
+    def max_context(self) -> int:
+        return int(self.model.get("max_context", 2048))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def trt_plans(self) -> list[dict[str, Any]]:
+        return list(self.engines.get("tensorrt", []))
+
+
+def _check_name(name: str, bundle: Path) -> Path:
+    """A listed name must stay inside the bundle (no absolute paths, no '..')."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not name:
+        raise BundleError(f"{bundle / MANIFEST}: file name '{name}' points outside the bundle; the "
+                          "manifest was tampered with: re-copy the bundle")
+    return bundle / p
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse ``manifest.json`` and check its format version (no file hashing)."""
+    bundle = Path(path)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle directory not found: {bundle}: pass the directory written by "
+                          "`python export.py` (it holds manifest.json)")
+    mf = bundle / MANIFEST
+    if not mf.is_file():
+        raise BundleError(f"{mf} is missing: this is not a complete bundle; re-copy it or re-export "
+                          "with `python export.py`")
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("top level is not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"{mf} is unreadable ({str(e).splitlines()[0]}): re-copy the bundle or "
+                          "re-export it") from None
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{mf} has no integer format_version: re-export the bundle with this "
+                          "toolkit version")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{mf}: bundle format version {version} is newer than this runtime "
+                          f"supports ({FORMAT_VERSION}): upgrade qwenvl-edge")
+    if version < MIN_FORMAT_VERSION:
+        raise BundleError(f"{mf}: bundle format version {version} is too old (this runtime reads "
+                          f"{MIN_FORMAT_VERSION}..{FORMAT_VERSION}): re-export the bundle with this "
+                          "toolkit version")
+    if not isinstance(data.get("files"), dict) or not data["files"]:
+        raise BundleError(f"{mf} lists no files: re-export the bundle with this toolkit version")
+    model = data.get("model")
+    if not isinstance(model, dict) or [k for k in MODEL_KEYS if k not in model]:
+        missing = [k for k in MODEL_KEYS if not isinstance(model, dict) or k not in model]
+        raise BundleError(f"{mf} lacks model facts {missing}: re-export the bundle with this "
+                          "toolkit version")
+    return Manifest(bundle, data)
+
+
+def verify_bundle(path: str | Path, checksums: bool = True) -> Manifest:
+    """Read the manifest and check every listed file (presence, size, sha256).
+
+    ``checksums=False`` checks presence and size only (a quick check for trusted storage).
+    """
+    man = read_manifest(path)
+    bundle = man.path
+    for name in REQUIRED_FILES:
+        if name not in man.files:
+            raise BundleError(f"{bundle / MANIFEST} does not list {name}: the bundle is incomplete; "
+                              "re-export it")
+    for name, info in man.files.items():
+        f = _check_name(name, bundle)
+        if not isinstance(info, dict) or "sha256" not in info:
+            raise BundleError(f"{bundle / MANIFEST}: entry for {name} has no sha256: re-export the "
+                              "bundle")
+        if not f.is_file():
+            raise BundleError(f"file {f} is missing from the bundle: re-copy the bundle (the "
+                              "manifest lists it)")
+        size = info.get("size")
+        if size is not None and f.stat().st_size != int(size):
+            raise BundleError(f"file {f} was altered or truncated ({f.stat().st_size} bytes, the "
+                              f"manifest says {size}): re-copy the bundle")
+        if checksums and sha256_file(f) != info["sha256"]:
+            raise BundleError(f"file {f} was altered or truncated (sha256 mismatch): re-copy the "
+                              "bundle")
+    listed = {os.path.normpath(n) for n in man.files}
+    for f in bundle.rglob("*"):
+        rel = os.path.normpath(f.relative_to(bundle))
+        if f.is_file() and rel != MANIFEST and rel not in listed and not rel.startswith("report"):
+            log.warning("bundle %s holds an unlisted file %s: it is ignored", bundle, rel)
+    return man
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT plans
+# ---------------------------------------------------------------------------------------------
+
+def gpu_name() -> str | None:
+    """Name of GPU 0 via nvidia-smi (no CUDA bindings needed); None when there is none."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()
+    return first[0].strip() if first else None
+
+
+def select_trt_plan(man: Manifest, engine: str, trt_version: str | None, gpu: str | None,
+                    required: bool = False) -> Path | None:
+    """The plan for ``engine`` built with this TensorRT version on this GPU, or None.
+
+    A plan built for another TensorRT version or GPU is skipped with a warning (the ONNX engine is
+    used instead) — or refused when ``required`` (the user explicitly asked for TensorRT).
+    """
+    plans = [p for p in man.trt_plans() if p.get("engine", "vision") == engine]
+    reasons = []
+    for p in plans:
+        f = man.path / p["file"]
+        want_v, want_gpu = str(p.get("tensorrt_version", "")), str(p.get("gpu", ""))
+        if trt_version is None:
+            reasons.append(f"{f}: TensorRT is not installed (the plan needs TensorRT {want_v}); "
+                           "install it or use the ONNX engine")
+        elif want_v != trt_version:
+            reasons.append(f"{f} was built with TensorRT {want_v} but {trt_version} is installed: "
+                           "rebuild the plan on this device (`python export.py tensorrt`)")
+        elif want_gpu and gpu and want_gpu != gpu:
+            reasons.append(f"{f} was built for GPU '{want_gpu}' but this is '{gpu}': rebuild the "
+                           "plan on this device (`python export.py tensorrt`)")
+        else:
+            return f
+    if not plans:
+        reasons.append(f"{man.path / MANIFEST} lists no TensorRT plan for the {engine} engine: "
+                       "build one on this device (`python export.py tensorrt`)")
+    if required:
+        raise BundleError(reasons[0])
+    for r in reasons if plans else []:
+        log.warning("skipping TensorRT plan, using ONNX instead: %s", r)
+    return None

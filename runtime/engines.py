@@ -1,0 +1,371 @@
+"""The vision and decoder engines behind one small interface (onnxruntime; TensorRT plan optional).
+
+Providers: CUDA when onnxruntime-gpu offers ``CUDAExecutionProvider`` (``device="auto"|"cuda"``),
+else the CPU. The vision engine may instead run a prebuilt TensorRT plan when ``tensorrt`` is
+importable and the bundle holds a plan for this GPU and TensorRT version.
+
+No wasted copies:
+
+* the KV cache lives in flat buffers allocated once per :class:`KVCache` (numpy on the CPU,
+  ``OrtValue`` on the GPU) and never leaves the device. The decoder graph concatenates
+  ``past [B,H,P,D]`` with the new keys into ``present [B,H,P+S,D]``; both are bound by pointer to
+  the front of two ping-pong buffers (past from one, present into the other), so a step allocates
+  nothing and copies nothing besides the graph's own concatenation;
+* logits of a decode step go into a preallocated host array;
+* the vision output stays where it was computed (a device ``OrtValue`` on CUDA) and is bound to
+  the decoder's ``image_embeds`` input by pointer, reshaped ``[N,Q,H] -> [N*Q,H]`` for free.
+
+Nothing here imports torch or onnx.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TRT_EP = "TensorrtExecutionProvider"
+_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be created or run; the message says which file and what to do."""
+
+
+def pick_providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers for ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``tensorrt``)."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if device in ("cuda", "tensorrt"):
+        if CUDA not in available:
+            raise EngineError(f"device '{device}' asked for but onnxruntime offers only "
+                              f"{', '.join(available)}: install onnxruntime-gpu (and its CUDA "
+                              "libraries) or use device='cpu'")
+        return [CUDA, CPU]
+    if device == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    raise EngineError(f"unknown device '{device}': use auto, cpu, cuda or tensorrt")
+
+
+def session_options(threads: int | None = None, level: str = "all") -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def open_session(path: Path, providers: list[str], threads: int | None = None,
+                 level: str = "all") -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, level), providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngineError(f"cannot load {path}: {msg}; re-copy or re-export the bundle (or upgrade "
+                          f"onnxruntime {ort.__version__})") from None
+
+
+@dataclass
+class IOInfo:
+    name: str
+    dtype: Any  # numpy dtype
+    shape: list
+
+
+def _io(args) -> dict[str, IOInfo]:
+    return {a.name: IOInfo(a.name, _ORT_NP.get(a.type, np.float32), list(a.shape)) for a in args}
+
+
+class DeviceBuffer:
+    """A flat preallocated buffer on the engine's device (numpy on CPU, OrtValue on CUDA)."""
+
+    def __init__(self, n: int, dtype, device: str):
+        self.n, self.dtype, self.device = int(n), np.dtype(dtype), device
+        if device == "cpu":
+            self.array = np.empty(max(self.n, 1), self.dtype)
+            self.ptr = self.array.ctypes.data
+            self.ortvalue = None
+        else:
+            self.array = None
+            self.ortvalue = ort.OrtValue.ortvalue_from_shape_and_type([max(self.n, 1)], self.dtype,
+                                                                      "cuda", 0)
+            self.ptr = self.ortvalue.data_ptr()
+
+    def view(self, shape) -> np.ndarray:
+        """Host view of the first prod(shape) elements (CPU), or a host copy (CUDA)."""
+        n = int(np.prod(shape))
+        if self.array is not None:
+            return self.array[:n].reshape(shape)
+        return self.ortvalue.numpy()[:n].reshape(shape).copy()
+
+
+class Features:
+    """Vision features for the decoder: host array or device buffer, shape [N, Q, H]."""
+
+    def __init__(self, shape: tuple[int, ...], array: np.ndarray | None = None,
+                 buffer: DeviceBuffer | None = None):
+        self.shape = tuple(int(s) for s in shape)
+        self.array, self.buffer = array, buffer
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] * self.shape[1] if len(self.shape) == 3 else self.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        if self.array is not None:
+            return self.array
+        return self.buffer.view(self.shape)
+
+    @staticmethod
+    def concat(parts: list["Features"]) -> "Features":
+        """Concatenate along images (host arrays; device features are copied on the host)."""
+        if len(parts) == 1:
+            return parts[0]
+        return Features(None or (sum(p.shape[0] for p in parts),) + parts[0].shape[1:],
+                        np.concatenate([p.numpy() for p in parts]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision
+# ---------------------------------------------------------------------------------------------
+
+class VisionEngine:
+    """pixels float32 [N,3,S,S] -> :class:`Features` [N, Q, hidden]."""
+
+    input_name = "pixel_values"
+    output_name = "image_embeds"
+    kind = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+        self.path = Path(path)
+        self.device = "cuda" if providers[0] == CUDA else "cpu"
+        # fp16 ViT graphs crash ORT's CPU fusions at ORT_ENABLE_ALL (dependencies.md §4)
+        self.session = open_session(self.path, providers, threads,
+                                    "all" if self.device == "cuda" else "extended")
+        ins, outs = _io(self.session.get_inputs()), _io(self.session.get_outputs())
+        if self.input_name not in ins or self.output_name not in outs:
+            raise EngineError(f"{self.path} is not a vision engine (expects input "
+                              f"'{self.input_name}' and output '{self.output_name}', has "
+                              f"{list(ins)} -> {list(outs)}): re-export the bundle")
+        self.in_dtype = ins[self.input_name].dtype
+        shape = outs[self.output_name].shape
+        self.n_queries = shape[1] if isinstance(shape[1], int) else None
+        self.hidden = shape[2] if isinstance(shape[2], int) else None
+
+    def encode(self, pixels: np.ndarray) -> Features:
+        pixels = np.ascontiguousarray(pixels, dtype=self.in_dtype)
+        if self.device == "cpu":
+            out = self.session.run([self.output_name], {self.input_name: pixels})[0]
+            return Features(out.shape, np.asarray(out, np.float32))
+        # CUDA: output stays on the device, in a buffer the decoder reads by pointer
+        n = pixels.shape[0]
+        shape = (n, self.n_queries, self.hidden)
+        buf = DeviceBuffer(int(np.prod(shape)), np.float32, "cuda")
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.input_name, pixels)
+        io.bind_output(self.output_name, "cuda", 0, np.float32, list(shape), buf.ptr)
+        self.session.run_with_iobinding(io)
+        return Features(shape, buffer=buf)
+
+
+class TrtVisionEngine:
+    """A prebuilt TensorRT plan for the vision engine (needs ``tensorrt`` and onnxruntime-gpu,
+    whose CUDA allocator provides the device buffers). Untested here: no GPU with TensorRT."""
+
+    kind = "tensorrt"
+
+    def __init__(self, plan: Path, n_queries: int, hidden: int):
+        import tensorrt as trt  # noqa: PLC0415 - optional
+
+        self.path, self.device = Path(plan), "cuda"
+        self.n_queries, self.hidden = n_queries, hidden
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise EngineError(f"TensorRT could not load {self.path} (built for another GPU or "
+                              "TensorRT version?): rebuild it on this device")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_name = next(n for n in names
+                               if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names
+                                if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.in_dtype = np.float16 if engine.get_tensor_dtype(self.input_name) == trt.float16 \
+            else np.float32
+
+    def encode(self, pixels: np.ndarray) -> Features:
+        pixels = np.ascontiguousarray(pixels, dtype=self.in_dtype)
+        n = pixels.shape[0]
+        dev_in = ort.OrtValue.ortvalue_from_numpy(pixels, "cuda", 0)
+        shape = (n, self.n_queries, self.hidden)
+        out = DeviceBuffer(int(np.prod(shape)), np.float32, "cuda")
+        self.context.set_input_shape(self.input_name, tuple(pixels.shape))
+        self.context.set_tensor_address(self.input_name, dev_in.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.ptr)
+        if not self.context.execute_async_v3(0):
+            raise EngineError(f"TensorRT execution of {self.path} failed")
+        out.ortvalue.numpy()  # synchronises the default stream before the decoder reads it
+        return Features(shape, buffer=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+class KVCache:
+    """KV cache of one request (or one batch) for up to ``capacity`` tokens per row.
+
+    Two ping-pong sets of flat buffers per layer (key, value); ``cur`` is the set holding the
+    valid past of ``length`` tokens laid out ``[B, H, length, D]`` at the front. ``mask`` is the
+    host attention mask ``[B, capacity]`` (1 = real token; 0 = padding or a dropped token).
+    """
+
+    def __init__(self, engine: "DecoderEngine", batch: int, capacity: int):
+        self.engine, self.batch, self.capacity = engine, int(batch), int(capacity)
+        n = self.batch * engine.heads * self.capacity * engine.head_dim
+        self.sets = [[(DeviceBuffer(n, engine.kv_dtype, engine.device),
+                       DeviceBuffer(n, engine.kv_dtype, engine.device))
+                      for _ in range(engine.layers)] for _ in range(2)]
+        self.cur = 0
+        self.length = 0
+        self.mask = np.zeros((self.batch, self.capacity), np.int64)
+        self.io = engine.session.io_binding()
+        self._logits1: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.engine.layers * self.batch * self.engine.heads * self.capacity * \
+            self.engine.head_dim * np.dtype(self.engine.kv_dtype).itemsize
+
+    def reset(self) -> None:
+        self.length = 0
+        self.mask[:] = 0
+
+    def layer(self, i: int, which: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """Host copy/view of layer ``i``'s (key, value) ``[B,H,length,D]`` (tests, debugging)."""
+        e = self.engine
+        shape = (self.batch, e.heads, self.length, e.head_dim)
+        k, v = self.sets[self.cur if which < 0 else which][i]
+        return k.view(shape), v.view(shape)
+
+
+class DecoderEngine:
+    """input ids (+ image features) + KV cache -> logits; the KV cache stays on the device."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None,
+                 vocab_size: int | None = None):
+        self.path = Path(path)
+        self.device = "cuda" if providers[0] == CUDA else "cpu"
+        self.session = open_session(self.path, providers, threads, "all")
+        self.inputs = _io(self.session.get_inputs())
+        self.outputs = _io(self.session.get_outputs())
+        need = ("input_ids", "attention_mask", "past_key_values.0.key")
+        if any(n not in self.inputs for n in need) or "logits" not in self.outputs:
+            raise EngineError(f"{self.path} is not a decoder engine (inputs {list(self.inputs)}): "
+                              "re-export the bundle")
+        self.layers = sum(1 for n in self.inputs
+                          if n.startswith("past_key_values.") and n.endswith(".key"))
+        kv0 = self.inputs["past_key_values.0.key"]
+        self.kv_dtype = kv0.dtype
+        self.heads, self.head_dim = int(kv0.shape[1]), int(kv0.shape[3])
+        emb = self.inputs.get("image_embeds")
+        self.has_images = emb is not None
+        self.hidden = int(emb.shape[1]) if emb is not None and isinstance(emb.shape[1], int) else None
+        vocab = self.outputs["logits"].shape[2]
+        self.vocab_size = int(vocab) if isinstance(vocab, int) else vocab_size
+        if self.vocab_size is None:
+            raise EngineError(f"{self.path}: the logits vocabulary size is symbolic and the "
+                              "manifest does not give vocab_size: re-export the bundle")
+        self._names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                        f"present.{i}.key", f"present.{i}.value") for i in range(self.layers)]
+        self._no_images = np.zeros((0, self.hidden or 1), np.float32)
+        self.kv_bytes_per_token = 2 * self.layers * self.heads * self.head_dim * \
+            np.dtype(self.kv_dtype).itemsize
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self, batch, capacity)
+
+    def forward(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray | None = None,
+                features: Features | None = None, last_only: bool = True) -> np.ndarray:
+        """Run ``input_ids [B,S]`` on top of ``cache`` and append them to it.
+
+        ``new_mask [B,S]`` marks real tokens (default all 1). Returns the logits of the last
+        position ``[B, V]`` (``last_only``) or of all positions ``[B, S, V]``.
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = ids.shape
+        p = cache.length
+        t = p + s
+        if b != cache.batch:
+            raise EngineError(f"batch {b} does not match the KV cache's batch {cache.batch}")
+        if t > cache.capacity:
+            raise EngineError(f"context of {t} tokens exceeds the KV cache capacity "
+                              f"{cache.capacity}")
+        cache.mask[:, p:t] = 1 if new_mask is None else new_mask
+        mask = cache.mask[:, :t]
+        if b > 1:
+            mask = np.ascontiguousarray(mask)
+        io, dev, kvt = cache.io, self.device, self.kv_dtype
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        if self.has_images:
+            if features is None:
+                io.bind_cpu_input("image_embeds", self._no_images)
+            elif features.array is not None:
+                io.bind_cpu_input("image_embeds", np.ascontiguousarray(
+                    features.array.reshape(features.rows, -1), dtype=np.float32))
+            else:
+                io.bind_input("image_embeds", "cuda", 0, np.float32,
+                              [features.rows, self.hidden], features.buffer.ptr)
+        src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
+        past_shape = [b, self.heads, p, self.head_dim]
+        pres_shape = [b, self.heads, t, self.head_dim]
+        for (pk, pv, ok, ov), (sk, sv), (dk, dv) in zip(self._names, src, dst):
+            io.bind_input(pk, dev, 0, kvt, past_shape, sk.ptr)
+            io.bind_input(pv, dev, 0, kvt, past_shape, sv.ptr)
+            io.bind_output(ok, dev, 0, kvt, pres_shape, dk.ptr)
+            io.bind_output(ov, dev, 0, kvt, pres_shape, dv.ptr)
+        vocab = self.vocab_size
+        if s == 1:
+            if cache._logits1 is None:
+                cache._logits1 = np.empty((b, 1, vocab), np.float32)
+            logits = cache._logits1
+        else:
+            logits = np.empty((b, s, vocab), np.float32)
+        io.bind_output("logits", "cpu", 0, np.float32, [b, s, vocab], logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        cache.cur = 1 - cache.cur
+        cache.length = t
+        if last_only:
+            return logits[:, -1]
+        return logits
+
+    def mask_out(self, cache: KVCache, start: int, end: int | None = None) -> None:
+        """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked)."""
+        cache.mask[:, start:cache.length if end is None else end] = 0
+
+
+def threads_from_env() -> int | None:
+    v = os.environ.get("QWENVL_EDGE_THREADS")
+    return int(v) if v and v.isdigit() else None

@@ -1,0 +1,594 @@
+"""The public runtime: ``Pipeline.from_bundle(dir).chat(prompt, images=[...])``.
+
+Images -> preprocess -> vision engine -> features spliced into the prompt (prompt-table ids) ->
+decoder prefill -> KV decode loop -> streamed text -> grounding boxes in original-image pixels.
+Imports only numpy, onnxruntime, tiktoken, Pillow and this package.
+
+* :meth:`Pipeline.chat` returns a :class:`ChatStream`: iterate it for text pieces, call
+  ``.result()`` for the :class:`ChatResult` (text, token ids, boxes, timings). Bad input (prompt
+  longer than the context, unreadable image, bad settings) raises at the call, before any engine
+  runs; the pipeline stays usable.
+* Multi-turn: ``conv = pipeline.conversation()``; ``conv.chat(...)`` (or ``pipeline.chat(...,
+  history=conv)``) keeps the KV cache of the previous turns and prefills only the new tokens.
+  A plain list of :class:`~runtime.prompt.Turn` as ``history`` recomputes everything.
+* :meth:`Pipeline.chat_batch` runs independent requests as one left-padded batch.
+* Threads: engine runs are serialised by one lock, taken per engine call (vision, prefill, each
+  decode step), so concurrent streams interleave step by step and an abandoned stream never
+  blocks the others. Each stream owns its KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import bundle as _bundle
+from .bundle import BundleError, Manifest
+from .engines import (CUDA, DecoderEngine, EngineError, Features, KVCache, TrtVisionEngine,
+                      VisionEngine, pick_providers)
+from .generate import (DecodeState, GenerationConfig, GenerationError, Sampler, TextStream,
+                       decode_tokens)
+from .grounding import GroundedBox, parse_grounding
+from .image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, preprocess
+from .prompt import (DEFAULT_SYSTEM, PromptError, Query, Turn, build_chat_ids, build_raw_ids,
+                     image_slot_positions)
+from .tokenizer import QwenTokenizer, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """Prompt + max_new_tokens would not fit the model's context."""
+
+
+class ConversationBusyError(RuntimeError):
+    """A conversation used by two streams at once."""
+
+
+@dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]
+    boxes: list[GroundedBox]
+    timings: dict[str, Any]
+    finish_reason: str = "stop"  # stop | length | stop_string
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's cache
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["boxes"] = [asdict(b) for b in self.boxes]
+        return d
+
+
+@dataclass
+class ChatRequest:
+    """One request of :meth:`Pipeline.chat_batch` (``generation``: per-request overrides)."""
+
+    prompt: Query
+    images: Sequence[ImageSource] = ()
+    history: Sequence[Turn] = ()
+    system: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    ids: list[int]  # full prompt ids from scratch (raw ids, <imgpad> in image slots)
+    turns: list[Turn]
+    n_new_images: int
+    pixels: np.ndarray  # [n_new, 3, S, S]
+    sizes: list[tuple[int, int]]  # (W, H) of the new images
+    gen: GenerationConfig
+    timings: dict[str, Any]
+
+
+class Conversation:
+    """A multi-turn chat that keeps its KV cache between turns (one turn at a time)."""
+
+    def __init__(self, pipeline: "Pipeline", system: str | None = None):
+        self.pipeline = pipeline
+        self.system = pipeline.default_system if system is None else system
+        self.turns: list[Turn] = []
+        self.image_sizes: list[tuple[int, int]] = []
+        self.features: list[Features] = []  # one per image, conversation order
+        self.cache: KVCache | None = None
+        self.cache_ids: list[int] = []  # id at each physical cache slot (-1: dropped)
+        self._busy = threading.Lock()
+
+    def chat(self, prompt: Query, images: Sequence[ImageSource] = (), **kwargs: Any) -> "ChatStream":
+        return self.pipeline.chat(prompt, images, history=self, **kwargs)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(1 for i in self.cache_ids if i >= 0)
+
+    def reset(self) -> None:
+        """Forget every turn (the KV buffers are kept for the next turn)."""
+        with self._busy:
+            self.turns, self.image_sizes, self.features, self.cache_ids = [], [], [], []
+            if self.cache is not None:
+                self.cache.reset()
+
+    def close(self) -> None:
+        """Give the KV buffers back to the pipeline's pool (the turns are kept)."""
+        with self._busy:
+            if self.cache is not None:
+                self.pipeline._release(self.cache)
+            self.cache, self.cache_ids = None, []
+
+
+class ChatStream:
+    """Iterate for text pieces (they join to ``result().text``); ``result()`` finishes the reply."""
+
+    def __init__(self, gen: Generator[str, None, ChatResult]):
+        self._gen = gen
+        self._result: ChatResult | None = None
+        self._pieces: list[str] = []
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            piece = next(self._gen)
+        except StopIteration as stop:
+            if stop.value is not None:
+                self._result = stop.value
+            raise
+        self._pieces.append(piece)
+        return piece
+
+    def result(self) -> ChatResult:
+        for _ in self:
+            pass
+        if self._result is None:
+            raise RuntimeError("this stream was closed before it finished: no result")
+        return self._result
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (the KV cache is released)."""
+        self._gen.close()
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Pipeline:
+    """Vision + decoder engines, tokenizer and the generation loop of one bundle."""
+
+    def __init__(self, manifest: Manifest, tokenizer: QwenTokenizer, vision: Any,
+                 decoder: DecoderEngine, providers: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 kv_capacity: int | None = None):
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.decoder = decoder
+        self.providers = providers
+        self.max_pixels = int(max_pixels)
+        m = manifest.model
+        self.vocab_size = int(m["vocab_size"])
+        self.n_vocab = int(m.get("n_vocab", tokenizer.n_vocab))
+        self.n_queries = int(m["n_queries"])
+        self.image_size = int(m["image_size"])
+        self.max_context = manifest.max_context
+        self.kv_capacity = min(int(kv_capacity or self.max_context), self.max_context)
+        self.chat_format = str(manifest.data.get("chat_format", "chatml"))
+        self.default_system = DEFAULT_SYSTEM
+        self.generation_defaults = dict(manifest.generation)
+        tok = tokenizer
+        special = manifest.special_ids
+        mine = {"eod": tok.eod_id, "im_start": tok.im_start_id, "im_end": tok.im_end_id,
+                "img_start": tok.img_start_id, "img_end": tok.img_end_id,
+                "img_pad": tok.img_pad_id}
+        wrong = {k: (v, mine[k]) for k, v in special.items() if k in mine and mine[k] != v}
+        if wrong:
+            raise BundleError(f"{manifest.file('tokenizer/qwen.tiktoken')} does not match the "
+                              f"manifest's special ids {wrong}: re-export the bundle")
+        if decoder.vocab_size != self.vocab_size:
+            raise BundleError(f"{decoder.path} has {decoder.vocab_size} logits but the manifest says "
+                              f"vocab_size {self.vocab_size}: re-export the bundle")
+        self.stop_ids = frozenset({tok.eod_id} if self.chat_format == "raw"
+                                  else {tok.eod_id, tok.im_start_id, tok.im_end_id})
+        self.suppress_ids = (tok.img_start_id, tok.img_end_id, tok.img_pad_id)
+        self._lock = threading.Lock()  # serialises engine runs
+        self._pool_lock = threading.Lock()
+        self._pool: list[KVCache] = []
+        self.max_pool = 2
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str = "auto", threads: int | None = None,
+                    verify: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    kv_capacity: int | None = None) -> "Pipeline":
+        """Verify and load a bundle.
+
+        ``device``: ``auto`` (CUDA when onnxruntime-gpu has it, else CPU), ``cpu``, ``cuda``, or
+        ``tensorrt`` (CUDA plus the bundle's TensorRT vision plan, refused if there is none for
+        this GPU/TensorRT). ``verify=False`` skips the sha256 pass (sizes are still checked).
+        ``threads``: onnxruntime intra-op threads (CPU). ``kv_capacity``: tokens per KV cache
+        (default: the model's max context).
+        """
+        man = _bundle.verify_bundle(path, checksums=verify)
+        providers = pick_providers(device)
+        tok = QwenTokenizer.from_dir(man.file("tokenizer"))
+        vision = None
+        if providers[0] == CUDA and man.trt_plans() or device == "tensorrt":
+            vision = cls._trt_vision(man, required=device == "tensorrt")
+        if vision is None:
+            vision = VisionEngine(man.file(man.engines.get("vision", {}).get("file", "vision.onnx")),
+                                  providers, threads)
+        decoder = DecoderEngine(man.file(man.engines.get("decoder", {}).get("file", "decoder.onnx")),
+                                providers, threads, vocab_size=int(man.model["vocab_size"]))
+        return cls(man, tok, vision, decoder, providers, max_pixels, kv_capacity)
+
+    @staticmethod
+    def _trt_vision(man: Manifest, required: bool) -> Any:
+        try:
+            import tensorrt as trt  # noqa: PLC0415 - optional
+            version = trt.__version__
+        except ImportError:
+            version = None
+        plan = _bundle.select_trt_plan(man, "vision", version, _bundle.gpu_name(), required)
+        if plan is None:
+            return None
+        m = man.model
+        try:
+            return TrtVisionEngine(plan, int(m["n_queries"]), int(m["hidden"]))
+        except EngineError:
+            if required:
+                raise
+            log.warning("TensorRT plan %s did not load; using the ONNX vision engine", plan)
+            return None
+
+    @property
+    def device(self) -> str:
+        return self.decoder.device
+
+    def conversation(self, system: str | None = None) -> Conversation:
+        return Conversation(self, system)
+
+    # ---- KV cache pool --------------------------------------------------------------------
+    def _acquire(self) -> KVCache:
+        with self._pool_lock:
+            if self._pool:
+                c = self._pool.pop()
+                c.reset()
+                return c
+        return self.decoder.new_cache(1, self.kv_capacity)
+
+    def _release(self, cache: KVCache) -> None:
+        if cache.batch != 1:
+            return
+        with self._pool_lock:
+            if len(self._pool) < self.max_pool and all(c is not cache for c in self._pool):
+                cache.reset()
+                self._pool.append(cache)
+
+    # ---- preparing a request (eager: errors raise at the call) ------------------------------
+    def _generation(self, overrides: dict[str, Any]) -> GenerationConfig:
+        try:
+            return GenerationConfig.from_defaults(self.generation_defaults, **overrides)
+        except TypeError as e:
+            raise GenerationError(f"unknown generation setting: {e}") from None
+
+    def _prepare(self, prompt: Query, images: Sequence[ImageSource] | None,
+                 history: Sequence[Turn] | None, system: str | None, gen: GenerationConfig,
+                 history_images_given: bool = True) -> _Prepared:
+        t0 = time.perf_counter()
+        images = list(images or ())
+        turns = list(history or ())
+        for t in turns:
+            if not isinstance(t, Turn):
+                if isinstance(t, (tuple, list)) and len(t) in (2, 3):
+                    continue
+                raise PromptError(f"history items must be runtime.prompt.Turn(query, response, "
+                                  f"n_images), got {type(t).__name__}")
+        turns = [t if isinstance(t, Turn) else Turn(*t) for t in turns]
+        n_hist = sum(t.n_images for t in turns) if history_images_given else 0
+        if len(images) < n_hist:
+            raise PromptError(f"the history turns hold {n_hist} image(s) but only {len(images)} "
+                              "were given: pass the history's images first, then the new ones")
+        n_new = len(images) - n_hist
+        sys_text = self.default_system if system is None else system
+        if self.chat_format == "raw":
+            if turns:
+                raise PromptError("this bundle's model is a base model (chat_format raw): it has "
+                                  "no multi-turn chat; pass history=None")
+            ids = build_raw_ids(self.tokenizer, prompt, n_new, self.n_queries)
+        else:
+            ids = build_chat_ids(self.tokenizer, prompt, n_new, turns, sys_text, self.n_queries)
+        self._check_context(len(ids), gen.max_new_tokens)
+        sizes, pixels = [], np.empty((len(images), 3, self.image_size, self.image_size), np.float32)
+        for i, src in enumerate(images):
+            img = load_image(src, self.max_pixels)
+            sizes.append(img.size)
+            pixels[i] = preprocess(img, self.image_size)
+        timings = {"preprocess_s": time.perf_counter() - t0, "t0": t0}
+        return _Prepared(ids, turns, n_new, pixels, sizes, gen, timings)
+
+    def _check_context(self, n_prompt: int, max_new: int) -> None:
+        total = n_prompt + int(max_new)
+        if total > self.max_context:
+            raise ContextLengthError(
+                f"prompt of {n_prompt} tokens + max_new_tokens {max_new} = {total} tokens is "
+                f"{total - self.max_context} over the model's context of {self.max_context}: "
+                "shorten the prompt or history, use fewer images, or lower max_new_tokens")
+
+    # ---- chat -----------------------------------------------------------------------------
+    def chat(self, prompt: Query, images: Sequence[ImageSource] | None = None,
+             history: Conversation | Sequence[Turn] | None = None, *, system: str | None = None,
+             max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None,
+             repetition_penalty: float | None = None, seed: int | None = None,
+             stop: Sequence[str] | str | None = None, min_new_tokens: int | None = None) -> ChatStream:
+        """Start a reply; returns a :class:`ChatStream` (iterate for text, ``.result()``).
+
+        ``prompt``: text, or a list of text / :class:`~runtime.prompt.Ref` / ``Box`` parts (user
+        text is always plain text: tag strings such as ``<img>`` are not interpreted).
+        ``images``: paths, bytes, PIL images or uint8 arrays for this prompt — with a list
+        ``history``, the history turns' images first. ``history``: a :class:`Conversation`
+        (KV reuse, updated in place) or a list of ``Turn`` (recomputed). Unset generation
+        settings come from the bundle (generation_config.json); ``temperature=0`` is greedy.
+        """
+        gen = self._generation(dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k,
+                                    repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                    min_new_tokens=min_new_tokens))
+        if isinstance(history, Conversation):
+            conv = history
+            if conv.pipeline is not self:
+                raise ValueError("this Conversation belongs to another Pipeline")
+            with conv._busy:
+                turns, sys_text = list(conv.turns), conv.system
+            # the history's images are already in the conversation: images = the new ones
+            prep = self._prepare(prompt, images, turns, sys_text, gen, history_images_given=False)
+        else:
+            conv = None
+            prep = self._prepare(prompt, images, history, system, gen)
+        return ChatStream(self._run(prompt, prep, conv))
+
+    def _encode(self, pixels: np.ndarray) -> Features | None:
+        if len(pixels) == 0:
+            return None
+        with self._lock:
+            return self.vision.encode(pixels)
+
+    def _table(self, ids: list[int], start: int, features: list[Features]) -> tuple[np.ndarray, Features | None]:
+        """Prompt-table ids for ``ids[start:]`` and the features they address."""
+        spans = image_slot_positions(ids, self.tokenizer)
+        if len(spans) != len(features):
+            raise PromptError(f"the prompt has {len(spans)} image span(s) but {len(features)} "
+                              "image(s) were given")
+        out = np.asarray(ids[start:], np.int64)
+        used: list[Features] = []
+        row = 0
+        for (a, e), f in zip(spans, features):
+            if e <= start:
+                continue
+            if e - a != self.n_queries:
+                raise PromptError(f"image span of {e - a} slots, the vision engine makes "
+                                  f"{self.n_queries}")
+            lo = max(a, start)
+            out[lo - start:e - start] = self.vocab_size + row + np.arange(lo - a, e - a)
+            used.append(f)
+            row += self.n_queries
+        return out, (Features.concat(used) if used else None)
+
+    def _run(self, prompt: Query, prep: _Prepared,
+             conv: Conversation | None) -> Generator[str, None, ChatResult]:
+        tim = prep.timings
+        gen = prep.gen
+        if conv is not None and not conv._busy.acquire(blocking=False):
+            raise ConversationBusyError("this Conversation is already generating a reply: finish "
+                                        "or close that stream first")
+        cache: KVCache | None = None
+        try:
+            t = time.perf_counter()
+            new_feats = self._encode(prep.pixels)
+            tim["vision_s"] = time.perf_counter() - t
+            split = [] if new_feats is None else _split(new_feats)
+            ids = prep.ids
+            reused = 0
+            if conv is not None:
+                features = conv.features + split
+                cache = conv.cache
+                if cache is None:
+                    cache = conv.cache = self._acquire()
+                    conv.cache_ids = []
+                reused = self._reuse(conv, ids, gen.max_new_tokens)
+            else:
+                features = split
+                cache = self._acquire()
+            table_ids, table = self._table(ids, reused, features)
+            cache_ids = conv.cache_ids if conv is not None else []
+            t = time.perf_counter()
+            with self._lock:
+                logits = self.decoder.forward(cache, table_ids[None], features=table)[0]
+            cache_ids.extend(ids[reused:])
+            tim["prefill_s"] = time.perf_counter() - t
+            tim["prefill_tokens"] = len(ids) - reused
+
+            decoder, lock = self.decoder, self._lock
+            tok_arr = np.zeros((1, 1), np.int64)
+
+            def forward(tok: int) -> np.ndarray:
+                tok_arr[0, 0] = tok
+                out = decoder.forward(cache, tok_arr)[0]
+                cache_ids.append(tok)
+                return out
+
+            history_ids = ids if gen.repetition_penalty != 1.0 else ()
+            sampler = Sampler(gen, self.n_vocab, history_ids, self.suppress_ids)
+            state = DecodeState()
+            stream = TextStream(StreamDecoder(self.tokenizer), gen.stop)
+            first = None
+            for tok in decode_tokens(forward, logits, sampler, self.stop_ids, gen, state, lock):
+                if first is None:
+                    first = time.perf_counter()
+                piece = stream.push(tok)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    state.finish_reason = "stop_string"
+                    break
+            piece = stream.finish()
+            if piece:
+                yield piece
+            sizes = prep.sizes if conv is None else conv.image_sizes + prep.sizes
+            tim["ttft_s"] = (first or time.perf_counter()) - tim.pop("t0")
+            tim["decode_s"] = state.step_s
+            tim["decode_ms_per_token"] = (1e3 * float(np.mean(state.step_s))
+                                          if state.step_s else None)
+            tim["new_tokens"] = len(state.tokens)
+            result = ChatResult(stream.text, list(state.tokens), parse_grounding(stream.text, sizes),
+                                tim, state.finish_reason, len(ids), reused, list(sizes))
+            if conv is not None:
+                conv.turns.append(Turn(prompt, list(state.tokens), prep.n_new_images))
+                conv.features.extend(split)
+                conv.image_sizes.extend(prep.sizes)
+            return result
+        finally:
+            if conv is None:
+                if cache is not None:
+                    self._release(cache)
+            else:
+                conv._busy.release()
+
+    # ---- batch ----------------------------------------------------------------------------
+    def chat_batch(self, requests: Sequence[ChatRequest | dict[str, Any] | str],
+                   **generation: Any) -> list[ChatResult]:
+        """Independent requests as one left-padded batch (one vision call, one prefill, one
+        decode step per token for all rows). ``generation``: settings for all requests;
+        ``ChatRequest.generation`` overrides them per request. Returns results in order.
+        """
+        reqs = [ChatRequest(r) if isinstance(r, str) else
+                ChatRequest(**r) if isinstance(r, dict) else r for r in requests]
+        if not reqs:
+            return []
+        preps = []
+        for r in reqs:
+            gen = self._generation({**generation, **(r.generation or {})})
+            preps.append(self._prepare(r.prompt, r.images, r.history, r.system, gen))
+        t0 = min(p.timings["t0"] for p in preps)
+        b = len(preps)
+        t = time.perf_counter()
+        pixels = np.concatenate([p.pixels for p in preps])
+        feats = self._encode(pixels)
+        vision_s = time.perf_counter() - t
+        per_image = [] if feats is None else _split(feats)
+        rows, table_parts, k = [], [], 0
+        for p in preps:
+            n = len(p.pixels)
+            ids, _ = self._table(p.ids, 0, per_image[k:k + n])
+            ids = np.where(ids >= self.vocab_size, ids + k * self.n_queries, ids)
+            rows.append(ids)
+            k += n
+        table = Features.concat(per_image) if per_image else None
+        width = max(len(r) for r in rows)
+        max_new = max(p.gen.max_new_tokens for p in preps)
+        input_ids = np.full((b, width), self.tokenizer.eod_id, np.int64)
+        mask = np.zeros((b, width), np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        cache = self.decoder.new_cache(b, width + max_new)
+        t = time.perf_counter()
+        with self._lock:
+            logits = self.decoder.forward(cache, input_ids, mask, features=table)
+        prefill_s = time.perf_counter() - t
+        samplers = [Sampler(p.gen, self.n_vocab,
+                            p.ids if p.gen.repetition_penalty != 1.0 else (), self.suppress_ids)
+                    for p in preps]
+        streams = [TextStream(StreamDecoder(self.tokenizer), p.gen.stop) for p in preps]
+        tokens: list[list[int]] = [[] for _ in preps]
+        reasons = ["length"] * b
+        done = [False] * b
+        first = [None] * b
+        steps: list[float] = []
+        step_ids = np.zeros((b, 1), np.int64)
+        step_mask = np.zeros((b, 1), np.int64)
+        for step in range(max_new):
+            for i in range(b):
+                step_ids[i, 0], step_mask[i, 0] = self.tokenizer.eod_id, 0
+                if done[i]:
+                    continue
+                g = preps[i].gen
+                tok = samplers[i](logits[i])
+                if tok in self.stop_ids and step >= g.min_new_tokens:
+                    done[i], reasons[i] = True, "stop"
+                    continue
+                tokens[i].append(tok)
+                samplers[i].observe(tok)
+                first[i] = first[i] or time.perf_counter()
+                streams[i].push(tok)
+                if streams[i].stopped:
+                    done[i], reasons[i] = True, "stop_string"
+                elif len(tokens[i]) >= g.max_new_tokens:
+                    done[i], reasons[i] = True, "length"
+                else:
+                    step_ids[i, 0], step_mask[i, 0] = tok, 1
+            if all(done):
+                break
+            t = time.perf_counter()
+            with self._lock:
+                logits = self.decoder.forward(cache, step_ids, step_mask)
+            steps.append(time.perf_counter() - t)
+        results = []
+        for i, p in enumerate(preps):
+            streams[i].finish()
+            text = streams[i].text
+            tim = {"preprocess_s": p.timings["preprocess_s"], "vision_s": vision_s,
+                   "prefill_s": prefill_s, "prefill_tokens": int(mask.sum()),
+                   "ttft_s": (first[i] or time.perf_counter()) - t0,
+                   "decode_s": steps[:max(len(tokens[i]) - 1, 0)],
+                   "decode_ms_per_token": 1e3 * float(np.mean(steps)) if steps else None,
+                   "new_tokens": len(tokens[i]), "batch": b}
+            results.append(ChatResult(text, tokens[i], parse_grounding(text, p.sizes), tim,
+                                      reasons[i], len(p.ids), 0, list(p.sizes)))
+        return results
+
+    def _reuse(self, conv: Conversation, ids: list[int], max_new: int) -> int:
+        """Prefix of ``ids`` already in ``conv``'s cache; drops (masks) cached tokens after it."""
+        cache = conv.cache
+        live = [(p, t) for p, t in enumerate(conv.cache_ids) if t >= 0]
+        k = 0
+        for (_, t), want in zip(live, ids):
+            if t != want:
+                break
+            k += 1
+        k = min(k, len(ids) - 1)  # at least one token to prefill (its logits start the reply)
+        if cache.length + (len(ids) - k) + max_new > cache.capacity or k == 0:
+            cache.reset()
+            conv.cache_ids.clear()
+            return 0
+        if k < len(live):
+            first_dead = live[k][0]
+            self.decoder.mask_out(cache, first_dead)
+            for p in range(first_dead, len(conv.cache_ids)):
+                conv.cache_ids[p] = -1
+        return k
+
+
+def _split(f: Features) -> list[Features]:
+    """One Features per image (host views; device features are copied once to the host)."""
+    if f.shape[0] == 1:
+        return [f]
+    arr = f.numpy()
+    return [Features(arr[i:i + 1].shape, arr[i:i + 1]) for i in range(arr.shape[0])]

@@ -1,0 +1,290 @@
+"""validate/: drift metrics, thresholds, and the staged report on nano bundles with injected faults.
+
+One faithful fp32 bundle is exported per module; the faults are injected into copies of its ONNX
+files (a zeroed or scaled decoder layer, a transposed vision projection) or by validating it
+against a checkpoint of another seed (an engine built from the wrong checkpoint). Each fault must
+FAIL at the right stage; the faithful bundle must PASS every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from validate import metrics as M
+from validate.thresholds import PLANS, plan_name, table_markdown, thresholds_for
+
+MAX_NEW = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (pure numpy)
+# ---------------------------------------------------------------------------------------------
+
+def test_tensor_metrics():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert M.cosine(a, a) == pytest.approx(1.0)
+    assert M.cosine(a, -a) == pytest.approx(-1.0)
+    assert M.rel_l2(a, a * 1.01) == pytest.approx(0.01, rel=1e-6)
+    assert M.max_abs(a, a + 0.5) == pytest.approx(0.5)
+    assert M.max_abs_rel(a, a + 0.5) == pytest.approx(0.5 / 11)
+    b = a.copy()
+    b[0, 0], b[1, 1] = np.nan, np.inf
+    assert M.nonfinite_count(b) == 2
+    assert math.isnan(M.cosine(a, b)) and math.isnan(M.rel_l2(a, b))
+    d = M.tensor_drift(a, b)
+    assert d["nonfinite"] == 2 and math.isnan(d["max_abs"])
+
+
+def test_kl_topk_perplexity():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(5, 50)) * 3
+    q = p + rng.normal(size=(5, 50)) * 0.1
+    kl = M.kl_divergence(p, q)
+    lp = p - np.log(np.exp(p).sum(-1, keepdims=True))
+    lq = q - np.log(np.exp(q).sum(-1, keepdims=True))
+    ref = (np.exp(lp) * (lp - lq)).sum(-1)
+    np.testing.assert_allclose(kl, ref, rtol=1e-9, atol=1e-12)
+    assert (M.kl_divergence(p, p) == 0).all()
+    # huge fp16-range logits and masked (-inf) tokens stay finite
+    big = np.array([[6e4, 0.0, -np.inf], [1.0, 2.0, 3.0]])
+    assert np.isfinite(M.kl_divergence(big, big)).all()
+    # the engine ruling out a token the reference allows: infinite KL; NaN logits: NaN
+    assert np.isinf(M.kl_divergence([[0.0, 0.0]], [[0.0, -np.inf]])[0])
+    assert np.isnan(M.kl_divergence([[0.0, 1.0]], [[np.nan, 1.0]])[0])
+    t1 = M.topk_agreement([[0, 5, 1], [3, 0, 1]], [[0, 4, 5], [3, 1, 0]], 1)
+    assert t1.tolist() == [0.0, 1.0]
+    assert M.topk_agreement([[0, 5, 1]], [[0, 4, 5]], 2).tolist() == [1.0]
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    assert M.perplexity(logits, [0, 2]) == pytest.approx(math.exp(-(math.log(.5) + math.log(.8)) / 2))
+    assert M.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert M.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert M.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_box_and_text_metrics():
+    assert M.iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert M.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert M.iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert M.iou((10, 10, 0, 0), (0, 0, 10, 10)) == 1.0  # corner order does not matter
+    assert M.best_iou((0, 0, 10, 10), []) == 0.0
+    assert M.hit_rate([0.2, 0.5, 0.9]) == pytest.approx(2 / 3)
+    assert M.levenshtein("kitten", "sitting") == 3
+    assert M.cer("STOP", "ST0P") == 0.25
+    assert M.cer("STOP", " STOP ") == 0.0 and M.cer("", "") == 0.0
+    assert M.exact_match("Hello  world", "Hello world\n") and not M.exact_match("a", "A")
+
+
+def test_thresholds_tables():
+    judged = {p: {(t.stage, t.metric) for t in PLANS[p] if t.op != "info"} for p in PLANS}
+    for p in PLANS:
+        assert {("vision", "cosine_min"), ("decoder", "kl_mean"), ("decoder", "top1"),
+                ("task", "grounding_hit_ref")} <= judged[p]
+        for t in PLANS[p]:
+            assert t.why and t.op in (">=", "<=", "info")
+    # tighter precision -> tighter bounds
+    th = {p: thresholds_for(p) for p in PLANS}
+    assert th["fp32"]["decoder", "kl_mean"].value < th["fp16"]["decoder", "kl_mean"].value \
+        < th["int4"]["decoder", "kl_mean"].value <= th["edge"]["decoder", "kl_mean"].value
+    assert th["fp32"]["vision", "cosine_min"].value > th["edge"]["vision", "cosine_min"].value
+    assert plan_name("float16") == "fp16"
+    with pytest.raises(KeyError, match="no drift thresholds"):
+        plan_name("int3")
+    assert "| decoder | kl_mean |" in table_markdown()
+    t = th["fp32"]["vision", "cosine_min"]
+    assert t.judge(1.0) == "PASS" and t.judge(0.5) == "FAIL" and t.judge(float("nan")) == "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------
+# bundles with injected faults
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faithful_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
+    from PIL import Image
+
+    from exporters.bundle import manifest_fields, write_bundle
+    from exporters.decoder import export_decoder
+    from exporters.vision import export_vision
+
+    d = tmp_path_factory.mktemp("validate")
+    check = [("grey", np.asarray(Image.new("RGB", (64, 48), (90, 120, 200))))]
+    export_vision(nano_model, d / "v" / "vision.onnx", "fp32", check_images=check,
+                  write_trt_script=False)
+    export_decoder(nano_model, d / "dec" / "decoder.onnx", plan="fp32")
+    return write_bundle(d / "bundle", {"vision.onnx": d / "v" / "vision.onnx",
+                                       "decoder.onnx": d / "dec" / "decoder.onnx",
+                                       "tokenizer/qwen.tiktoken": nano_ckpt / "qwen.tiktoken"},
+                        manifest_fields(nano_ckpt, "fp32"))
+
+
+def _variant(src: Path, dst: Path, engine: str, edit) -> Path:
+    """A copy of bundle ``src`` whose ``engine``.onnx initializers were changed by ``edit``."""
+    import onnx
+    from onnx import numpy_helper
+
+    from exporters.bundle import read_manifest, write_bundle
+
+    work = dst.parent / f".{dst.name}-work"
+    work.mkdir(parents=True)
+    m = onnx.load(str(src / f"{engine}.onnx"))  # loads external data too
+    inits = {i.name: i for i in m.graph.initializer}
+    for name, arr in edit({n: numpy_helper.to_array(i) for n, i in inits.items()}).items():
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    onnx.save(m, str(work / f"{engine}.onnx"))  # nano: one small file, no external data
+    other = "decoder" if engine == "vision" else "vision"
+    man = read_manifest(src).data
+    fields = {k: v for k, v in man.items()
+              if k not in ("format_version", "created", "versions", "files", "engines")}
+    return write_bundle(dst, {f"{engine}.onnx": work / f"{engine}.onnx",
+                              f"{other}.onnx": src / f"{other}.onnx",
+                              "tokenizer/qwen.tiktoken": src / "tokenizer" / "qwen.tiktoken"},
+                        fields)
+
+
+@pytest.fixture(scope="module")
+def items():
+    from calib_data import build
+
+    val = [build.synth_item("validation", j) for j in range(4)]  # grounding, ocr, grounding, caption
+    photo = [it for it in build.photo_items() if it.id == "photo-astronaut-vqa"]
+    calib = [build.synth_item("calib", 0)]
+    return val + photo + calib
+
+
+_reports: dict[str, object] = {}
+
+
+def _validate(key, bundle, model, items, out=None):
+    from validate.stages import run_validation
+
+    if key not in _reports:
+        _reports[key] = run_validation(bundle, model, items, out_dir=out, max_new_tokens=MAX_NEW,
+                                       threads=1)
+    return _reports[key]
+
+
+def _verdicts(report) -> dict[str, str]:
+    return {n: s.verdict for n, s in report.stages.items()}
+
+
+def test_faithful_fp32_bundle_passes_every_stage(faithful_bundle, nano_model, items, tmp_path):
+    from validate.stages import NA_NO_BOXES
+
+    r = _validate("faithful", faithful_bundle, nano_model, items, tmp_path / "report")
+    assert _verdicts(r) == {"vision": "PASS", "decoder": "PASS", "task": "PASS"}, r.summary()
+    assert r.passed and r.first_failure is None
+    assert r.meta["n_items"] == 5  # the calibration item is never used
+    v, d, t = (r.stages[k] for k in ("vision", "decoder", "task"))
+    assert v.metric("cosine_min").value > 0.99999
+    assert d.metric("kl_mean").value < 1e-6 and d.metric("top1").value == 1.0
+    assert d.metric("greedy_identical").value == 1.0
+    assert t.metric("answer_agreement").value == 1.0
+    assert t.metric("ocr_cer_ref").verdict == "PASS"
+    # random nano weights emit no boxes: grounding drift is n/a, never a vacuous PASS
+    g = t.metric("grounding_hit_ref")
+    if not any(rec.get("ref_boxes") for rec in t.items):
+        assert g.verdict == "N/A" and g.note == NA_NO_BOXES
+    # report files
+    out = tmp_path / "report"
+    data = json.loads((out / "drift.json").read_text())
+    assert data["verdict"] == "PASS" and set(data["stages"]) == {"vision", "decoder", "task"}
+    assert all("verdict" in m for s in data["stages"].values() for m in s["metrics"])
+    page = (out / "drift.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "Worst items" in page
+    assert "data:image/jpeg;base64," in page  # item thumbnails
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
+    from PIL import Image
+    for name in ("vision_cosine", "kl_hist", "agreement_by_position", "iou_scatter"):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size[0] > 300
+
+
+def test_zeroed_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_model, items,
+                                                      tmp_path_factory):
+    def zero_layer(w):
+        return {k: np.zeros_like(w[k]) for k in ("transformer.h.1.attn.c_proj.weight_t",
+                                                 "transformer.h.1.mlp.c_proj.weight_t")}
+
+    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "zeroed", "decoder", zero_layer)
+    r = _validate("zeroed", b, nano_model, items)
+    assert r.stages["vision"].verdict == "PASS"
+    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary()
+    assert r.stages["decoder"].metric("kl_mean").verdict == "FAIL"
+    assert not r.passed
+
+
+def test_scaled_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_model, items,
+                                                      tmp_path_factory):
+    key = "transformer.h.0.mlp.c_proj.weight_t"
+    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "scaled", "decoder",
+                 lambda w: {key: w[key] * np.float32(0.9)})  # one layer's MLP output 10 % short
+    r = _validate("scaled", b, nano_model, items)
+    assert r.stages["vision"].verdict == "PASS"
+    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary()
+
+
+def test_permuted_vision_projection_fails_the_vision_stage(faithful_bundle, nano_model, items,
+                                                           tmp_path_factory):
+    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "perm", "vision",
+                 lambda w: {"proj": w["proj"].T.copy()})  # x @ proj.T instead of x @ proj
+    r = _validate("perm", b, nano_model, items)
+    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary()
+    assert r.stages["vision"].metric("cosine_min").verdict == "FAIL"
+    # the decoder stage runs on the reference image features: it is not blamed
+    assert r.stages["decoder"].verdict == "PASS"
+    # end to end the wrong features show up as drift
+    assert r.stages["decoder"].metric("e2e_kl_mean").value > 1e-3
+
+
+def test_engine_from_the_wrong_checkpoint_fails(faithful_bundle, items, tmp_path_factory):
+    from models.checkpoint import load_model
+    from models.nano import make_nano_checkpoint
+
+    other = load_model(make_nano_checkpoint(tmp_path_factory.mktemp("ck") / "seed1", seed=1), "fp32")
+    r = _validate("wrong", faithful_bundle, other, items)
+    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary()
+    assert r.stages["decoder"].verdict == "FAIL"
+    assert r.stages["task"].metric("answer_agreement").verdict == "FAIL"
+
+
+def test_only_validation_items_are_used(faithful_bundle, nano_model, items):
+    from validate.stages import run_validation
+
+    with pytest.raises(ValueError, match="no validation items"):
+        run_validation(faithful_bundle, nano_model, [it for it in items if it.split == "calib"])
+
+
+def test_cli_user_jsonl_and_exit_codes(faithful_bundle, nano_ckpt, tmp_path, tmp_path_factory):
+    from PIL import Image
+
+    from validate.__main__ import main
+
+    (tmp_path / "img").mkdir()
+    for i, c in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (80 + 10 * i, 60), c).save(tmp_path / "img" / f"{i}.png")
+    jl = tmp_path / "mine.jsonl"
+    jl.write_text(json.dumps({"image": "img/0.png", "prompt": "What colour is it?", "task": "vqa",
+                              "split": "validation"}) + "\n"
+                  + json.dumps({"image": "img/1.png", "prompt": "Describe the image.",
+                                "split": "validation"}) + "\n")
+    args = ["--checkpoint", str(nano_ckpt), "--manifest", str(jl), "--max-new-tokens", "6",
+            "--threads", "1", "--no-plots"]
+    assert main(["--bundle", str(faithful_bundle), "--out", str(tmp_path / "ok"), *args]) == 0
+    assert json.loads((tmp_path / "ok" / "drift.json").read_text())["verdict"] == "PASS"
+    bad = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "cli", "vision",
+                   lambda w: {"proj": w["proj"] * np.float32(-1)})
+    assert main(["--bundle", str(bad), "--out", str(tmp_path / "bad"), *args]) == 1
+    assert main(["--bundle", str(bad), "--out", str(tmp_path / "bad2"), "--allow-drift",
+                 *args]) == 0
+    assert json.loads((tmp_path / "bad2" / "drift.json").read_text())["verdict"] == "FAIL"
+    # unusable inputs: exit 2 with the manifest's message
+    (tmp_path / "broken.jsonl").write_text(json.dumps({"image": "img/none.png", "prompt": "x"}))
+    assert main(["--bundle", str(faithful_bundle), "--manifest", str(tmp_path / "broken.jsonl"),
+                 "--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "x")]) == 2
+    shutil.rmtree(tmp_path / "img")

@@ -1,0 +1,86 @@
+"""``python -m validate``: the staged drift report of a bundle against its source checkpoint.
+
+    python -m validate --bundle out/bundle --checkpoint models/nano/qwen-vl-nano \\
+        --manifest calib_data/manifest.jsonl --out out/bundle/report [--allow-drift]
+
+Exit status: 0 PASS (or FAIL with ``--allow-drift``), 1 FAIL, 2 the inputs could not be used
+(bad manifest, bundle or checkpoint; the message says which and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .stages import run_validation
+from .thresholds import PLANS, STAGES
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / "calib_data" / "manifest.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m validate",
+        description="Staged drift check of an exported bundle (vision, decoder, task) against the "
+                    "PyTorch reference of its checkpoint, on the validation split of a "
+                    "calibration manifest. Writes drift.json + drift.html (+ PNG plots).")
+    ap.add_argument("--bundle", required=True, type=Path, help="bundle directory")
+    ap.add_argument("--checkpoint", required=True, type=Path,
+                    help="source checkpoint (HF layout) of the bundle; the reference runs in fp32")
+    ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
+                    help="manifest JSONL/JSON, a JSONL of {image, prompt} lines, or a folder of "
+                         "images (default: calib_data/manifest.jsonl)")
+    ap.add_argument("--out", type=Path, default=None, help="report directory (default BUNDLE/report)")
+    ap.add_argument("--plan", choices=sorted(PLANS), default=None,
+                    help="thresholds to apply (default: the bundle's precision)")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--max-items", type=int, default=None, help="use only the first N items")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length cap")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="onnxruntime device for the engines")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="cache generated manifest images as PNG here")
+    ap.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    ap.add_argument("--allow-drift", action="store_true",
+                    help="exit 0 even when a metric FAILs (the report still says FAIL)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+
+    from calib_data.manifest import ManifestError, load_manifest
+    from runtime.bundle import BundleError
+
+    try:
+        items = load_manifest(a.manifest)
+        report = run_validation(a.bundle, a.checkpoint, items, a.plan,
+                                a.out or a.bundle / "report", stages=stages,
+                                max_items=a.max_items, max_new_tokens=a.max_new_tokens,
+                                device=a.device, threads=a.threads, cache_dir=a.cache_dir,
+                                plots=not a.no_plots)
+    except (ManifestError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for st in report.stages.values():
+        for m in st.metrics:
+            if m.verdict != "INFO":
+                print(m.line())
+        if st.error:
+            print(f"[FAIL] {st.name}: {st.error}")
+    out = a.out or a.bundle / "report"
+    print(f"{report.summary()}\nreport: {out / 'drift.html'}")
+    if not report.passed and not a.allow_drift:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
