@@ -58,6 +58,7 @@ SPLIT_ALIASES = {"calib": "calib", "calibration": "calib", "train": "calib",
 GENERATORS = ("grounding", "caption", "ocr")  # synth scenes: shapes (grounding/caption) or a sign
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DEFAULT_CAPTION_PROMPT = "Describe the image."
+MAX_ERROR_LINES = 40  # a manifest gone stale as a whole is reported by its first lines
 # Special-token strings that must never reach the prompt as text (the prompt builder would encode
 # them as plain text anyway; rejecting them here catches manifests written for the raw format).
 _SPECIAL_RE = re.compile(r"<\|?/?(img|imgpad|ref|box|quad|im_start|im_end|endoftext|extra_\d+)\|?>")
@@ -267,8 +268,8 @@ def _to_rgb(im):
 
 
 def _changed(item: CalibItem, path: Path | None) -> str:
-    what = str(path) if path is not None else f"generated image {item.describe_image()}"
-    msg = (f"image {what} (item '{item.id}') changed since the manifest was written: rebuild it "
+    what = f"image {path}" if path is not None else f"generated image {item.describe_image()}"
+    msg = (f"{what} (item '{item.id}') changed since the manifest was written: rebuild it "
            "(python -m calib_data.build --out <manifest>)")
     if path is None:
         rec = item.rendered_with
@@ -325,7 +326,8 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
     image = d.get("image")
     if isinstance(image, str):
         image = {"file": image}
-    if not isinstance(image, dict) or sum(k in image for k in ("file", "generator", "skimage")) != 1:
+    kinds = ("file", "generator", "skimage")
+    if not isinstance(image, dict) or sum(k in image for k in kinds) != 1:
         bad("'image' must be a path, {\"file\": path}, {\"skimage\": name} or "
             "{\"generator\": name, \"seed\": int}")
         image = None
@@ -467,7 +469,8 @@ def _read_entries(path: Path) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
 
 
 def _folder_entries(folder: Path) -> list[tuple[str, Any]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ManifestError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return [(str(p.relative_to(folder)), {"id": str(p.relative_to(folder).with_suffix("")),
@@ -491,8 +494,9 @@ def load_manifest(path: str | Path, verify: bool | str = True,
     """
     path = Path(path)
     if not path.exists():
-        raise ManifestError(f"manifest {path} not found (build one with python -m calib_data.build "
-                            "or pass a folder of images / a JSONL of {\"image\", \"prompt\"} lines)")
+        raise ManifestError(f"manifest {path} not found (build one with python -m "
+                            "calib_data.build, or pass a folder of images or a JSONL of "
+                            "{\"image\", \"prompt\"} lines)")
     if default_split not in (None, "auto") and default_split not in SPLIT_ALIASES:
         raise ManifestError(f"default_split '{default_split}': use auto, calib or validation")
     if path.is_dir():
@@ -546,8 +550,10 @@ def load_manifest(path: str | Path, verify: bool | str = True,
             except OSError as e:
                 errors.append(f"{where}: cannot read image of item '{it.id}': {e}")
     if errors:
+        shown = errors if len(errors) <= MAX_ERROR_LINES else \
+            errors[:MAX_ERROR_LINES] + [f"... and {len(errors) - MAX_ERROR_LINES} more"]
         raise ManifestError(f"{len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} in "
-                            f"{path}:\n" + "\n".join(errors))
+                            f"{path}:\n" + "\n".join(shown))
     if any(not it.split for it in items):
         _auto_split(items)
     check_disjoint(items)

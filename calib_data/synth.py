@@ -1,18 +1,22 @@
-"""Deterministic synthetic scenes with known answers: coloured shapes (grounding, captions) and signs
-with rendered text (OCR), drawn with Pillow.
+"""Deterministic synthetic scenes with known answers, drawn with Pillow: coloured shapes to ground
+and caption, and a sign with a rendered word or number to read (OCR).
 
-The trained nano checkpoint (``models/train_nano.py``) learns from these scenes, and the
-calibration/validation manifests of ``calib_data/`` are built on top of them, so this API is
-kept stable:
+Every scene holds both: 1-3 shapes *and* one sign, so a single image (one vision-tower pass)
+carries grounding, caption and OCR questions. The trained nano checkpoint
+(``models/train_nano.py``) learns from these scenes, and the calibration/validation manifests of
+``calib_data/`` are built on top of them, so this API is kept stable:
 
+- ``draw_scene(seed, size=None, n_objects=None, sign=True) -> Scene(image, objects, text, ...)``
 - ``draw_grounding_scene(seed, size=None, n_objects=None) -> (image, [SceneObject])``
 - ``draw_ocr_scene(seed, size=None) -> (image, text)``   (``ocr_scene`` also returns the text box)
+  -- both views of ``draw_scene(seed)``: the same seed gives the same picture.
 - ``grid_box(box_px, W, H)`` / ``pixel_box(box_grid, W, H)``: pixels <-> Qwen's 0..1000 grid
-- ``caption(objects)``, ``ref_phrase(obj)``
-- ``make_example(seed, task, form=None, index=None) -> Example`` for tasks ``"grounding"``,
-  ``"caption"`` and ``"ocr"``.
+- ``caption(objects, text=None)``, ``ref_phrase(obj)``
+- ``make_example(seed, task, form=None, index=None) -> Example`` for tasks ``"grounding"``
+  (forms ``"ref"``: ``<ref>the red circle</ref>`` and ``"chat"``: ``Where is the red circle?``),
+  ``"caption"`` and ``"ocr"``; ``scene_examples(seed)`` gives all of them for one scene.
 
-Determinism: every scene is a pure function of ``(task, seed)`` (``random.Random("<kind>:<seed>")``;
+Determinism: every scene is a pure function of ``seed`` (``random.Random(f"scene:{seed}")``;
 string seeds are hashed with SHA-512 by ``random``, so they do not depend on ``PYTHONHASHSEED``).
 Pixels are identical for identical Pillow/FreeType versions; text rendering may differ by a few
 pixels across FreeType versions, the answers never do.
@@ -61,7 +65,8 @@ OCR_WORDS: tuple[str, ...] = (
     "SOUTH", "EAST", "WEST", "BANK", "SHOP", "FOOD", "BOOKS", "MUSIC", "PHONE", "LIFT",
 )
 #: Fraction of OCR signs that show a number (1..3 digits) instead of a word.
-OCR_NUMBER_RATE = 0.3
+OCR_NUMBER_RATE = 0.25
+OCR_NUMBER_RANGE = (1, 99)
 OCR_PROMPT = "What does the sign say?"
 CAPTION_PROMPT = "Describe the image."
 
@@ -73,7 +78,8 @@ SPLITS: dict[str, tuple[int, int]] = {
 TASKS = ("grounding", "caption", "ocr")
 GROUNDING_FORMS = ("ref", "chat")
 SIZE_RANGE = (320, 640)  # image width and height, drawn independently
-OBJECT_FRAC = (0.22, 0.38)  # object side as a fraction of min(W, H)
+OBJECT_FRAC = (0.22, 0.36)  # object side as a fraction of min(W, H)
+SIGN_TEXT_FRAC = (0.10, 0.16)  # glyph height of the sign text as a fraction of min(W, H)
 
 
 def split_seed(split: str, i: int) -> int:
@@ -213,71 +219,7 @@ def _size(rng: random.Random, size: tuple[int, int] | None) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Grounding scenes
-# ---------------------------------------------------------------------------------------------
-
-def draw_grounding_scene(seed: int, size: tuple[int, int] | None = None,
-                         n_objects: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
-    """1-3 non-overlapping filled shapes, each a distinct colour *and* shape, on a neutral
-    background. Returns the RGB image and the objects with their tight pixel boxes (measured on
-    the drawn mask, so they match the pixels exactly)."""
-    rng = random.Random(f"grounding:{seed}")
-    W, H = _size(rng, size)
-    n = n_objects if n_objects is not None else rng.randint(1, 3)
-    if not 1 <= n <= min(len(COLORS), len(SHAPES)):
-        raise ValueError(f"n_objects must be 1..{min(len(COLORS), len(SHAPES))}, got {n}")
-    img = _background(rng, W, H)
-    colors = rng.sample(list(COLORS), n)
-    shapes = rng.sample(list(SHAPES), n)
-    objects: list[SceneObject] = []
-    placed: list[tuple[int, int, int, int]] = []
-    gap = max(4, int(0.02 * min(W, H)))
-    for color, shape in zip(colors, shapes):
-        for _attempt in range(200):
-            side = rng.uniform(*OBJECT_FRAC) * min(W, H)
-            cx = rng.uniform(side / 2 + 2, W - side / 2 - 2)
-            cy = rng.uniform(side / 2 + 2, H - side / 2 - 2)
-            x1, y1, x2, y2 = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
-            if all(x2 + gap < a or b + gap < x1 or y2 + gap < c or d + gap < y1
-                   for a, c, b, d in placed):
-                break
-        else:  # crowded: retry the whole scene with one object fewer (deterministic)
-            return draw_grounding_scene(seed + 7_919 * 1_000_003, (W, H), n - 1) \
-                if n > 1 else (img, objects)
-        angle = rng.uniform(-0.35, 0.35) if shape in ("triangle", "star") else 0.0
-        mask = _shape_mask(shape, W, H, cx, cy, side, angle)
-        box = mask.getbbox()
-        assert box is not None
-        rgb = _jitter(COLORS[color], rng)
-        img.paste(rgb, (0, 0, W, H), mask)
-        placed.append(box)
-        objects.append(SceneObject(color, shape, tuple(box), rgb))  # type: ignore[arg-type]
-    return img, objects
-
-
-def ref_phrase(obj: SceneObject) -> str:
-    """The referring expression of an object: ``the red circle``."""
-    return f"the {obj.color} {obj.shape}"
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def caption(objects: list[SceneObject]) -> str:
-    """``a red circle``, ``a blue square and an orange circle``, ``a red circle, a blue square and
-    a green star``: objects listed left to right (by box centre)."""
-    names = [f"{_article(o.color)} {o.color} {o.shape}"
-             for o in sorted(objects, key=lambda o: o.box[0] + o.box[2])]
-    if not names:
-        return "nothing"
-    if len(names) == 1:
-        return names[0]
-    return ", ".join(names[:-1]) + " and " + names[-1]
-
-
-# ---------------------------------------------------------------------------------------------
-# OCR scenes
+# Fonts and sign text
 # ---------------------------------------------------------------------------------------------
 
 def _mpl_font_dir() -> Path | None:
@@ -310,56 +252,156 @@ def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(d / name), size=size)
 
 
-def _ocr_text(rng: random.Random) -> str:
+def _sign_text(rng: random.Random) -> str:
     if rng.random() < OCR_NUMBER_RATE:
-        return str(rng.randint(1, 999))
+        return str(rng.randint(*OCR_NUMBER_RANGE))
     return rng.choice(OCR_WORDS)
 
 
-def ocr_scene(seed: int, size: tuple[int, int] | None = None
-              ) -> tuple[Image.Image, str, tuple[int, int, int, int]]:
-    """``draw_ocr_scene`` plus the pixel box of the rendered text."""
-    rng = random.Random(f"ocr:{seed}")
-    W, H = _size(rng, size)
-    img = _background(rng, W, H)
-    text = _ocr_text(rng)
+def _overlaps(box: tuple[float, float, float, float], placed: list[tuple[int, int, int, int]],
+              gap: float) -> bool:
+    x1, y1, x2, y2 = box
+    return any(not (x2 + gap < a or b + gap < x1 or y2 + gap < c or d + gap < y1)
+               for a, c, b, d in placed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scene:
+    """One synthetic picture: shapes to ground and (optionally) a sign to read."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+    text: str | None  # the sign's text (None: no sign)
+    text_box: tuple[int, int, int, int] | None  # pixel box of the rendered text
+    sign_box: tuple[int, int, int, int] | None  # pixel box of the sign plate
+
+
+def _draw_sign(img: Image.Image, rng: random.Random) -> tuple[str, tuple[int, int, int, int],
+                                                              tuple[int, int, int, int]]:
+    W, H = img.size
+    text = _sign_text(rng)
     font_name = rng.choice(font_names())
-    # text height 13-22 % of the shorter side, shrunk until the sign fits in the image
-    fsize = int(rng.uniform(0.13, 0.22) * min(W, H) / 0.75)
+    # glyph height SIGN_TEXT_FRAC of the shorter side, shrunk until the sign fits
+    fsize = int(rng.uniform(*SIGN_TEXT_FRAC) * min(W, H) / 0.72)
     while True:
         font = _font(font_name, fsize)
         l, t, r, b = font.getbbox(text)
         tw, th = r - l, b - t
-        pad_x, pad_y = int(0.25 * th) + 4, int(0.3 * th) + 4
-        if tw + 2 * pad_x <= W - 8 and th + 2 * pad_y <= H - 8 or fsize <= 12:
+        pad_x, pad_y = int(0.3 * th) + 4, int(0.3 * th) + 4
+        if (tw + 2 * pad_x <= 0.8 * W and th + 2 * pad_y <= 0.5 * H) or fsize <= 12:
             break
         fsize = int(fsize * 0.9)
     sw, sh = tw + 2 * pad_x, th + 2 * pad_y
     sx = rng.randint(4, max(4, W - sw - 4))
     sy = rng.randint(4, max(4, H - sh - 4))
-    # plate: light with dark text or dark with light text; saturated or neutral
+    # neutral plates only (never an object colour): light plate + dark ink or the reverse
     if rng.random() < 0.5:
-        plate = _jitter(rng.choice(list(COLORS.values())), rng, 20) if rng.random() < 0.5 \
-            else _neutral(rng, dark=False)
-        ink = _neutral(rng, dark=True)
-        if sum(plate) < 300:  # a dark saturated plate (blue, purple): white ink instead
-            ink = (250, 250, 250)
+        plate, ink = _neutral(rng, dark=False), _neutral(rng, dark=True)
+        ink = tuple(int(c * 0.4) for c in ink)  # type: ignore[assignment]
     else:
-        plate = _neutral(rng, dark=True)
-        ink = rng.choice([(250, 250, 250), (250, 220, 40), (255, 255, 255)])
+        plate, ink = _neutral(rng, dark=True), (250, 250, 250)
     d = ImageDraw.Draw(img)
-    d.rounded_rectangle((sx, sy, sx + sw - 1, sy + sh - 1), radius=int(0.2 * sh), fill=plate)
-    tx, ty = sx + pad_x - l, sy + pad_y - t
-    d.text((tx, ty), text, font=font, fill=ink)
-    text_box = (sx + pad_x, sy + pad_y, sx + pad_x + tw, sy + pad_y + th)
-    return img, text, text_box
+    d.rounded_rectangle((sx, sy, sx + sw - 1, sy + sh - 1), radius=int(0.2 * sh), fill=plate,
+                        outline=ink if rng.random() < 0.3 else None, width=2)
+    d.text((sx + pad_x - l, sy + pad_y - t), text, font=font, fill=ink)
+    return text, (sx + pad_x, sy + pad_y, sx + pad_x + tw, sy + pad_y + th), (sx, sy, sx + sw, sy + sh)
+
+
+def draw_scene(seed: int, size: tuple[int, int] | None = None, n_objects: int | None = None,
+               sign: bool = True) -> Scene:
+    """The scene of ``seed``: a neutral background, a sign with one word or number (unless
+    ``sign=False``) and 1-3 non-overlapping filled shapes, each of a distinct colour *and* a
+    distinct shape (so ``the red circle`` is unambiguous). Boxes are measured on the drawn masks,
+    so they match the pixels exactly. A crowded image may hold fewer shapes than drawn for
+    (never fewer than one)."""
+    rng = random.Random(f"scene:{seed}")
+    W, H = _size(rng, size)
+    n = n_objects if n_objects is not None else rng.randint(1, 3)
+    if not 1 <= n <= min(len(COLORS), len(SHAPES)):
+        raise ValueError(f"n_objects must be 1..{min(len(COLORS), len(SHAPES))}, got {n}")
+    img = _background(rng, W, H)
+    gap = max(4, int(0.02 * min(W, H)))
+    placed: list[tuple[int, int, int, int]] = []
+    text = text_box = sign_box = None
+    if sign:
+        text, text_box, sign_box = _draw_sign(img, rng)
+        placed.append(sign_box)
+    colors = rng.sample(list(COLORS), n)
+    shapes = rng.sample(list(SHAPES), n)
+    objects: list[SceneObject] = []
+    for k, (color, shape) in enumerate(zip(colors, shapes)):
+        frac = OBJECT_FRAC
+        for attempt in range(300):
+            if attempt == 150:  # crowded: allow smaller shapes
+                frac = (OBJECT_FRAC[0] * 0.7, OBJECT_FRAC[0])
+            side = rng.uniform(*frac) * min(W, H)
+            cx = rng.uniform(side / 2 + 2, W - side / 2 - 2)
+            cy = rng.uniform(side / 2 + 2, H - side / 2 - 2)
+            if not _overlaps((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2),
+                             placed, gap):
+                break
+        else:
+            if objects:
+                break  # no room for more shapes
+            raise RuntimeError(f"scene {seed}: no room for a shape")  # pragma: no cover
+        angle = rng.uniform(-0.35, 0.35) if shape in ("triangle", "star") else 0.0
+        mask = _shape_mask(shape, W, H, cx, cy, side, angle)
+        box = mask.getbbox()
+        assert box is not None
+        rgb = _jitter(COLORS[color], rng)
+        img.paste(rgb, (0, 0, W, H), mask)
+        placed.append(box)
+        objects.append(SceneObject(color, shape, tuple(box), rgb))  # type: ignore[arg-type]
+    return Scene(img, objects, text, text_box, sign_box)
+
+
+def draw_grounding_scene(seed: int, size: tuple[int, int] | None = None,
+                         n_objects: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
+    """``draw_scene(seed)``'s image and shapes (1-3, distinct colour and shape, pixel boxes)."""
+    sc = draw_scene(seed, size, n_objects)
+    return sc.image, sc.objects
+
+
+def ocr_scene(seed: int, size: tuple[int, int] | None = None
+              ) -> tuple[Image.Image, str, tuple[int, int, int, int]]:
+    """``draw_ocr_scene`` plus the pixel box of the rendered text."""
+    sc = draw_scene(seed, size)
+    assert sc.text is not None and sc.text_box is not None
+    return sc.image, sc.text, sc.text_box
 
 
 def draw_ocr_scene(seed: int, size: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
-    """A sign (rounded plate) with one short word or number, in one of ``font_names()``, at a
-    varied size, colour and position. Returns the RGB image and the text."""
+    """``draw_scene(seed)``'s image and the text of its sign: one word of ``OCR_WORDS`` or a
+    number, in one of ``font_names()``, at a varied size, colour and position."""
     img, text, _ = ocr_scene(seed, size)
     return img, text
+
+
+def ref_phrase(obj: SceneObject) -> str:
+    """The referring expression of an object: ``the red circle``."""
+    return f"the {obj.color} {obj.shape}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(objects: list[SceneObject], text: str | None = None) -> str:
+    """``a red circle``, ``a blue square and an orange circle``, ``a red circle, a blue square and
+    a sign that says STOP``: shapes left to right (by box centre), then the sign if any."""
+    names = [f"{_article(o.color)} {o.color} {o.shape}"
+             for o in sorted(objects, key=lambda o: o.box[0] + o.box[2])]
+    if text is not None:
+        names.append(f"a sign that says {text}")
+    if not names:
+        return "nothing"
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,46 +452,53 @@ def _grounding_example(seed: int, img: Image.Image, objects: list[SceneObject], 
                     "phrase": phrase, "index": index})
 
 
-def _caption_example(seed: int, img: Image.Image, objects: list[SceneObject]) -> Example:
-    text = caption(objects)
-    return Example(seed, "caption", "chat", img, [CAPTION_PROMPT], text, [text],
-                   {"objects": objects, "caption": text})
+def _caption_example(seed: int, sc: Scene) -> Example:
+    text = caption(sc.objects, sc.text)
+    return Example(seed, "caption", "chat", sc.image, [CAPTION_PROMPT], text, [text],
+                   {"objects": sc.objects, "caption": text, "text": sc.text})
+
+
+def _ocr_example(seed: int, sc: Scene) -> Example:
+    assert sc.text is not None
+    return Example(seed, "ocr", "chat", sc.image, [OCR_PROMPT], sc.text, [sc.text],
+                   {"text": sc.text, "text_box": sc.text_box, "sign_box": sc.sign_box})
 
 
 def make_example(seed: int, task: str, form: str | None = None, index: int | None = None) -> Example:
-    """The example of ``task`` for ``seed``.
+    """The example of ``task`` about ``draw_scene(seed)`` (all tasks of a seed share the image).
 
-    - ``grounding``: the ``index``-th object (default: chosen by the seed) of
-      ``draw_grounding_scene(seed)``; ``form`` ``"ref"`` asks ``<ref>the red circle</ref>``,
-      ``"chat"`` asks ``Where is the red circle?`` (default: chosen by the seed); the answer is
-      ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>`` on the 0..1000 grid.
-    - ``caption``: ``Describe the image.`` -> ``caption(objects)`` of the same scene.
-    - ``ocr``: ``What does the sign say?`` -> the text of ``draw_ocr_scene(seed)``.
+    - ``grounding``: the ``index``-th shape (default: chosen by the seed); ``form`` ``"ref"``
+      asks ``<ref>the red circle</ref>``, ``"chat"`` asks ``Where is the red circle?`` (default:
+      chosen by the seed); the answer is ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``
+      on the 0..1000 grid.
+    - ``caption``: ``Describe the image.`` -> ``caption(objects, text)``.
+    - ``ocr``: ``What does the sign say?`` -> the sign's text.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     rng = random.Random(f"example:{task}:{seed}")
-    if task in ("grounding", "caption"):
-        img, objects = draw_grounding_scene(seed)
-        if task == "caption":
-            return _caption_example(seed, img, objects)
-        if index is None:
-            index = rng.randrange(len(objects))
-        return _grounding_example(seed, img, objects, index, form or rng.choice(GROUNDING_FORMS))
+    sc = draw_scene(seed)
+    if task == "caption":
+        return _caption_example(seed, sc)
     if task == "ocr":
-        img, text, text_box = ocr_scene(seed)
-        return Example(seed, task, "chat", img, [OCR_PROMPT], text, [text],
-                       {"text": text, "text_box": text_box})
-    raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        return _ocr_example(seed, sc)
+    if index is None:
+        index = rng.randrange(len(sc.objects))
+    return _grounding_example(seed, sc.image, sc.objects, index,
+                              form or rng.choice(GROUNDING_FORMS))
 
 
-def scene_examples(seed: int, forms: tuple[str, ...] = GROUNDING_FORMS,
-                   with_caption: bool = True) -> list[Example]:
-    """Every question about one grounding scene, drawing it once: one grounding example per
-    object and per form in ``forms``, then (optionally) the caption. All share one image."""
-    img, objects = draw_grounding_scene(seed)
-    out = [_grounding_example(seed, img, objects, i, f)
-           for i in range(len(objects)) for f in forms]
+def scene_examples(seed: int, forms: tuple[str, ...] = GROUNDING_FORMS, with_caption: bool = True,
+                   with_ocr: bool = True) -> list[Example]:
+    """Every question about ``draw_scene(seed)``, drawing it once: one grounding example per
+    shape and per form in ``forms``, then the caption and the OCR question. One shared image."""
+    sc = draw_scene(seed)
+    out = [_grounding_example(seed, sc.image, sc.objects, i, f)
+           for i in range(len(sc.objects)) for f in forms]
     if with_caption:
-        out.append(_caption_example(seed, img, objects))
+        out.append(_caption_example(seed, sc))
+    if with_ocr:
+        out.append(_ocr_example(seed, sc))
     return out
 
 

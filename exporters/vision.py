@@ -431,6 +431,10 @@ def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not fp16 and "CUDAExecutionProvider" in providers:
+        # An fp32 engine is checked at fp32 tolerances: no TF32 matmuls behind our back.
+        providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
+                     for p in providers]
     return ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
 
 

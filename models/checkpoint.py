@@ -173,7 +173,12 @@ def build_model(cfg: QwenVLConfig, tensors: Callable[[str], torch.Tensor],
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
-    mod._parameters[attr] = nn.Parameter(value.contiguous(), requires_grad=False)
+    value = value.contiguous()
+    if value.data_ptr() % 64:
+        # safetensors hands out views at unaligned offsets; BLAS then sums in another order and
+        # single-token matmuls differ from the original code in the last bit. Copy to aligned.
+        value = value.clone()
+    mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,

@@ -9,6 +9,9 @@ the validation seed range of ``calib_data/synth.py`` (``[1e9, 2e9)``, never used
 - OCR: ``What does the sign say?``; exact match and character error rate (Levenshtein distance /
   reference length, capped at 1 per item) of the stripped answer.
 
+Each held-out scene gives one grounding question (shape chosen by the seed, prompt forms
+alternating) and the OCR question, so ``--n 200`` scores 200 boxes and 200 readings.
+
     python -m models.evaluate_nano [--ckpt DIR] [--n 200] [--dtype fp32]
 
 prints one JSON object. ``iou`` and ``cer`` are small and importable (the validation stage reuses
@@ -56,23 +59,29 @@ def cer(ref: str, hyp: str) -> float:
 
 # ---------------------------------------------------------------------------------------------
 
-def answer(model, tok, ex, max_new_tokens: int = 32) -> str:
-    """Greedy answer of the reference model to one synthetic example (special tags kept)."""
+def image_features(model, img):
+    """Vision features [1, n_queries, hidden] of one PIL image (reference preprocessing)."""
     import torch
 
-    from .train_nano import pixels_of, prompt_ids
-
-    cfg = model.cfg
-    ids = prompt_ids(tok, ex, cfg.visual.n_queries)
-    pix = pixels_of(ex.image, cfg.visual.image_size)[None].to(model.dtype)
-    stop = (tok.special["<|im_end|>"], tok.special["<|im_start|>"], tok.special["<|endoftext|>"])
+    from .train_nano import pixels_of
+    pix = pixels_of(img, model.cfg.visual.image_size)[None].to(model.dtype)
     with torch.no_grad():
-        new = model.generate(ids, pixels=pix, max_new_tokens=max_new_tokens, stop_ids=stop)
-    return decode(tok, new)
+        return model.encode_images(pix)
 
 
-def decode(tok, ids: list[int]) -> str:
-    return tok.decode(ids)
+def answer(model, tok, ex, max_new_tokens: int = 32, image_embeds=None) -> str:
+    """Greedy answer of the reference model to one synthetic example (special tags kept).
+
+    Stops at ``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>`` as the Chat model does."""
+    from .train_nano import prompt_ids
+
+    if image_embeds is None:
+        image_embeds = image_features(model, ex.image)
+    ids = prompt_ids(tok, ex, model.cfg.visual.n_queries)
+    stop = (tok.im_end_id, tok.im_start_id, tok.eod_id)
+    new = model.generate(ids, image_embeds=image_embeds, max_new_tokens=max_new_tokens,
+                         stop_ids=stop)
+    return tok.decode(new)
 
 
 def predicted_box(text: str, size: tuple[int, int]) -> Box | None:
@@ -80,59 +89,53 @@ def predicted_box(text: str, size: tuple[int, int]) -> Box | None:
     from runtime.grounding import parse_grounding
 
     found = parse_grounding(text, [size])
-    for item in found:
-        box = getattr(item, "box", None)
-        if box is None and isinstance(item, (tuple, list)):
-            box = item[1]
-        if box is not None:
-            return tuple(float(v) for v in box)  # type: ignore[return-value]
-    return None
+    return tuple(float(v) for v in found[0].pixels) if found else None  # type: ignore[return-value]
 
 
-def evaluate(model, tok, n: int = 100, start: int = 0, n_ocr: int | None = None,
-             worst: int = 5) -> dict[str, Any]:
-    """Greedy evaluation on ``n`` held-out grounding and ``n_ocr`` (default ``n``) OCR examples.
+def evaluate(model, tok, n: int = 100, start: int = 0, worst: int = 5) -> dict[str, Any]:
+    """Greedy evaluation on ``n`` held-out scenes: one grounding and one OCR question each.
 
-    Validation seeds ``split_seed("val", start + i)``; grounding alternates the ref and chat
-    prompt forms (even i: ref, odd i: chat)."""
+    Scenes ``split_seed("val", start + i)``; the grounded shape is chosen by the seed and the
+    prompt form alternates (even i: ``<ref>the red circle</ref>``, odd i: ``Where is ...?``).
+    The vision tower runs once per scene."""
+    import torch
+
     from calib_data import synth
 
-    n_ocr = n if n_ocr is None else n_ocr
     t0 = time.time()
-    ious, hits, fails = [], 0, []
+    ious: list[float] = []
     per_form: dict[str, list[float]] = {}
-    for i in range(n):
-        seed = synth.split_seed("val", start + i)
-        ex = synth.make_example(seed, "grounding", form=synth.GROUNDING_FORMS[i % 2])
-        text = answer(model, tok, ex)
-        box = predicted_box(text, ex.size)
-        v = iou(box, ex.truth["box"]) if box is not None else 0.0
-        ious.append(v)
-        per_form.setdefault(ex.form, []).append(v)
-        hits += v >= 0.5
-        fails.append((v, seed, ex.answer, text))
-    exact, cers, ocr_fails = 0, [], []
-    for i in range(n_ocr):
-        seed = synth.split_seed("val", start + i)
-        ex = synth.make_example(seed, "ocr")
-        text = answer(model, tok, ex).strip()
-        c = min(1.0, cer(ex.answer, text))
-        cers.append(c)
-        exact += text == ex.answer
-        ocr_fails.append((c, seed, ex.answer, text))
-    out: dict[str, Any] = {"split": "val", "first_seed": synth.split_seed("val", start)}
+    fails, ocr_fails, cers = [], [], []
+    exact = 0
+    with torch.no_grad():
+        for i in range(n):
+            seed = synth.split_seed("val", start + i)
+            g = synth.make_example(seed, "grounding", form=synth.GROUNDING_FORMS[i % 2])
+            o = synth.make_example(seed, "ocr")
+            feats = image_features(model, g.image)
+            text = answer(model, tok, g, image_embeds=feats)
+            box = predicted_box(text, g.size)
+            v = iou(box, g.truth["box"]) if box is not None else 0.0
+            ious.append(v)
+            per_form.setdefault(g.form, []).append(v)
+            fails.append((v, seed, g.answer, text))
+            read = answer(model, tok, o, image_embeds=feats).strip()
+            c = min(1.0, cer(o.answer, read))
+            cers.append(c)
+            exact += read == o.answer
+            ocr_fails.append((c, seed, o.answer, read))
+    out: dict[str, Any] = {"split": "val", "first_seed": synth.split_seed("val", start), "n": n}
     if n:
         out["grounding"] = {
-            "n": n, "iou@0.5": hits / n, "mean_iou": sum(ious) / n,
+            "n": n, "iou@0.5": sum(v >= 0.5 for v in ious) / n, "mean_iou": sum(ious) / n,
             "by_form": {f: {"n": len(v), "iou@0.5": sum(x >= 0.5 for x in v) / len(v),
                             "mean_iou": sum(v) / len(v)} for f, v in per_form.items()},
             "worst": [{"iou": round(v, 3), "seed": s, "truth": t, "answer": a}
                       for v, s, t, a in sorted(fails)[:worst]]}
-    if n_ocr:
         out["ocr"] = {
-            "n": n_ocr, "exact_match": exact / n_ocr, "cer": sum(cers) / n_ocr,
+            "n": n, "exact_match": exact / n, "cer": sum(cers) / n,
             "worst": [{"cer": round(c, 3), "seed": s, "truth": t, "answer": a}
-                      for c, s, t, a in sorted(ocr_fails, reverse=True)[:worst]]}
+                      for c, s, t, a in sorted(ocr_fails, key=lambda f: -f[0])[:worst]]}
     out["time_s"] = round(time.time() - t0, 1)
     return out
 
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Greedy grounding/OCR evaluation of a nano Qwen-VL checkpoint on the held-out "
                     "synthetic validation split (PyTorch reference); prints JSON.")
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: the shipped one)")
-    ap.add_argument("--n", type=int, default=200, help="grounding examples (and OCR, unless --n-ocr)")
-    ap.add_argument("--n-ocr", type=int, default=None, help="OCR examples (default: --n)")
+    ap.add_argument("--n", type=int, default=200,
+                    help="held-out scenes (one grounding and one OCR question each)")
     ap.add_argument("--start", type=int, default=0, help="first validation index")
     ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     ap.add_argument("--threads", type=int, default=2)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     model = load_model(ckpt, args.dtype)
     tok = load_tokenizer(ckpt)
-    res = evaluate(model, tok, n=args.n, start=args.start, n_ocr=args.n_ocr)
+    res = evaluate(model, tok, n=args.n, start=args.start)
     res["checkpoint"] = str(ckpt)
     res["dtype"] = args.dtype
     json.dump(res, sys.stdout, indent=2)

@@ -8,6 +8,8 @@ token is reachable by tiktoken's rank-ordered BPE. Deterministic: same corpus, s
 
 from __future__ import annotations
 
+import functools
+
 import heapq
 import logging
 from collections import Counter, defaultdict
@@ -162,6 +164,11 @@ def _build_corpus() -> str:
 NANO_CORPUS: str = _build_corpus()
 
 
+@functools.lru_cache(maxsize=4)
+def _nano_ranks_cached(n_merges: int) -> tuple[tuple[bytes, int], ...]:
+    return tuple(train_bpe(NANO_CORPUS, n_merges).items())
+
+
 def nano_ranks(n_merges: int = 512) -> dict[bytes, int]:
-    """The nano vocabulary: ``train_bpe(NANO_CORPUS, n_merges)``."""
-    return train_bpe(NANO_CORPUS, n_merges)
+    """The nano vocabulary: ``train_bpe(NANO_CORPUS, n_merges)`` (cached: training takes seconds)."""
+    return dict(_nano_ranks_cached(n_merges))

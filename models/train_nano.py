@@ -53,8 +53,8 @@ from .qwen_vl import QWenLMHeadModel, rotary_cos_sin, sincos_pos_embed_2d
 
 #: Dimensions of the shipped trained checkpoint.
 TRAINED_SPEC = NanoSpec(
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, ffn_dim=384,
-    vis_width=96, vis_layers=2, vis_heads=2, vis_mlp_ratio=2.0,
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=384,
+    vis_width=64, vis_layers=2, vis_heads=2, vis_mlp_ratio=2.0,
     image_size=448, patch_size=14, n_queries=256, n_merges=600, seq_length=2048)
 
 SYSTEM = "You are a helpful assistant."
@@ -75,7 +75,7 @@ def vocab_corpus() -> str:
             for art in ("a", "an", "the"):
                 lines.append(f"{art} {c} {s}")
             lines.append(f"Where is the {c} {s}?")
-    lines += [f"{w} " + w for w in synth.OCR_WORDS]
+    lines += [f"{w} " + w + f" and a sign that says {w}" for w in synth.OCR_WORDS]
     lines.append("(0,1),(2,3) 456789, and ")
     text = "\n".join(lines)
     try:
@@ -129,28 +129,21 @@ def pixels_of(img, image_size: int) -> torch.Tensor:
 
 @dataclass
 class DataConfig:
-    images_per_step: int = 8
-    ocr_fraction: float = 0.5  # share of images that are OCR signs (the rest: shape scenes)
-    caption_rate: float = 1.0  # chance that a shape scene also trains its caption
+    images_per_step: int = 6
+    caption_rate: float = 1.0  # chance that a scene also trains its caption
 
 
-def image_examples(kind: str, seed: int, dc: DataConfig) -> list[synth.Example]:
-    """Every question trained on one image: an OCR sign has one; a shape scene has each object
-    in both prompt forms plus (at ``caption_rate``) its caption."""
-    if kind == "ocr":
-        return [synth.make_example(seed, "ocr")]
+def image_examples(seed: int, dc: DataConfig) -> list[synth.Example]:
+    """Every question trained on one image: each shape in both prompt forms, the OCR question and
+    (at ``caption_rate``) the caption."""
     rng = random.Random(f"train-mix:{seed}")
     return synth.scene_examples(seed, with_caption=rng.random() < dc.caption_rate)
 
 
-def step_items(step: int, dc: DataConfig, split: str = "train") -> list[tuple[str, int]]:
-    """The (kind, seed) images of one step: seeds ``step * n .. step * n + n - 1`` of the split."""
+def step_items(step: int, dc: DataConfig, split: str = "train") -> list[int]:
+    """The scene seeds of one step: ``step * n .. step * n + n - 1`` of the split's range."""
     n = dc.images_per_step
-    n_ocr = int(round(n * dc.ocr_fraction))
-    base = step * n
-    items = [("ocr", synth.split_seed(split, base + i)) for i in range(n_ocr)]
-    items += [("grounding", synth.split_seed(split, base + i)) for i in range(n_ocr, n)]
-    return items
+    return [synth.split_seed(split, step * n + i) for i in range(n)]
 
 
 @dataclass
@@ -194,10 +187,10 @@ def pack_row(seqs: list[tuple[list[int], list[int], int]]) -> tuple[list[int], l
     return ids, tgt, pos, branch
 
 
-def collate(tok, items: list[tuple[str, int]], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
+def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
     pix, rows, n_q = [], [], 0
-    for kind, seed in items:
-        exs = image_examples(kind, seed, dc)
+    for seed in seeds:
+        exs = image_examples(seed, dc)
         pix.append(pixels_of(exs[0].image, cfg.visual.image_size))
         seqs = []
         for ex in exs:
@@ -343,11 +336,31 @@ def train_logits(model: QWenLMHeadModel, batch: Batch) -> tuple[torch.Tensor, to
     return model.lm_head(h), batch.targets[sel], batch.tasks[sel]
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int, min_frac: float) -> float:
+def lr_at(step: int, progress: float, lr: float, warmup: int, min_frac: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_frac * lr`` as
+    ``progress`` (fraction of the run done) goes from 0 to 1."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    t = min(1.0, max(0.0, progress))
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class StepData(torch.utils.data.IterableDataset):
+    """Batches of steps ``start..steps-1`` in order (drawn in a worker process)."""
+
+    def __init__(self, tok, dc: DataConfig, cfg: QwenVLConfig, start: int, steps: int):
+        self.tok, self.dc, self.cfg, self.start, self.steps = tok, dc, cfg, start, steps
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield collate(self.tok, step_items(step, self.dc), self.dc, self.cfg)
+
+
+def batches(tok, dc: DataConfig, cfg: QwenVLConfig, start: int, steps: int, workers: int):
+    if workers <= 0:
+        return StepData(tok, dc, cfg, start, steps)
+    return torch.utils.data.DataLoader(StepData(tok, dc, cfg, start, steps), batch_size=None,
+                                       num_workers=1, prefetch_factor=4, persistent_workers=False)
 
 
 def param_groups(model: nn.Module, wd: float) -> list[dict]:
@@ -392,12 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="models/nano/qwen-vl-nano", help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=2400, help="optimiser steps")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="wall-clock budget: the cosine schedule follows max(step/steps, "
+                         "elapsed/minutes) and training stops when either is reached "
+                         "(0 = steps only, fully deterministic)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="data worker processes (0: draw batches in the training process)")
     ap.add_argument("--seed", type=int, default=0, help="weight-init seed (data seeds come from the step)")
-    ap.add_argument("--images-per-step", type=int, default=8, help="images per batch")
-    ap.add_argument("--ocr-fraction", type=float, default=0.5, help="share of OCR images in a batch")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    ap.add_argument("--images-per-step", type=int, default=6,
+                    help="scenes per batch (each gives ~6 questions)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--min-lr-frac", type=float, default=0.05, help="final lr as a fraction of --lr")
-    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    ap.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -419,14 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis-layers", type=int, default=d.vis_layers, help="ViT layers")
     g.add_argument("--vis-heads", type=int, default=d.vis_heads, help="ViT heads")
     g.add_argument("--n-merges", type=int, default=d.n_merges, help="BPE merges of the vocabulary")
-    ap.add_argument("--max-minutes", type=float, default=0,
-                    help="stop early (and save) after this many minutes; 0 = no limit")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal floats make CPU kernels crawl late in training
     torch.manual_seed(args.seed)
     spec = dataclasses.replace(
         TRAINED_SPEC, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         vis_layers=args.vis_layers, vis_heads=args.vis_heads, n_merges=args.n_merges)
     tok, ranks = make_tokenizer(spec.n_merges)
     cfg = nano_config(spec, len(ranks))
-    dc = DataConfig(images_per_step=args.images_per_step, ocr_fraction=args.ocr_fraction)
+    dc = DataConfig(images_per_step=args.images_per_step)
     model = QWenLMHeadModel(cfg)
     init_weights(model, args.seed)
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
@@ -457,22 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
     t0 = time.time() - elapsed0
     ema = None
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
-                dynamic_ncols=True, mininterval=5)
-    step = start
+    pbar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=5)
+    step = start - 1
+    budget = args.minutes * 60
+    data = batches(tok, dc, cfg, start, args.steps, args.workers)
     with fast_attention():
-        for step in pbar:
-            lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
+        for step, batch in enumerate(data, start):
+            elapsed = time.time() - t0
+            progress = max(step / args.steps, elapsed / budget if budget else 0.0)
+            lr = lr_at(step, progress, args.lr, args.warmup, args.min_lr_frac)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = collate(tok, step_items(step, dc), dc, cfg)
             logits, tgt, _ = train_logits(model, batch)
             loss = F.cross_entropy(logits, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
             opt.step()
-            ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+            ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
+            pbar.update(1)
             pbar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", gn=f"{gnorm:.2f}", refresh=False)
             done = step + 1
             rec = {"step": done, "loss": round(ema, 4), "lr": lr, "time_s": round(time.time() - t0, 1)}
@@ -486,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done,
                             "history": history, "elapsed": time.time() - t0, "args": vars(args)}, tmp)
                 os.replace(tmp, state_dir / "state.pt")
-            if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-                pbar.write(f"stopping at step {done}: --max-minutes reached")
+            if budget and time.time() - t0 >= budget:
+                pbar.write(f"stopping at step {done}: the {args.minutes:g}-minute budget is spent")
                 break
     pbar.close()
     train_time = time.time() - t0
@@ -496,15 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m models.train_nano " + " ".join(argv if argv is not None else sys.argv[1:]),
         "spec": asdict(spec), "parameters": n_params, "vocab_bpe": len(ranks),
-        "steps": step + 1, "images_per_step": dc.images_per_step,
-        "ocr_fraction": dc.ocr_fraction, "seed": args.seed,
+        "steps": step + 1, "steps_requested": args.steps, "minutes_budget": args.minutes,
+        "images_seen": (step + 1) * dc.images_per_step, "images_per_step": dc.images_per_step,
+        "seed": args.seed,
         "train_time_s": round(train_time, 1), "final_train_loss_ema": ema,
         "final_val_loss": final_val, "history": history,
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "weights_dtype": "float32",
         "data": {"train_seeds": list(synth.SPLITS["train"]), "val_seeds": list(synth.SPLITS["val"]),
                  "colors": list(synth.COLORS), "shapes": list(synth.SHAPES),
-                 "ocr_words": len(synth.OCR_WORDS), "ocr_number_rate": synth.OCR_NUMBER_RATE},
+                 "object_frac": list(synth.OBJECT_FRAC), "sign_text_frac": list(synth.SIGN_TEXT_FRAC),
+                 "ocr_words": list(synth.OCR_WORDS), "ocr_number_rate": synth.OCR_NUMBER_RATE,
+                 "ocr_number_range": list(synth.OCR_NUMBER_RANGE), "fonts": list(synth.font_names())},
     }
     if args.eval_n:
         from .evaluate_nano import evaluate

@@ -145,7 +145,8 @@ def test_bad_entries_each_get_one_clear_line(tmp_path):
         {"id": "split", "image": "p/img2.png", "prompt": "Describe.", "split": "test"},
         {"id": "ok", "image": "p/img3.png", "prompt": "Describe."},
         {"id": "tags", "image": "p/img4.png", "prompt": "<ref>the cat</ref>", "task": "grounding"},
-        {"id": "box", "image": "p/img4.png", "prompt": "x", "truth": {"boxes": [{"box": [5, 5, 1]}]}},
+        {"id": "box", "image": "p/img4.png", "prompt": "x",
+         "truth": {"boxes": [{"box": [5, 5, 1]}]}},
     ]
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(ManifestError) as e:

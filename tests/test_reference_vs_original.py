@@ -1,4 +1,4 @@
-"""Our PyTorch Qwen-VL against outputs of the ORIGINAL Hugging Face remote code (frozen golden data).
+"""Our PyTorch Qwen-VL against outputs of the ORIGINAL Hugging Face remote code (golden data).
 
 ``tests/golden/qwen_vl_orig_nano.npz`` was produced by ``tests/golden/make_qwen_vl_golden.py``
 running the original Qwen-VL-Chat ``modeling_qwen.py`` / ``visual.py`` / ``tokenization_qwen.py``

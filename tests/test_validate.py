@@ -61,7 +61,8 @@ def test_kl_topk_perplexity():
     assert t1.tolist() == [0.0, 1.0]
     assert M.topk_agreement([[0, 5, 1]], [[0, 4, 5]], 2).tolist() == [1.0]
     logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
-    assert M.perplexity(logits, [0, 2]) == pytest.approx(math.exp(-(math.log(.5) + math.log(.8)) / 2))
+    expected = math.exp(-(math.log(.5) + math.log(.8)) / 2)
+    assert M.perplexity(logits, [0, 2]) == pytest.approx(expected)
     assert M.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert M.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert M.first_divergence([1, 2], [1, 2, 3]) == 2
@@ -112,10 +113,17 @@ def faithful_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
     from exporters.decoder import export_decoder
     from exporters.vision import export_vision
 
+    import torch
+
     d = tmp_path_factory.mktemp("validate")
     check = [("grey", np.asarray(Image.new("RGB", (64, 48), (90, 120, 200))))]
-    export_vision(nano_model, d / "v" / "vision.onnx", "fp32", check_images=check,
-                  write_trt_script=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: oversubscribed threads only cost time on 2 cores
+    try:
+        export_vision(nano_model, d / "v" / "vision.onnx", "fp32", check_images=check,
+                      write_trt_script=False)
+    finally:
+        torch.set_num_threads(n)
     export_decoder(nano_model, d / "dec" / "decoder.onnx", plan="fp32")
     return write_bundle(d / "bundle", {"vision.onnx": d / "v" / "vision.onnx",
                                        "decoder.onnx": d / "dec" / "decoder.onnx",
@@ -151,7 +159,8 @@ def _variant(src: Path, dst: Path, engine: str, edit) -> Path:
 def items():
     from calib_data import build
 
-    val = [build.synth_item("validation", j) for j in range(4)]  # grounding, ocr, grounding, caption
+    # grounding, ocr, grounding, caption
+    val = [build.synth_item("validation", j) for j in range(4)]
     photo = [it for it in build.photo_items() if it.id == "photo-astronaut-vqa"]
     calib = [build.synth_item("calib", 0)]
     return val + photo + calib
@@ -177,7 +186,7 @@ def test_faithful_fp32_bundle_passes_every_stage(faithful_bundle, nano_model, it
     from validate.stages import NA_NO_BOXES
 
     r = _validate("faithful", faithful_bundle, nano_model, items, tmp_path / "report")
-    assert _verdicts(r) == {"vision": "PASS", "decoder": "PASS", "task": "PASS"}, r.summary()
+    assert _verdicts(r) == {"vision": "PASS", "decoder": "PASS", "task": "PASS"}, r.summary_line()
     assert r.passed and r.first_failure is None
     assert r.meta["n_items"] == 5  # the calibration item is never used
     v, d, t = (r.stages[k] for k in ("vision", "decoder", "task"))
@@ -214,7 +223,7 @@ def test_zeroed_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_mode
     b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "zeroed", "decoder", zero_layer)
     r = _validate("zeroed", b, nano_model, items)
     assert r.stages["vision"].verdict == "PASS"
-    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary()
+    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary_line()
     assert r.stages["decoder"].metric("kl_mean").verdict == "FAIL"
     assert not r.passed
 
@@ -226,7 +235,7 @@ def test_scaled_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_mode
                  lambda w: {key: w[key] * np.float32(0.9)})  # one layer's MLP output 10 % short
     r = _validate("scaled", b, nano_model, items)
     assert r.stages["vision"].verdict == "PASS"
-    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary()
+    assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary_line()
 
 
 def test_permuted_vision_projection_fails_the_vision_stage(faithful_bundle, nano_model, items,
@@ -234,7 +243,7 @@ def test_permuted_vision_projection_fails_the_vision_stage(faithful_bundle, nano
     b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "perm", "vision",
                  lambda w: {"proj": w["proj"].T.copy()})  # x @ proj.T instead of x @ proj
     r = _validate("perm", b, nano_model, items)
-    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary()
+    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary_line()
     assert r.stages["vision"].metric("cosine_min").verdict == "FAIL"
     # the decoder stage runs on the reference image features: it is not blamed
     assert r.stages["decoder"].verdict == "PASS"
@@ -246,9 +255,10 @@ def test_engine_from_the_wrong_checkpoint_fails(faithful_bundle, items, tmp_path
     from models.checkpoint import load_model
     from models.nano import make_nano_checkpoint
 
-    other = load_model(make_nano_checkpoint(tmp_path_factory.mktemp("ck") / "seed1", seed=1), "fp32")
+    ck = make_nano_checkpoint(tmp_path_factory.mktemp("ck") / "seed1", seed=1)
+    other = load_model(ck, "fp32")
     r = _validate("wrong", faithful_bundle, other, items)
-    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary()
+    assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary_line()
     assert r.stages["decoder"].verdict == "FAIL"
     assert r.stages["task"].metric("answer_agreement").verdict == "FAIL"
 
@@ -288,3 +298,49 @@ def test_cli_user_jsonl_and_exit_codes(faithful_bundle, nano_ckpt, tmp_path, tmp
     assert main(["--bundle", str(faithful_bundle), "--manifest", str(tmp_path / "broken.jsonl"),
                  "--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "x")]) == 2
     shutil.rmtree(tmp_path / "img")
+
+
+def test_task_metrics_with_boxes_and_report_drawing(tmp_path):
+    """Grounding / OCR task metrics and the worst-item drawings, on scripted answers (the random
+    nano model emits no boxes; the trained one does)."""
+    from types import SimpleNamespace
+
+    from calib_data import build
+    from calib_data.manifest import materialise
+    from validate.report import write_report
+    from validate.stages import Report, _Prepared, task_stage
+
+    g0, o1, g2 = (build.synth_item("validation", j) for j in range(3))
+    prepared = []
+    for it in (g0, o1, g2):
+        img = materialise(it)
+        prepared.append(_Prepared(it, img, np.zeros(1), [], ref_text=it.answer))
+    # engine: g0's box moved right by 12 % of the width, g2 without a box, OCR text one char off
+    x1, y1, x2, y2 = map(int, g0.answer.split("<box>")[1].strip("()</box>").replace("),(", ",")
+                         .split(","))
+    moved = f"({x1 + 120},{y1}),({x2 + 120},{y2})"
+    eng = {g0.id: g0.answer.replace(f"({x1},{y1}),({x2},{y2})", moved),
+           o1.id: o1.answer[:-1] + "#", g2.id: "I do not know."}
+    ctx = SimpleNamespace(plan="int4", _pipe_error=None,
+                          pipeline_answer=lambda p: eng[p.item.id])
+    st = task_stage(ctx, prepared)
+    m = {x.name: x for x in st.metrics}
+    assert m["answer_agreement"].value == 0.0
+    assert 0.0 < m["grounding_iou_ref_mean"].value < 0.5  # one shifted box, one missing
+    assert m["grounding_hit_ref"].value <= 0.5 and m["grounding_hit_ref"].verdict == "FAIL"
+    assert m["grounding_hit_truth_ref"].value == 1.0  # the scripted reference is the truth
+    assert m["grounding_hit_truth_drop"].value >= 0.5
+    assert m["ocr_cer_ref"].value == pytest.approx(1 / len(o1.answer))
+    assert m["ocr_em_truth_drop"].value == 1.0 and m["ocr_em_truth_drop"].verdict == "FAIL"
+    rec = next(r for r in st.items if r["id"] == g0.id)
+    assert rec["ref_boxes"] and rec["eng_boxes"] and rec["truth_boxes"]
+    report = Report("int4", {"task": st}, {"n_items": 3}, [p.item for p in prepared],
+                    {p.item.id: p.image for p in prepared})
+    assert report.verdict == "FAIL" and report.first_failure == "task"
+    summary = report.summary()
+    assert summary["verdict"] == "FAIL" and "task.grounding_hit_ref" in summary["metrics"]
+    html = write_report(report, tmp_path).read_text()
+    assert html.count("data:image/jpeg;base64,") == 3
+    from PIL import Image
+    with Image.open(tmp_path / "iou_scatter.png") as im:
+        assert im.size[0] > 300

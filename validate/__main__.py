@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                     help="manifest JSONL/JSON, a JSONL of {image, prompt} lines, or a folder of "
                          "images (default: calib_data/manifest.jsonl)")
-    ap.add_argument("--out", type=Path, default=None, help="report directory (default BUNDLE/report)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report directory (default BUNDLE/report)")
     ap.add_argument("--plan", choices=sorted(PLANS), default=None,
                     help="thresholds to apply (default: the bundle's precision)")
     ap.add_argument("--stages", default=",".join(STAGES),
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if st.error:
             print(f"[FAIL] {st.name}: {st.error}")
     out = a.out or a.bundle / "report"
-    print(f"{report.summary()}\nreport: {out / 'drift.html'}")
+    print(f"{report.summary_line()}\nreport: {out / 'drift.html'}")
     if not report.passed and not a.allow_drift:
         return 1
     return 0

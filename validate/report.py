@@ -155,8 +155,8 @@ def plot_kl(report) -> bytes:
     ax.set_xlabel(f"log10 KL(ref || engine) per answer token (floor {floor:g})")
     ax.set_ylabel("tokens")
     bad = kls.size - finite.size
-    ax.set_title(f"decoder: KL histogram ({kls.size} tokens" + (f", {bad} non-finite" if bad else "")
-                 + ")")
+    extra = f", {bad} non-finite" if bad else ""
+    ax.set_title(f"decoder: KL histogram ({kls.size} tokens{extra})")
     return _png(fig)
 
 
@@ -282,7 +282,8 @@ def draw_item(image, rec: dict[str, Any], max_side: int = 300) -> bytes:
     img = img.resize((max(1, round(W * s)), max(1, round(H * s))))
     d = ImageDraw.Draw(img)
     task = rec.get("task", {})
-    for key, color, width in (("truth_boxes", BOX_COLORS["truth"], 2),
+    # truth widest (a yellow rim stays visible around a matching reference box), engine on top
+    for key, color, width in (("truth_boxes", BOX_COLORS["truth"], 6),
                               ("ref_boxes", BOX_COLORS["ref"], 3),
                               ("eng_boxes", BOX_COLORS["eng"], 2)):
         for b in task.get(key, []) or []:
@@ -342,7 +343,7 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
            f"{e(report.verdict)}</title><style>{_CSS}</style></head><body>",
            f"<h1>Drift report {_badge(report.verdict)} <span class='muted'>plan "
            f"{e(report.plan)}</span></h1>",
-           f"<p>{e(report.summary())}</p>",
+           f"<p>{e(report.summary_line())}</p>",
            "<table><tr><th>bundle</th><td>" + e(str(meta.get("bundle"))) + "</td></tr>"
            "<tr><th>source checkpoint</th><td>" + e(json.dumps(meta.get("source"))) + "</td></tr>"
            "<tr><th>reference</th><td>" + e(str(meta.get("reference"))) +
@@ -386,8 +387,9 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
                          f"{_fmt(r['vision']['rel_l2'])}")
         if "decoder" in r:
             dd = r["decoder"]
-            lines.append(f"KL mean {_fmt(dd['kl_mean'])}, top-1 {_fmt(dd['top1_mean'])}, "
-                         f"first divergence {_fmt(dd['first_divergence'])}")
+            fd = dd["first_divergence"]
+            lines.append(f"KL mean {_fmt(dd['kl_mean'])}, top-1 {_fmt(dd['top1_mean'])}, greedy "
+                         + ("identical" if fd is None else f"diverges at token {fd}"))
         t = r.get("task", {})
         if "iou_ref" in t:
             lines.append(f"IoU vs reference {_fmt(t['iou_ref'])}")

@@ -115,23 +115,41 @@ class Report:
     def failures(self) -> list[Metric]:
         return [m for s in self.stages.values() for m in s.metrics if m.verdict == "FAIL"]
 
-    def summary(self) -> str:
+    def summary_line(self) -> str:
+        """One line: verdict, each stage's verdict, the failed metrics and stage errors."""
         parts = [f"{n} {s.verdict}" for n, s in self.stages.items()]
-        fails = self.failures()
         tail = ""
-        if fails:
-            tail = "; failed: " + ", ".join(
-                f"{m.stage}.{m.name}={m.value:.4g} (need {m.op} {m.threshold:g})"
-                if m.value is not None and m.threshold is not None else f"{m.stage}.{m.name}"
-                for m in fails[:6])
+        if self.failures():
+            tail = "; failed: " + ", ".join(self.failed()[:6])
         errs = [f"{n}: {s.error}" for n, s in self.stages.items() if s.error]
         if errs:
             tail += "; errors: " + "; ".join(errs)
         return f"drift {self.verdict} (plan {self.plan}): " + ", ".join(parts) + tail
 
+    def failed(self) -> list[str]:
+        """``stage.metric=value (need op bound)`` for every failed metric."""
+        return [f"{m.stage}.{m.name}={m.value:.4g} (need {m.op} {m.threshold:g})"
+                if m.value is not None and m.threshold is not None else f"{m.stage}.{m.name}"
+                for m in self.failures()]
+
+    def summary(self) -> dict[str, Any]:
+        """Compact dict for a bundle manifest: verdict, stage verdicts, failed metrics, and every
+        judged metric's value (``stage.metric``)."""
+        from .report import _clean
+
+        return _clean({
+            "verdict": self.verdict, "plan": self.plan, "first_failure": self.first_failure,
+            "stages": {n: s.verdict for n, s in self.stages.items()},
+            "failed": self.failed() + [f"{n}: {s.error}" for n, s in self.stages.items()
+                                       if s.error],
+            "metrics": {f"{m.stage}.{m.name}": m.value for s in self.stages.values()
+                        for m in s.metrics if m.verdict in ("PASS", "FAIL")},
+            "n_items": self.meta.get("n_items"), "line": self.summary_line(),
+        })
+
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "plan": self.plan, "first_failure": self.first_failure,
-                "summary": self.summary(), "meta": self.meta,
+                "summary": self.summary_line(), "failed": self.failed(), "meta": self.meta,
                 "stages": {n: s.to_dict() for n, s in self.stages.items()}}
 
 
@@ -144,7 +162,7 @@ def judge(stage: str, name: str, value: float | None, plan: str, n: int = 0,
         return Metric(stage, name, value, "INFO", "info", None, n, note, desc)
     if na is not None:
         verdict = "INFO" if t.op == "info" else "N/A"
-        return Metric(stage, name, value, verdict, t.op, t.value, n, na, desc)
+        return Metric(stage, name, None, verdict, t.op, t.value, n, na, desc)
     if value is not None and not isinstance(value, (int, float)):
         value = float(value)
     return Metric(stage, name, None if value is None else float(value), t.judge(value), t.op,
@@ -241,20 +259,22 @@ class _Context:
 
     @property
     def vision(self):
+        """The bundle's vision engine, as the runtime runs it (``runtime.engines``)."""
         if self._vision is None:
-            from exporters.vision import make_session
+            from runtime.engines import VisionEngine
 
-            self._vision = make_session(self.bundle_dir / "vision.onnx", self.providers(),
-                                        threads=self.threads)
+            self._vision = VisionEngine(self.bundle_dir / "vision.onnx", self.providers(),
+                                        self.threads)
         return self._vision
 
     @property
     def decoder(self):
+        """The bundle's decoder engine, as the runtime runs it (KV cache, IO binding)."""
         if self._decoder is None:
-            from runtime.engines import open_session
+            from runtime.engines import DecoderEngine
 
-            self._decoder = open_session(self.bundle_dir / "decoder.onnx", self.providers(),
-                                         self.threads)
+            self._decoder = DecoderEngine(self.bundle_dir / "decoder.onnx", self.providers(),
+                                          self.threads, vocab_size=self.vocab_size)
         return self._decoder
 
     # -- per item ------------------------------------------------------------------------------
@@ -277,25 +297,46 @@ class _Context:
             return self.model.encode_images(px.to(self.model.dtype))[0].float().numpy()
 
     def eng_features(self, pixels: np.ndarray) -> np.ndarray:
-        from exporters.vision import run_session
+        return np.array(self.vision.encode(pixels[None]).numpy()[0], dtype=np.float32)
 
-        return np.asarray(run_session(self.vision, pixels[None])[0], dtype=np.float32)
+    def table_ids(self, ids: Sequence[int]) -> np.ndarray:
+        """Prompt-table ids: the slots between ``<img>`` and ``</img>`` become
+        ``vocab_size + row`` of the flattened image features (the decoder's IO contract)."""
+        out = np.asarray(ids, dtype=np.int64).copy()
+        row, inside = 0, False
+        for i, t in enumerate(out):
+            if t == self.image_start_id:
+                inside = True
+            elif t == self.image_start_id + 1:
+                inside = False
+            elif inside:
+                out[i] = self.vocab_size + row
+                row += 1
+        return out
 
-    def ref_logits(self, ids: Sequence[int], feat: np.ndarray, model=None) -> np.ndarray:
+    def _engine_prefill(self, ids: Sequence[int], feat: np.ndarray, extra: int = 0):
+        from runtime.engines import Features
+
+        cache = self.decoder.new_cache(1, len(ids) + extra + 1)
+        f = np.ascontiguousarray(feat[None], dtype=np.float32)
+        logits = self.decoder.forward(cache, self.table_ids(ids)[None],
+                                      features=Features(f.shape, f), last_only=False)
+        return cache, logits[0]
+
+    def ref_logits(self, ids: Sequence[int], feat: np.ndarray, rows: slice,
+                   model=None) -> np.ndarray:
+        """Reference logits ``[len(rows), n_vocab]`` float32 of the positions ``rows``."""
         import torch
 
         model = model or self.model
         with torch.no_grad():
             out = model(torch.tensor([list(ids)]),
                         image_embeds=torch.from_numpy(feat[None]).to(model.dtype))
-        return out.logits[0, :, :self.n_vocab].float().numpy()
+        return out.logits[0, rows, :self.n_vocab].float().numpy()
 
-    def eng_logits(self, ids: Sequence[int], feat: np.ndarray) -> np.ndarray:
-        from exporters.decoder import prompt_table_ids, run_decoder
-
-        tids, _ = prompt_table_ids([list(ids)], self.image_start_id, self.vocab_size)
-        logits, _ = run_decoder(self.decoder, tids, image_embeds=feat.reshape(-1, feat.shape[-1]))
-        return np.asarray(logits[0, :, :self.n_vocab], dtype=np.float32)
+    def eng_logits(self, ids: Sequence[int], feat: np.ndarray, rows: slice) -> np.ndarray:
+        _, logits = self._engine_prefill(ids, feat)
+        return np.array(logits[rows, :self.n_vocab], dtype=np.float32)
 
     def ref_greedy(self, ids: Sequence[int], feat: np.ndarray) -> tuple[list[int], bool]:
         """Greedy reference answer over the real vocabulary (as the runtime samples)."""
@@ -304,7 +345,8 @@ class _Context:
         m = self.model
         new: list[int] = []
         with torch.no_grad():
-            out = m(torch.tensor([list(ids)]), image_embeds=torch.from_numpy(feat[None]).to(m.dtype))
+            emb = torch.from_numpy(feat[None]).to(m.dtype)
+            out = m(torch.tensor([list(ids)]), image_embeds=emb)
             for _ in range(self.max_new_tokens):
                 tok = self._argmax(out.logits[0, -1, :self.n_vocab].float().numpy())
                 if tok in self.stop_ids:
@@ -319,17 +361,17 @@ class _Context:
         return int(np.argmax(row))
 
     def eng_greedy(self, ids: Sequence[int], feat: np.ndarray) -> list[int]:
-        from exporters.decoder import prompt_table_ids, run_decoder
-
-        tids, _ = prompt_table_ids([list(ids)], self.image_start_id, self.vocab_size)
-        logits, past = run_decoder(self.decoder, tids, image_embeds=feat.reshape(-1, feat.shape[-1]))
+        cache, logits = self._engine_prefill(ids, feat, self.max_new_tokens)
+        row = logits[-1]
         new: list[int] = []
+        step = np.zeros((1, 1), np.int64)
         for _ in range(self.max_new_tokens):
-            tok = self._argmax(logits[0, -1, :self.n_vocab])
+            tok = self._argmax(row[:self.n_vocab])
             if tok in self.stop_ids:
                 break
             new.append(tok)
-            logits, past = run_decoder(self.decoder, [[tok]], None, None, past)
+            step[0, 0] = tok
+            row = self.decoder.forward(cache, step)[0]
         return new
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -413,8 +455,8 @@ def decoder_stage(ctx: _Context, prepared: list[_Prepared]) -> StageResult:
         ids = p.prompt_ids + ans
         P, A = len(p.prompt_ids), len(ans)
         sl = slice(P - 1, P - 1 + A)
-        ref = ctx.ref_logits(ids, p.ref_feat)[sl]
-        eng = ctx.eng_logits(ids, p.ref_feat)[sl]
+        ref = ctx.ref_logits(ids, p.ref_feat, sl)
+        eng = ctx.eng_logits(ids, p.ref_feat, sl)
         nonfinite += M.nonfinite_count(eng)
         kl = M.kl_divergence(ref, eng)
         t1 = M.topk_agreement(ref, eng, 1)
@@ -427,12 +469,12 @@ def decoder_stage(ctx: _Context, prepared: list[_Prepared]) -> StageResult:
             "kl_mean": M.nanmean(kl), "top1_mean": float(np.mean(t1)),
             "ppl_ref": float(np.exp(np.mean(nr))), "ppl_eng": float(np.exp(np.mean(ne)))}
         if p.eng_feat is not None:
-            e2e = ctx.eng_logits(ids, p.eng_feat)[sl]
+            e2e = ctx.eng_logits(ids, p.eng_feat, sl)
             e2e_kl.append(M.kl_divergence(ref, e2e))
             e2e_top1.append(M.topk_agreement(ref, e2e, 1))
             rec["e2e_kl_mean"] = M.nanmean(e2e_kl[-1])
         if ctx.fq_model is not None:
-            fq = ctx.ref_logits(ids, p.ref_feat, ctx.fq_model)[sl]
+            fq = ctx.ref_logits(ids, p.ref_feat, sl, ctx.fq_model)
             fq_kl.append(M.kl_divergence(fq, eng))
             fq_top1.append(M.topk_agreement(fq, eng, 1))
             rec["fq_kl_mean"] = M.nanmean(fq_kl[-1])
@@ -610,6 +652,8 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     adds exporter-only diagnostics (``fq_*``). ``items``: a manifest path or ``CalibItem`` list;
     only the validation split is used. ``plan``: thresholds to apply (default: the bundle's
     precision). Writes ``drift.json`` and ``drift.html`` (+ PNG plots) under ``out_dir``.
+    ``threads``: intra-op threads of onnxruntime *and* the PyTorch reference during the run
+    (restored afterwards); on a busy machine 1 can be far faster than oversubscribed threads.
     """
     t_all = time.perf_counter()
     from runtime.bundle import read_manifest
@@ -622,12 +666,30 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     if max_items is not None:
         val = val[:max_items]
     stages = [s for s in STAGES if s in set(stages)]
+    import torch
+
+    torch_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(bundle_dir, model, val, plan, out_dir, tokenizer, fake_quant_model, stages,
+                    max_new_tokens, device, threads, cache_dir, plots, t_all)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _run(bundle_dir, model, val, plan, out_dir, tokenizer, fake_quant_model, stages,
+         max_new_tokens, device, threads, cache_dir, plots, t_all) -> Report:
     ctx = _Context(bundle_dir, model, plan, tokenizer, device, threads, max_new_tokens,
                    Path(cache_dir) if cache_dir else None, fake_quant_model)
     t = time.perf_counter()
     prepared = [ctx.prepare(it) for it in val]
+    ref_cache: dict[str, np.ndarray] = {}  # items sharing an image share its features
     for p in prepared:
-        p.ref_feat = ctx.ref_features(p.pixels)
+        key = p.item.sha256 or p.item.id
+        if key not in ref_cache:
+            ref_cache[key] = ctx.ref_features(p.pixels)
+        p.ref_feat = ref_cache[key]
     prep_s = time.perf_counter() - t
     results: dict[str, StageResult] = {}
 
@@ -635,7 +697,7 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
         t0 = time.perf_counter()
         try:
             res = fn(ctx, prepared)
-        except Exception as e:  # noqa: BLE001 - a crashing engine is a failed stage, with the reason
+        except Exception as e:  # noqa: BLE001 - a crashing engine is a failed stage + reason
             log.error("%s stage crashed:\n%s", name, traceback.format_exc())
             res = StageResult(name, error=f"{type(e).__name__}: {e}")
         res.seconds = time.perf_counter() - t0
@@ -645,10 +707,15 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     # Engine vision features are needed by vision, decoder (e2e diagnostics) and the fallback of
     # the task stage; an engine that cannot run fails the vision stage and nothing else.
     vis_error = None
+    t_vis = time.perf_counter()
     if {"vision", "decoder", "task"} & set(stages):
         try:
+            eng_cache: dict[str, np.ndarray] = {}
             for p in prepared:
-                p.eng_feat = ctx.eng_features(p.pixels)
+                key = p.item.sha256 or p.item.id
+                if key not in eng_cache:
+                    eng_cache[key] = ctx.eng_features(p.pixels)
+                p.eng_feat = eng_cache[key]
         except Exception as e:  # noqa: BLE001
             vis_error = f"{type(e).__name__}: {e}"
             for p in prepared:
@@ -658,6 +725,7 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
             results["vision"] = StageResult("vision", error=vis_error)
         else:
             run("vision", vision_stage)
+        results["vision"].seconds = time.perf_counter() - t_vis  # engine run included
     if {"decoder", "task"} & set(stages):
         t = time.perf_counter()
         for p in prepared:
@@ -694,5 +762,5 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
         from .report import write_report
 
         write_report(report, out_dir, plots=plots)
-    log.info("%s", report.summary())
+    log.info("%s", report.summary_line())
     return report

@@ -72,16 +72,16 @@ DESCRIPTIONS = {
     ("decoder", "kl_mean"): "mean KL(ref || engine) per answer token, nats (teacher-forced)",
     ("decoder", "kl_p95"): "95th percentile of the per-token KL",
     ("decoder", "top1"): "fraction of answer positions whose argmax agrees",
-    ("decoder", "top5"): "fraction of positions where the reference argmax is in the engine's top 5",
+    ("decoder", "top5"): "fraction of positions whose reference argmax is in the engine's top 5",
     ("decoder", "ppl_ratio"): "perplexity of the reference answer, engine / reference",
     ("decoder", "nonfinite"): "NaN/Inf values in the engine's logits",
     ("decoder", "greedy_identical"): "fraction of items whose greedy answers are token-identical",
-    ("decoder", "first_divergence_median"): "median first divergent greedy token (identical = length)",
+    ("decoder", "first_divergence_median"): "median first divergent greedy token (same = length)",
     ("decoder", "e2e_kl_mean"): "mean KL with the engine's own image features (vision+decoder)",
     ("decoder", "e2e_top1"): "top-1 agreement with the engine's own image features",
     ("decoder", "fq_kl_mean"): "mean KL(fake-quant reference || engine): exporter error only",
     ("decoder", "fq_top1"): "top-1 agreement with the fake-quant reference",
-    ("task", "answer_agreement"): "fraction of items where the engine's answer equals the reference's",
+    ("task", "answer_agreement"): "fraction of items whose engine answer equals the reference's",
     ("task", "grounding_iou_ref_mean"): "mean IoU of engine boxes vs the reference model's boxes",
     ("task", "grounding_hit_ref"): "fraction of reference boxes matched at IoU >= 0.5",
     ("task", "grounding_iou_truth_mean"): "mean IoU of engine boxes vs ground truth",
@@ -109,7 +109,7 @@ def _info(stage: str, metric: str, why: str = "diagnostic") -> Threshold:
 def _common_info() -> list[Threshold]:
     return [
         _info("vision", "cosine_mean"),
-        _info("vision", "max_abs", "absolute units depend on the model; judged via max_abs_rel_max"),
+        _info("vision", "max_abs", "absolute units vary by model; judged as max_abs_rel_max"),
         _info("decoder", "e2e_kl_mean", "vision and decoder drift combined; judged stage by stage"),
         _info("decoder", "e2e_top1"),
         _info("decoder", "fq_kl_mean", "only with a fake-quant model: locates exporter bugs"),
@@ -136,16 +136,17 @@ def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> l
         _t("decoder", "kl_p95", "<=", kl_p95, "tail: a few badly broken positions"),
         _t("decoder", "top1", ">=", top1, "greedy decoding follows the argmax"),
         _t("decoder", "top5", ">=", top5, "sampling (top-p 0.3) draws from the head"),
-        _t("decoder", "ppl_ratio", "<=", ppl, "engine may not find the reference answer less likely"),
+        _t("decoder", "ppl_ratio", "<=", ppl, "the reference answer may not become less likely"),
         _t("decoder", "nonfinite", "<=", 0, "NaN/Inf logits break decoding"),
         (_t("decoder", "greedy_identical", ">=", greedy, "same graph, same precision: same tokens")
          if greedy is not None else
-         _info("decoder", "greedy_identical", "reduced precision: greedy paths may fork on near-ties")),
+         _info("decoder", "greedy_identical", "reduced precision: greedy forks on near-ties")),
         _info("decoder", "first_divergence_median", "where greedy paths fork; see the plot"),
         (_t("task", "answer_agreement", ">=", agree, "same graph, same precision: same answers")
          if agree is not None else
-         _info("task", "answer_agreement", "free text forks on near-ties; anchors §4.2: judge tasks")),
-        _t("task", "grounding_iou_ref_mean", ">=", iou_ref, "boxes must stay where the reference put them"),
+         _info("task", "answer_agreement", "free text forks on near-ties (anchors §4.2)")),
+        _t("task", "grounding_iou_ref_mean", ">=", iou_ref, "boxes stay where the reference put"
+           " them"),
         _t("task", "grounding_hit_ref", ">=", hit_ref, "Acc@0.5 against the reference's boxes"),
         _t("task", "grounding_hit_truth_drop", "<=", hit_drop, "lost grounding accuracy vs truth"),
         _t("task", "ocr_cer_ref", "<=", cer_ref, "OCR text must stay the reference's text"),

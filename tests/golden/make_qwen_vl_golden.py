@@ -139,7 +139,8 @@ SHIMS = {
     "torchvision/__init__.py": '__version__ = "shim"\nfrom . import transforms  # noqa: F401\n',
     "torchvision/transforms/__init__.py": _TORCHVISION_TRANSFORMS,
     "transformers_stream_generator/__init__.py": '"""Shim: only chat_stream() imports it."""\n',
-    "transformers_stream_generator/main.py": 'raise ImportError("shim: chat_stream() unsupported")\n',
+    "transformers_stream_generator/main.py":
+        'raise ImportError("shim: chat_stream() unsupported")\n',
 }
 
 
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON NanoSpec overrides (default: the committed golden spec)")
     ap.add_argument("--seed", type=int, default=GOLDEN_SEED)
     ap.add_argument("--dtype", default=GOLDEN_DTYPE, help="on-disk dtype (loaded as fp32)")
+    ap.add_argument("--source", default="",
+                    help="where the original files came from (repo@commit), recorded in the npz")
     ap.add_argument("--full", action="store_true",
                     help="keep the prefill logits of every position (default: the last 8)")
     args = ap.parse_args(argv)
@@ -328,13 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         arrays = run_original(args.orig_dir.resolve(), spec, args.seed, args.dtype, Path(tmp))
     meta = json.loads(str(arrays["meta"]))
     meta["shims"] = shims
+    meta["source"] = args.source
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     if not args.full:
         arrays["prefill_logits"] = arrays["prefill_logits"][-N_LAST:]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes); greedy {arrays['greedy_ids'].tolist()}"
-          f"; shards {meta['shard_sha256']}")
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes); "
+          f"greedy {arrays['greedy_ids'].tolist()}; shards {meta['shard_sha256']}")
 
 
 if __name__ == "__main__":
