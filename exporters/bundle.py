@@ -7,6 +7,22 @@ succeeded, so a crash never leaves a half bundle behind a valid-looking name. Ve
 
 ``manifest_fields`` builds the model facts, generation defaults, versions and source identity
 from a checkpoint; ``engine_io`` reads the input/output names, dtypes and shapes of an ONNX file.
+
+Manifest keys (format_version 1)::
+
+    format_version   int (runtime.bundle.FORMAT_VERSION)
+    created, versions {toolkit, python, torch, onnx, onnxruntime, numpy, tiktoken}
+    source           {checkpoint, index_sha256}
+    precision        plan name (fp32 | fp16 | int4 | edge)
+    model            {vocab_size, n_vocab, n_queries, image_size, hidden, layers, heads, head_dim,
+                      max_context, special_ids {eod, im_start, im_end, img_start, img_end,
+                      img_pad, ref_start, ref_end, box_start, box_end}}   (required)
+    chat_format      chatml | raw
+    generation       defaults from generation_config.json (do_sample, top_p, top_k, ...)
+    engines          {vision: {file, inputs, outputs}, decoder: {...},
+                      tensorrt: [{engine: "vision", file, tensorrt_version, gpu}]}  (optional)
+    files            {name: {sha256, size}}   (written here; every file of the bundle)
+    validation       summary from validate/ (optional)
 """
 
 from __future__ import annotations
@@ -123,11 +139,15 @@ def engine_io(onnx_path: str | Path) -> dict[str, list[dict[str, Any]]]:
 def _external_data(onnx_path: Path) -> list[str]:
     """Locations (relative to the model) of the external-data files an ONNX model references."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
 
     m = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        from onnx.external_data_helper import _get_all_tensors
+        tensors = list(_get_all_tensors(m))
+    except ImportError:  # pragma: no cover - other onnx versions
+        tensors = list(m.graph.initializer)
     locs = []
-    for t in _get_all_tensors(m):
+    for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for kv in t.external_data:
                 if kv.key == "location" and kv.value not in locs:

@@ -238,6 +238,7 @@ class _Settings:
     lm_head: str
     group_size: int
     accuracy_level: int
+    lm_head_accuracy_level: int
     attention: str
     max_positions: int
 
@@ -248,6 +249,33 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
     if dtype == np.float16:
         return t.to(torch.float16).numpy()
     return t.to(torch.float32).numpy().astype(dtype, copy=False)
+
+
+def _gptq_to_nbits_chunked(t: GPTQTensors, group_size: int, rows: int = 2048) -> MatMulNBitsWeights:
+    """``gptq_to_matmul_nbits`` over slices of output rows (bounded temporaries for 7B Linears)."""
+    n = t.out_features
+    if n <= rows or n % 8:
+        return gptq_to_matmul_nbits(t, group_size)
+    parts = []
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        if a % 8 or b % 8:  # qzeros pack 8 output rows per int32
+            return gptq_to_matmul_nbits(t, group_size)
+        parts.append(gptq_to_matmul_nbits(GPTQTensors(
+            qweight=np.ascontiguousarray(t.qweight[:, a:b]),
+            qzeros=np.ascontiguousarray(t.qzeros[:, a // 8:b // 8]),
+            scales=np.ascontiguousarray(t.scales[:, a:b]), g_idx=t.g_idx, bias=None, bits=t.bits),
+            group_size))
+    p0 = parts[0]
+    zps = [p.zero_points for p in parts]
+    if any(z is None for z in zps) and not all(z is None for z in zps):  # some slices all-8
+        per_row = (-(-p0.K // group_size) + 1) // 2  # packed bytes per output row
+        zps = [np.full(p.N * per_row, 0x88, np.uint8) if z is None else z
+               for p, z in zip(parts, zps)]
+    return MatMulNBitsWeights(
+        B=np.concatenate([p.B for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+        zero_points=None if all(z is None for z in zps) else np.concatenate(zps),
+        perm=p0.perm, K=p0.K, N=n, block_size=p0.block_size, bits=p0.bits)
 
 
 class _DecoderGraph:
@@ -302,7 +330,7 @@ class _DecoderGraph:
         return y
 
     def nbits(self, x: str, name: str, mm: MatMulNBitsWeights, bias: np.ndarray | None,
-              scope: str, cat: str) -> str:
+              scope: str, cat: str, accuracy_level: int | None = None) -> str:
         g = self.g
         if mm.perm is not None:
             perm = g.init(name + ".perm", mm.perm.astype(np.int64), cat)
@@ -313,7 +341,7 @@ class _DecoderGraph:
         b = g.init(name + ".bias", bias.astype(self.A), cat) if bias is not None else ""
         return g.op("MatMulNBits", [x, B, sc, zp, "", b], scope=scope, domain=MS_DOMAIN,
                     K=mm.K, N=mm.N, bits=mm.bits, block_size=mm.block_size,
-                    accuracy_level=self.s.accuracy_level)
+                    accuracy_level=self.s.accuracy_level if accuracy_level is None else accuracy_level)
 
     def linear(self, x: str, name: str, scope: str) -> str:
         if self.s.plan != "int4":
@@ -329,7 +357,7 @@ class _DecoderGraph:
                 f"quant tensor {name} has {t.n_groups} groups for {k_in} inputs, i.e. group size "
                 f"{k_in // max(t.n_groups, 1)}, but the exporter was asked for group_size {gs}: pass "
                 "the group size the GPTQ run used")
-        mm = gptq_to_matmul_nbits(t, gs)
+        mm = _gptq_to_nbits_chunked(t, gs)
         if t.bias is not None:
             bias = t.bias.astype(np.float32)
         elif self.src.has(name + ".bias"):
@@ -355,7 +383,8 @@ class _DecoderGraph:
                                 scales=np.concatenate([p.scales for p in parts]), zero_points=None,
                                 perm=None, K=k, N=n, block_size=parts[0].block_size, bits=8)
         del parts
-        return self.nbits(x, "lm_head", mm, None, scope, "lm_head"), self.A
+        return self.nbits(x, "lm_head", mm, None, scope, "lm_head",
+                          self.s.lm_head_accuracy_level), self.A
 
     # -- graph --------------------------------------------------------------------------------
     def build(self) -> tuple[list, list]:
@@ -525,7 +554,7 @@ class _DecoderGraph:
 # ---------------------------------------------------------------------------------------------
 
 def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_size,
-              accuracy_level, attention, max_positions) -> _Settings:
+              accuracy_level, lm_head_accuracy_level, attention, max_positions) -> _Settings:
     if plan not in PLANS:
         raise DecoderExportError(f"unknown decoder plan '{plan}': use one of {', '.join(PLANS)}")
     act = act_dtype or {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}[plan]
@@ -542,13 +571,22 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
         raise DecoderExportError("the fp16 plan has fp16 activations; use plan='fp32' for fp32")
     if group_size < 16 or group_size & (group_size - 1):
         raise DecoderExportError(f"group_size {group_size}: MatMulNBits needs a power of two >= 16")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise DecoderExportError("accuracy_level must be 0..4 (0 = unset, 4 = int8 activations)")
+    if lm_head_accuracy_level is None:
+        lm_head_accuracy_level = accuracy_level
+    for level in (accuracy_level, lm_head_accuracy_level):
+        if level not in (0, 1, 2, 3, 4):
+            raise DecoderExportError("accuracy_level must be 0..4 (0 = unset, 4 = int8 activations)")
+    if head == "int8" and lm_head_accuracy_level != 4:
+        log.warning("int8 LM head with accuracy_level %d: onnxruntime's CPU kernel for 8-bit "
+                    "MatMulNBits is fast only at accuracy_level 4 (measured ~50x slower otherwise, "
+                    "seconds per token at full size); pass lm_head_accuracy_level=4 for CPU "
+                    "deployment", lm_head_accuracy_level)
     if max_positions is None:
         # NTK / logN change RoPE past seq_length: the cache ends there so longer contexts fail
         exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)
         max_positions = cfg.max_position_embeddings if exact else cfg.seq_length
-    return _Settings(plan, act, kv, head, group_size, accuracy_level, attention, int(max_positions))
+    return _Settings(plan, act, kv, head, group_size, accuracy_level, lm_head_accuracy_level,
+                     attention, int(max_positions))
 
 
 def _atomic_pair(out_path: Path):
@@ -560,7 +598,8 @@ def _atomic_pair(out_path: Path):
 def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
                    plan: str = "fp32", quant_tensors: Mapping[str, GPTQTensors] | None = None,
                    group_size: int = 128, lm_head: str | None = None, act_dtype: str | None = None,
-                   kv_dtype: str | None = None, accuracy_level: int = 0, attention: str = "mha",
+                   kv_dtype: str | None = None, accuracy_level: int = 0,
+                   lm_head_accuracy_level: int | None = None, attention: str = "mha",
                    max_positions: int | None = None, check: bool = True) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
@@ -569,14 +608,16 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     for the five Linears of every layer (required by, and only used by, ``plan="int4"``; may be a
     lazy Mapping). ``lm_head``: ``int8`` | ``fp16`` | ``fp32`` (default int8 for int4, else the plan
     dtype). ``act_dtype``: ``fp16``/``fp32`` activations of the int4 plan. ``kv_dtype`` overrides the
-    KV dtype. ``accuracy_level``: MatMulNBits compute precision (0 = unset, exact). ``attention``:
+    KV dtype. ``accuracy_level``: MatMulNBits compute precision (0 = unset, exact; 4 = int8
+    activations, ~3x faster int4 on ORT CPU); ``lm_head_accuracy_level`` (default: the same) for an
+    int8 head, whose ORT CPU kernel is fast only at 4. ``attention``:
     ``mha`` (com.microsoft MultiHeadAttention) or ``plain`` (MatMul/Softmax fallback).
     """
     t0 = time.perf_counter()
     src = _as_source(model)
     cfg = src.cfg
-    s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level, attention,
-                  max_positions)
+    s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level,
+                  lm_head_accuracy_level, attention, max_positions)
     if plan == "int4":
         if quant_tensors is None:
             raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "

@@ -14,8 +14,8 @@ one GPU and one TensorRT version anyway, so there are two paths:
   the real check photos (TensorRT vs onnxruntime, and TensorRT vs the saved PyTorch fp32 features),
   so a user can build and check on the Jetson itself.
 
-Engine directory naming (the runtime matches it): ``engines/<slug(gpu name)>-trt<major.minor.patch>``
-where slug = lower case, every run of characters outside ``[a-z0-9]`` replaced by one ``-``,
+Engine directory naming (the runtime matches it):
+``engines/<slug(gpu name)>-trt<major.minor.patch>`` where slug = lower case, every run of characters outside ``[a-z0-9]`` replaced by one ``-``,
 trimmed; the GPU name comes from ``$GPU_NAME``, else ``nvidia-smi``, else the Jetson's
 ``/proc/device-tree/model``.
 """
@@ -91,7 +91,7 @@ def trt_version() -> str:
     if env:
         return env
     if not tensorrt_available():
-        raise TensorRTUnavailable("tensorrt is not importable: pass trt_version= or set TRT_VERSION")
+        raise TensorRTUnavailable("tensorrt is not importable: pass a version or set TRT_VERSION")
     import tensorrt as trt  # type: ignore[import-not-found]
 
     return ".".join(trt.__version__.split(".")[:3])
@@ -177,8 +177,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     profile = builder.create_optimization_profile()
-    profile.set_shape(PIXELS, (min_batch, 3, image_size, image_size),
-                      (opt_batch, 3, image_size, image_size), (max_batch, 3, image_size, image_size))
+    profile.set_shape(PIXELS, *((b, 3, image_size, image_size)
+                                for b in (min_batch, opt_batch, max_batch)))
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)

@@ -10,9 +10,9 @@ after the input and back to fp32 at the output (the I/O stays float32), runs the
 GELU in fp16, and keeps three *fp32 islands* inside the graph: LayerNorm statistics (every
 LayerNormalization node takes and returns float32), the softmax (on fp32 scores) and the residual
 stream (the sums ``x + attn(...)`` / ``x + mlp(...)`` are fp32; the resampler's ``kv_proj``, which
-reads that stream with no LayerNorm in between, gets it pre-scaled by an exact power of two). Those are where fp16 ViTs break
-(spec §7.2: embeddings collapse or overflow). A strongly typed TensorRT build honours the Casts
-(exporters/tensorrt.py).
+reads that stream with no LayerNorm in between, gets it pre-scaled by an exact power of two).
+Those are where fp16 ViTs break (spec §7.2: embeddings collapse or overflow). A strongly typed
+TensorRT build honours the Casts (exporters/tensorrt.py).
 
 The graph is produced by an export-only twin of the reference (:class:`VisionGraph`) that reads
 the reference's weights (shared, not copied, in fp32), with the two bicubic position tables
@@ -29,7 +29,6 @@ import copy
 import ctypes
 import dataclasses
 import gc
-import json
 import logging
 import math
 import os
@@ -52,10 +51,9 @@ log = logging.getLogger(__name__)
 PIXELS = "pixel_values"
 EMBEDS = "image_embeds"
 DEFAULT_OPSET = 18  # lowest the dynamo exporter writes; LayerNormalization (17+) is native
-MAX_IR_VERSION = 10  # onnxruntime 1.31 (GPU machine) rejects onnx 1.23's default IR 11+
+MAX_IR_VERSION = 10  # onnxruntime 1.31 (GPU machine) rejects the newer IR onnx 1.23 writes
 LARGE_MODEL_BYTES = 2 << 30  # protobuf limit: above it the weights go to <stem>.onnx.data
 PRECISIONS = ("fp32", "fp16")
-LN_EPS = 1e-6
 DEFAULT_CHECK_IMAGES = ("astronaut", "chelsea", "coffee")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -426,7 +424,8 @@ def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     if optimization_level is None:
-        optimization_level = "extended" if fp16 and providers[0] == "CPUExecutionProvider" else "all"
+        cpu_first = providers[0] == "CPUExecutionProvider"
+        optimization_level = "extended" if fp16 and cpu_first else "all"
     so.graph_optimization_level = levels[optimization_level]
     so.log_severity_level = 3
     if threads:
@@ -677,8 +676,28 @@ def _export_to(graph: VisionGraph, example: torch.Tensor, dest: Path, opset: int
     else:
         with _quiet_exporter():
             ir.save(model, dest)
+    _drop_ir_tensors(model)
     del prog, model
     return ir_version, size
+
+
+def _drop_ir_tensors(model) -> None:
+    """Let the exported weights go once saved.
+
+    onnxscript's module-level rewrite rules keep the last graph they matched (``_graph``), and
+    through it every initializer, which wraps the torch weights: without this the full-size
+    fp32 tower (7.7 GB) stays alive next to the onnxruntime session that checks it.
+    """
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        with contextlib.suppress(Exception):
+            value.const_value = None
+    graph.initializers.clear()
+    for ref in gc.get_referrers(graph):
+        if isinstance(ref, dict) and ref.get("_graph") is graph:
+            for key in ("_graph", "_current_node", "_match"):
+                if key in ref:
+                    ref[key] = None
 
 
 @contextlib.contextmanager

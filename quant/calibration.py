@@ -79,20 +79,28 @@ def item_ids(tok, item: CalibItem, n_slots: int) -> list[int]:
 
 
 @torch.no_grad()
-def build_calibration(model, tokenizer, items: Sequence[CalibItem], *,
+def build_calibration(model, items: Sequence[CalibItem], tokenizer, *,
                       min_items: int = DEFAULT_MIN_ITEMS,
                       vision_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       ) -> list[torch.Tensor]:
     """-> one ``inputs_embeds`` [1, T, hidden] (float32) per item, for ``quantize_decoder``.
 
     ``model``: the reference ``QWenLMHeadModel`` (only ``wte`` and, without ``vision_fn``, the
-    vision tower are used). ``tokenizer``: ``runtime.tokenizer.QwenTokenizer`` of the checkpoint.
-    ``vision_fn``: pixels [N,3,S,S] -> features [N, n_queries, hidden] instead of
-    ``model.encode_images`` (a vision engine, or cached features).
+    vision tower are used). ``tokenizer``: ``runtime.tokenizer.QwenTokenizer``, or the checkpoint
+    (or tokenizer) directory holding ``qwen.tiktoken``. ``vision_fn``: pixels [N,3,S,S] ->
+    features [N, n_queries, hidden] instead of ``model.encode_images`` (a vision engine, or
+    cached features).
     """
     from runtime.image import load_image, preprocess_batch
 
     check_items(items, min_items)
+    if isinstance(tokenizer, (str, Path)):
+        from runtime.tokenizer import QwenTokenizer
+
+        try:
+            tokenizer = QwenTokenizer.from_dir(tokenizer)
+        except (OSError, ValueError) as e:
+            raise CalibrationError(f"cannot load the tokenizer: {e}") from None
     cfg = model.cfg
     if tokenizer.img_start_id != cfg.image_start_id:
         raise CalibrationError(f"the tokenizer's <img> id {tokenizer.img_start_id} differs from the "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,43 +80,64 @@ def _source_tensors(source) -> tuple[QwenVLConfig, Iterator[tuple[str, torch.Ten
     return cfg, ((n, reader.get(n)) for n in names), reader.path
 
 
-def save_gptq_checkpoint(out_dir: str | Path, result: QuantResult, source,
+def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
+                         config: QuantConfig | None, out_dir: str | Path,
                          max_shard_bytes: int = 2 << 30) -> Path:
-    """Write ``result`` + the unquantised tensors of ``source`` as a GPTQ v1 checkpoint.
+    """Write the GPTQ tensors + the unquantised tensors of ``source`` as a GPTQ v1 checkpoint.
 
     ``source``: the fp model the GPTQ run used (``QWenLMHeadModel``), or its checkpoint directory /
     ``CheckpointReader`` (streamed one tensor at a time: the full-size model never sits in memory).
-    Tokenizer, generation and remote-code files are copied from the source directory when known.
+    ``quant``: a ``QuantResult`` or ``{"transformer.h.{i}.attn.c_attn": GPTQTensors, ...}`` (e.g.
+    RTN tensors from ``quant.fake_quant``); ``config``: the settings written to
+    ``quantize_config.json`` (``None``: the ``QuantResult``'s). Tokenizer, generation and
+    remote-code files are copied from the source directory when known.
     """
     from .fake_quant import check_gptq_shape
 
+    if isinstance(quant, QuantResult):
+        config = config or quant.config
+        quant = quant.tensors
+    if config is None:
+        raise GPTQCheckpointError("save_gptq_checkpoint needs the QuantConfig the tensors were "
+                                  "made with")
     cfg, tensors, src_dir = _source_tensors(source)
-    qc = result.config
+    qc = config
     qc.validate((cfg.hidden_size, cfg.ffn_dim))
     names = quantized_linear_names(cfg.num_hidden_layers)
-    missing = [n for n in names if n not in result.tensors]
+    missing = [n for n in names if n not in quant]
     if missing:
         raise GPTQCheckpointError(
-            f"the GPTQ result covers {len(names) - len(missing)} of {len(names)} Linears (first "
+            f"the GPTQ tensors cover {len(names) - len(missing)} of {len(names)} Linears (first "
             f"missing {missing[0]}): quantise every decoder layer before saving")
-    quant = set(names)
+    quant_names = set(names)
     shapes = expected_shapes(cfg)
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in tensors:
             mod, _, leaf = name.rpartition(".")
-            if mod in quant:
+            if mod in quant_names:
                 if leaf == "weight":
-                    g = result.tensors[mod]
+                    g = quant[mod]
                     n_out, k_in = shapes[name]
-                    check_gptq_shape(mod, g, n_out, k_in)
-                    bias = g.bias if g.bias is not None else np.zeros(n_out, np.float16)
+                    try:
+                        check_gptq_shape(mod, g, n_out, k_in)
+                    except PackingError as e:
+                        raise GPTQCheckpointError(str(e)) from None
+                    if g.n_groups != k_in // qc.group_size:
+                        raise GPTQCheckpointError(
+                            f"{mod} has {g.n_groups} groups for {k_in} inputs but group_size is "
+                            f"{qc.group_size}: pass the QuantConfig the tensors were made with")
                     yield f"{mod}.qweight", torch.from_numpy(np.ascontiguousarray(g.qweight))
                     yield f"{mod}.qzeros", torch.from_numpy(np.ascontiguousarray(g.qzeros))
                     yield f"{mod}.scales", torch.from_numpy(g.scales.astype(np.float16))
                     yield f"{mod}.g_idx", torch.from_numpy(g.g_idx.astype(np.int32))
-                    yield f"{mod}.bias", torch.from_numpy(bias.astype(np.float16))
-                continue  # the fp bias travels in GPTQTensors.bias (written above)
+                    if f"{mod}.bias" not in shapes:  # bias-free Linear: zeros, as AutoGPTQ
+                        yield f"{mod}.bias", torch.zeros(n_out, dtype=torch.float16)
+                elif leaf == "bias":  # GPTQTensors.bias if set, else the source's bias
+                    b = quant[mod].bias
+                    yield name, (torch.from_numpy(b.astype(np.float16)) if b is not None
+                                 else t.detach().to(torch.float16))
+                continue
             yield name, t.detach().to(torch.float16)
 
     out_dir = Path(out_dir)
@@ -232,11 +253,11 @@ def read_gptq_linear(reader: CheckpointReader, name: str, n_out: int, k_in: int,
             raise GPTQCheckpointError(
                 f"{reader.path}: {name}.bias is non-zero but this Linear has no bias in Qwen-VL "
                 "(config no_bias true): the checkpoint is for another model")
-        bias = np.zeros(n_out, np.float16)
+        bias = None  # the stored zeros: GPTQTensors.bias is None for bias-free Linears
     return GPTQTensors(qweight=qweight.astype(np.int32, copy=False),
                        qzeros=qzeros.astype(np.int32, copy=False),
                        scales=scales.astype(np.float16), g_idx=g_idx.astype(np.int32, copy=False),
-                       bias=bias.astype(np.float16), bits=qc.bits)
+                       bias=None if bias is None else bias.astype(np.float16), bits=qc.bits)
 
 
 def load_gptq_checkpoint(path: str | Path) -> tuple[QwenVLConfig, dict[str, GPTQTensors],
@@ -259,11 +280,12 @@ def load_gptq_checkpoint(path: str | Path) -> tuple[QwenVLConfig, dict[str, GPTQ
 
 
 def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
-                    lm_head: str = "fp16") -> nn.Module:
+                    lm_head: str = "fp16", prefixes=None) -> nn.Module:
     """The fake-quant reference: a ``QWenLMHeadModel`` holding the dequantised GPTQ weights.
 
     ``lm_head``: ``fp16`` (as stored), or ``int8`` (the per-channel int8 head the default ``int4``
-    plan exports; see ``quant.lm_head``).
+    plan exports; see ``quant.lm_head``). ``prefixes``: load only those parameters (the rest stay
+    on the meta device), as ``models.checkpoint.load_model``.
     """
     from .lm_head import quantize_lm_head
 
@@ -288,15 +310,15 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         t = tensors.get(mod)
         if t is None:
             return reader.get(name)
-        try:
-            if leaf == "weight":
+        if leaf == "weight":
+            try:
                 return torch.from_numpy(dequantize(t))
-        except PackingError as e:
-            raise GPTQCheckpointError(f"{path}: {mod}: {e}") from None
-        return torch.from_numpy(t.bias.astype(np.float32))
+            except PackingError as e:
+                raise GPTQCheckpointError(f"{path}: {mod}: {e}") from None
+        return torch.from_numpy(t.bias.astype(np.float32))  # only Linears with a bias ask
 
-    model = build_model(cfg, get, dtype)
-    if lm_head != "fp16":
+    model = build_model(cfg, get, dtype, prefixes)
+    if lm_head != "fp16" and not model.lm_head.weight.is_meta:
         head = quantize_lm_head(model.lm_head.weight.detach(), lm_head)
         model.lm_head.weight.data = head.dequantized.to(dtype)
     model.source_path = str(path)

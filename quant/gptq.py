@@ -113,7 +113,7 @@ class LayerLoss:
 
     name: str
     loss: float  # sum over tokens of ||x W^T - x Q^T||^2 (the GPTQ objective, bias excluded)
-    rel: float  # loss / sum ||x W^T||^2
+    rel_loss: float  # loss / sum ||x W^T||^2
     n_tokens: int
     damp: float  # damping actually added (absolute)
     seconds: float  # GPTQ maths time for this Linear
@@ -134,11 +134,11 @@ class QuantResult:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        rel = np.array([x.rel for x in self.losses]) if self.losses else np.zeros(1)
+        rel = np.array([x.rel_loss for x in self.losses]) if self.losses else np.zeros(1)
         return {"config": asdict(self.config), "n_items": self.n_items, "n_tokens": self.n_tokens,
                 "seconds": round(self.seconds, 2), "rel_loss_mean": float(rel.mean()),
                 "rel_loss_max": float(rel.max()),
-                "worst": max(self.losses, key=lambda x: x.rel).name if self.losses else None}
+                "worst": max(self.losses, key=lambda x: x.rel_loss).name if self.losses else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,13 +206,30 @@ def _num_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _tri_inv_lower(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion: GEMM-bound, ~1.5x faster on
+    CPU than ``solve_triangular(L, I)`` (which does not exploit the identity right-hand side)."""
+    k = lower.shape[0]
+    if k <= leaf:
+        eye = torch.eye(k, dtype=lower.dtype)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    m = k // 2
+    a = _tri_inv_lower(lower[:m, :m], leaf)
+    b = _tri_inv_lower(lower[m:, m:], leaf)
+    out = torch.zeros_like(lower)
+    out[:m, :m] = a
+    out[m:, m:] = b
+    out[m:, :m] = -(b @ (lower[m:, :m] @ a))
+    return out
+
+
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1 (``H^-1 = U^T U``); damping grows x10 until
     it factorises.
 
     Computed without forming the inverse: with J the order-reversing permutation and
     ``J H J = L L^T``, ``U = J L^-1 J`` (upper, positive diagonal, hence *the* Cholesky factor).
-    One Cholesky + one triangular solve; ``torch.cholesky_inverse`` is ~30x slower on CPU.
+    One Cholesky + one triangular inverse; ``torch.cholesky_inverse`` is ~30x slower on CPU.
     """
     mean_diag = float(h.diagonal().mean())
     pct = damp_percent
@@ -223,13 +240,11 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[
         chol, info = torch.linalg.cholesky_ex(hf)
         del hf
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype)
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip((0, 1))
-            del chol, eye
-            if torch.isfinite(u).all():
-                if attempt:
-                    log.warning("%s: Hessian needed damp_percent %.3g to factorise", name, pct)
-                return u, damp
+            u = _tri_inv_lower(chol).flip((0, 1))
+            del chol
+            if attempt:
+                log.warning("%s: Hessian needed damp_percent %.3g to factorise", name, pct)
+            return u, damp
         pct = min(pct * 10, 1.0)
     raise QuantError(f"{name}: the Hessian is not positive definite even with damp_percent 1.0 "
                      "(NaN/Inf in the calibration activations?)")
@@ -392,6 +407,9 @@ class CheckpointBlocks:
         self.reader = (path_or_reader if isinstance(path_or_reader, CheckpointReader)
                        else CheckpointReader(path_or_reader))
         self.cfg = cfg or QwenVLConfig.from_pretrained(self.reader.path)
+        if self.cfg.quantization_config:
+            raise QuantError(f"{self.reader.path} is already quantised: GPTQ needs the fp16/bf16 "
+                             "source checkpoint")
 
     def num_blocks(self) -> int:
         return self.cfg.num_hidden_layers
@@ -436,6 +454,7 @@ def _collect_hessians(block: QWenBlock, names: Sequence[str], inputs: Sequence[t
                       cfg: QwenVLConfig) -> dict[str, Hessian]:
     """Hessians of ``names``' inputs; Linears fed the same tensor (w1/w2) share one Hessian."""
     hessians: dict[str, Hessian] = {}
+    alias: dict[str, str | None] = {}  # Linear -> the Linear whose Hessian it shares
     seen: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -444,12 +463,12 @@ def _collect_hessians(block: QWenBlock, names: Sequence[str], inputs: Sequence[t
             x = args[0]
             owner = next((o for o, ox in seen.items() if ox is x), None)
             if name not in hessians:
+                alias[name] = owner
                 hessians[name] = hessians[owner] if owner is not None else Hessian(x.shape[-1])
-            shared = owner is not None and hessians[name] is hessians[owner]
-            if (owner is not None) != shared:
+            if (owner is None) != (alias[name] is None):
                 raise QuantError(f"{name}: its input is shared with another Linear for some "
                                  "calibration items but not for others")
-            if not shared:
+            if owner is None:
                 hessians[name].add(x)
             seen[name] = x
             if len(seen) == len(names):
@@ -541,8 +560,8 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
                 qw = gptq_quantize_weight(lin.weight, hessians[suffix].h, config, full)
                 secs[suffix] = time.perf_counter() - t0
                 timing["gptq_s"] += secs[suffix]
-                bias = (lin.bias.detach().numpy() if lin.bias is not None
-                        else np.zeros(lin.out_features, np.float32))
+                # bias None for bias-free Linears (the checkpoint writer stores zeros for them)
+                bias = lin.bias.detach().numpy() if lin.bias is not None else None
                 result.tensors[full] = qw.pack(bias=bias)
                 deltas[suffix] = lin.weight.detach() - qw.dequant
                 damps[suffix] = qw.damp
@@ -579,7 +598,7 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
                            damps[suffix], secs[suffix])
             result.losses.append(ll)
             log.info("GPTQ %-32s loss %.4e (%.3e/token) rel %.3e  damp %.3g  %.2fs", full,
-                     ll.loss, ll.per_token, ll.rel, ll.damp, ll.seconds)
+                     ll.loss, ll.per_token, ll.rel_loss, ll.damp, ll.seconds)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(rel=f"{max(err[s] / max(ref[s], 1e-30) for s in err):.2e}")
         del deltas

@@ -21,7 +21,6 @@ Nothing here imports torch or onnx.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,10 @@ _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 class EngineError(RuntimeError):
     """An engine that cannot be created or run; the message says which file and what to do."""
+
+
+def ort_providers() -> list[str]:
+    return list(ort.get_available_providers())
 
 
 def pick_providers(device: str = "auto") -> list[str]:
@@ -104,8 +107,8 @@ class DeviceBuffer:
             self.ortvalue = None
         else:
             self.array = None
-            self.ortvalue = ort.OrtValue.ortvalue_from_shape_and_type([max(self.n, 1)], self.dtype,
-                                                                      "cuda", 0)
+            self.ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(
+                [max(self.n, 1)], self.dtype.type, "cuda", 0)
             self.ptr = self.ortvalue.data_ptr()
 
     def view(self, shape) -> np.ndarray:
@@ -117,29 +120,70 @@ class DeviceBuffer:
 
 
 class Features:
-    """Vision features for the decoder: host array or device buffer, shape [N, Q, H]."""
+    """Vision features for the decoder, shape [N, Q, H]: a host array, or a slice of a device
+    buffer (``offset`` elements in) that the decoder binds by pointer."""
 
     def __init__(self, shape: tuple[int, ...], array: np.ndarray | None = None,
-                 buffer: DeviceBuffer | None = None):
+                 buffer: DeviceBuffer | None = None, offset: int = 0):
         self.shape = tuple(int(s) for s in shape)
-        self.array, self.buffer = array, buffer
+        self.array, self.buffer, self.offset = array, buffer, int(offset)
 
     @property
     def rows(self) -> int:
         return self.shape[0] * self.shape[1] if len(self.shape) == 3 else self.shape[0]
 
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr + self.offset * self.buffer.dtype.itemsize
+
     def numpy(self) -> np.ndarray:
         if self.array is not None:
             return self.array
-        return self.buffer.view(self.shape)
+        flat = self.buffer.view((self.offset + self.size,))
+        return flat[self.offset:].reshape(self.shape)
+
+    def split(self) -> list["Features"]:
+        """One Features per image (views: no copy on the host or on the device)."""
+        if self.shape[0] == 1:
+            return [self]
+        one = self.shape[1:]
+        if self.array is not None:
+            return [Features((1,) + one, self.array[i:i + 1]) for i in range(self.shape[0])]
+        step = int(np.prod(one))
+        return [Features((1,) + one, buffer=self.buffer, offset=self.offset + i * step)
+                for i in range(self.shape[0])]
 
     @staticmethod
     def concat(parts: list["Features"]) -> "Features":
-        """Concatenate along images (host arrays; device features are copied on the host)."""
+        """Concatenate along images: a view when the parts are consecutive slices of one device
+        buffer (a fresh multi-image request), else a host concatenation."""
         if len(parts) == 1:
             return parts[0]
-        return Features(None or (sum(p.shape[0] for p in parts),) + parts[0].shape[1:],
-                        np.concatenate([p.numpy() for p in parts]))
+        shape = (sum(p.shape[0] for p in parts),) + parts[0].shape[1:]
+        first = parts[0]
+        if first.buffer is not None and all(
+                p.buffer is first.buffer and p.offset == q.offset + q.size
+                for q, p in zip(parts, parts[1:])):
+            return Features(shape, buffer=first.buffer, offset=first.offset)
+        if first.array is not None and first.array.base is not None and all(
+                p.array is not None and p.array.base is first.array.base
+                and _addr(p.array) == _addr(q.array) + q.array.nbytes
+                for q, p in zip(parts, parts[1:])):  # consecutive views of one host array
+            start = _addr(first.array)
+            base = first.array.base
+            if isinstance(base, np.ndarray) and base.flags.c_contiguous:
+                flat = base.reshape(-1)
+                i0 = (start - _addr(flat)) // flat.itemsize
+                return Features(shape, flat[i0:i0 + int(np.prod(shape))].reshape(shape))
+        return Features(shape, np.concatenate([p.numpy() for p in parts]))
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +197,11 @@ class VisionEngine:
     output_name = "image_embeds"
     kind = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+    def __init__(self, path: Path, providers: list[Any], threads: int | None = None,
+                 n_queries: int | None = None, hidden: int | None = None):
         self.path = Path(path)
-        self.device = "cuda" if providers[0] == CUDA else "cpu"
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        self.device = "cuda" if names[0] in (CUDA, TRT_EP) else "cpu"
         # fp16 ViT graphs crash ORT's CPU fusions at ORT_ENABLE_ALL (dependencies.md §4)
         self.session = open_session(self.path, providers, threads,
                                     "all" if self.device == "cuda" else "extended")
@@ -166,8 +212,8 @@ class VisionEngine:
                               f"{list(ins)} -> {list(outs)}): re-export the bundle")
         self.in_dtype = ins[self.input_name].dtype
         shape = outs[self.output_name].shape
-        self.n_queries = shape[1] if isinstance(shape[1], int) else None
-        self.hidden = shape[2] if isinstance(shape[2], int) else None
+        self.n_queries = shape[1] if isinstance(shape[1], int) else n_queries
+        self.hidden = shape[2] if isinstance(shape[2], int) else hidden
 
     def encode(self, pixels: np.ndarray) -> Features:
         pixels = np.ascontiguousarray(pixels, dtype=self.in_dtype)
@@ -231,6 +277,44 @@ class TrtVisionEngine:
 # Decoder
 # ---------------------------------------------------------------------------------------------
 
+_FLOAT, _FLOAT16, _INT64 = 1, 10, 7  # ONNX TensorProto element types
+_ONNX_TYPES = {np.dtype(np.float32): _FLOAT, np.dtype(np.float16): _FLOAT16,
+               np.dtype(np.int64): _INT64}
+
+
+class Binding:
+    """An ``IOBinding`` that binds by pointer with cached device objects.
+
+    The public ``IOBinding.bind_input`` builds an ``OrtDevice`` on every call (~15 us); a decode
+    step binds 4 tensors per layer, so the cached-device path (~2 us a bind) matters. Falls back
+    to the public API when the private one is not there.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device: str):
+        self.io = session.io_binding()
+        self.device = device
+        self.keep: list[Any] = []
+        self.raw = getattr(self.io, "_iobinding", None)
+        try:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+            self._cpu = OrtDevice.make("cpu", 0)._get_c_device()
+            self._dev = OrtDevice.make(device, 0)._get_c_device()
+        except Exception:  # noqa: BLE001 - another onnxruntime layout
+            self.raw = None
+
+    def input(self, name: str, on_device: bool, etype: int, shape: list, ptr: int) -> None:
+        if self.raw is not None:
+            self.raw.bind_input(name, self._dev if on_device else self._cpu, etype, shape, ptr)
+        else:
+            self.io.bind_input(name, self.device if on_device else "cpu", 0, etype, shape, ptr)
+
+    def output(self, name: str, on_device: bool, etype: int, shape: list, ptr: int) -> None:
+        if self.raw is not None:
+            self.raw.bind_output(name, self._dev if on_device else self._cpu, etype, shape, ptr)
+        else:
+            self.io.bind_output(name, self.device if on_device else "cpu", 0, etype, shape, ptr)
+
+
 class KVCache:
     """KV cache of one request (or one batch) for up to ``capacity`` tokens per row.
 
@@ -248,8 +332,12 @@ class KVCache:
         self.cur = 0
         self.length = 0
         self.mask = np.zeros((self.batch, self.capacity), np.int64)
-        self.io = engine.session.io_binding()
-        self._logits1: np.ndarray | None = None
+        self.binding = Binding(engine.session, engine.device)
+        self._mask_ptr = self.mask.ctypes.data
+        self._ids1 = np.zeros((self.batch, 1), np.int64)
+        self._ids1_ptr = self._ids1.ctypes.data
+        self._logits1 = np.empty((self.batch, 1, engine.vocab_size), np.float32)
+        self._logits1_ptr = self._logits1.ctypes.data
 
     @property
     def nbytes(self) -> int:
@@ -299,7 +387,9 @@ class DecoderEngine:
                               "manifest does not give vocab_size: re-export the bundle")
         self._names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                         f"present.{i}.key", f"present.{i}.value") for i in range(self.layers)]
-        self._no_images = np.zeros((0, self.hidden or 1), np.float32)
+        self._no_images = np.zeros((1, self.hidden or 1), np.float32)  # bound as [0, hidden]
+        self._no_images_ptr = self._no_images.ctypes.data
+        self._kv_type = _ONNX_TYPES[np.dtype(self.kv_dtype)]
         self.kv_bytes_per_token = 2 * self.layers * self.heads * self.head_dim * \
             np.dtype(self.kv_dtype).itemsize
 
@@ -323,38 +413,49 @@ class DecoderEngine:
             raise EngineError(f"context of {t} tokens exceeds the KV cache capacity "
                               f"{cache.capacity}")
         cache.mask[:, p:t] = 1 if new_mask is None else new_mask
-        mask = cache.mask[:, :t]
-        if b > 1:
-            mask = np.ascontiguousarray(mask)
-        io, dev, kvt = cache.io, self.device, self.kv_dtype
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
+        bind = cache.binding
+        # pointers of the persistent host arrays are cached (``ndarray.ctypes`` costs ~4 us)
+        if s == 1:
+            np.copyto(cache._ids1, ids)
+            ids_ptr = cache._ids1_ptr
+        else:
+            ids_ptr = ids.ctypes.data
+        if b == 1:  # a prefix of the one mask row is contiguous
+            mask, mask_ptr = None, cache._mask_ptr
+        else:
+            mask = np.ascontiguousarray(cache.mask[:, :t])
+            mask_ptr = mask.ctypes.data
+        bind.keep = [ids, mask]  # bound by pointer: must outlive the run
+        bind.input("input_ids", False, _INT64, [b, s], ids_ptr)
+        bind.input("attention_mask", False, _INT64, [b, t], mask_ptr)
         if self.has_images:
             if features is None:
-                io.bind_cpu_input("image_embeds", self._no_images)
+                bind.input("image_embeds", False, _FLOAT, [0, self.hidden], self._no_images_ptr)
             elif features.array is not None:
-                io.bind_cpu_input("image_embeds", np.ascontiguousarray(
-                    features.array.reshape(features.rows, -1), dtype=np.float32))
-            else:
-                io.bind_input("image_embeds", "cuda", 0, np.float32,
-                              [features.rows, self.hidden], features.buffer.ptr)
+                emb = np.ascontiguousarray(features.array.reshape(features.rows, -1),
+                                           dtype=np.float32)
+                bind.keep.append(emb)
+                bind.input("image_embeds", False, _FLOAT, list(emb.shape), emb.ctypes.data)
+            else:  # device features straight from the vision engine
+                bind.input("image_embeds", True, _FLOAT, [features.rows, self.hidden],
+                           features.ptr)
         src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
         past_shape = [b, self.heads, p, self.head_dim]
         pres_shape = [b, self.heads, t, self.head_dim]
+        kvt = self._kv_type
         for (pk, pv, ok, ov), (sk, sv), (dk, dv) in zip(self._names, src, dst):
-            io.bind_input(pk, dev, 0, kvt, past_shape, sk.ptr)
-            io.bind_input(pv, dev, 0, kvt, past_shape, sv.ptr)
-            io.bind_output(ok, dev, 0, kvt, pres_shape, dk.ptr)
-            io.bind_output(ov, dev, 0, kvt, pres_shape, dv.ptr)
+            bind.input(pk, True, kvt, past_shape, sk.ptr)
+            bind.input(pv, True, kvt, past_shape, sv.ptr)
+            bind.output(ok, True, kvt, pres_shape, dk.ptr)
+            bind.output(ov, True, kvt, pres_shape, dv.ptr)
         vocab = self.vocab_size
         if s == 1:
-            if cache._logits1 is None:
-                cache._logits1 = np.empty((b, 1, vocab), np.float32)
-            logits = cache._logits1
+            logits, logits_ptr = cache._logits1, cache._logits1_ptr
         else:
             logits = np.empty((b, s, vocab), np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, [b, s, vocab], logits.ctypes.data)
-        self.session.run_with_iobinding(io)
+            logits_ptr = logits.ctypes.data
+        bind.output("logits", False, _FLOAT, [b, s, vocab], logits_ptr)
+        self.session.run_with_iobinding(bind.io)
         cache.cur = 1 - cache.cur
         cache.length = t
         if last_only:
@@ -364,8 +465,3 @@ class DecoderEngine:
     def mask_out(self, cache: KVCache, start: int, end: int | None = None) -> None:
         """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked)."""
         cache.mask[:, start:cache.length if end is None else end] = 0
-
-
-def threads_from_env() -> int | None:
-    v = os.environ.get("QWENVL_EDGE_THREADS")
-    return int(v) if v and v.isdigit() else None

@@ -101,6 +101,7 @@ class Sampler:
         self._suppress_set = frozenset(self.suppress.tolist())
         self.rng = np.random.default_rng(cfg.seed)
         self.penalty = cfg.repetition_penalty != 1.0
+        self._fast = cfg.greedy and not self.penalty
         self.seen = np.zeros(self.n_vocab, bool) if self.penalty else None
         if self.penalty:
             ids = np.asarray(list(context_ids), np.int64)
@@ -112,13 +113,17 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         x = logits[:self.n_vocab]
+        if self._fast:  # plain greedy: one argmax (the per-token hot path)
+            tok = int(x.argmax())
+            if tok not in self._suppress_set:
+                return tok
         cfg = self.cfg
         if self.penalty:
             x = x.astype(np.float32, copy=True)
             s = x[self.seen]
             x[self.seen] = np.where(s < 0, s * cfg.repetition_penalty, s / cfg.repetition_penalty)
         if cfg.greedy:
-            tok = int(np.argmax(x))
+            tok = int(x.argmax())
             if tok not in self._suppress_set:
                 return tok
             x = x.astype(np.float32, copy=True)
@@ -172,6 +177,12 @@ class TextStream:
         self.stopped = False
 
     def push(self, tok: int) -> str:
+        if not self.stop:  # hot path: every completed character goes out at once
+            piece = self.decoder.feed(tok)
+            if piece:
+                self.text += piece
+                self.emitted += len(piece)
+            return piece
         before = len(self.text)
         self.text += self.decoder.feed(tok)
         if self.stop:
@@ -222,18 +233,22 @@ def decode_tokens(forward: Callable[[int], np.ndarray], logits: np.ndarray, samp
     """
     lock = lock or nullcontext()
     n = int(cfg.max_new_tokens)
+    min_new = int(cfg.min_new_tokens)
+    tokens, step_s, clock = state.tokens, state.step_s, time.perf_counter
+    observe = sampler.observe if sampler.penalty else None
     for step in range(n):
         tok = sampler(logits)
-        if tok in stop_ids and step >= cfg.min_new_tokens:
+        if tok in stop_ids and step >= min_new:
             state.finish_reason = "stop"
             return
-        state.tokens.append(tok)
-        sampler.observe(tok)
+        tokens.append(tok)
+        if observe is not None:
+            observe(tok)
         yield tok
         if step + 1 == n:
             state.finish_reason = "length"
             return
-        t = time.perf_counter()
+        t = clock()
         with lock:
             logits = forward(tok)
-        state.step_s.append(time.perf_counter() - t)
+        step_s.append(clock() - t)

@@ -20,6 +20,7 @@ Imports only numpy, onnxruntime, tiktoken, Pillow and this package.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Generator, Sequence
@@ -31,12 +32,12 @@ import numpy as np
 
 from . import bundle as _bundle
 from .bundle import BundleError, Manifest
-from .engines import (CUDA, DecoderEngine, EngineError, Features, KVCache, TrtVisionEngine,
-                      VisionEngine, pick_providers)
+from .engines import (CUDA, TRT_EP, DecoderEngine, EngineError, Features, KVCache,
+                      TrtVisionEngine, VisionEngine, ort_providers, pick_providers)
 from .generate import (DecodeState, GenerationConfig, GenerationError, Sampler, TextStream,
                        decode_tokens)
 from .grounding import GroundedBox, parse_grounding
-from .image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, preprocess
+from .image import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from .prompt import (DEFAULT_SYSTEM, PromptError, Query, Turn, build_chat_ids, build_raw_ids,
                      image_slot_positions)
 from .tokenizer import QwenTokenizer, StreamDecoder
@@ -54,6 +55,17 @@ class ConversationBusyError(RuntimeError):
 
 @dataclass
 class ChatResult:
+    """A finished reply.
+
+    ``text``: the reply (special tokens it contains, e.g. grounding tags, as text; stop strings
+    cut off). ``token_ids``: the generated ids without the stop id. ``boxes``: grounding boxes,
+    ``pixels`` in the original pixels of the last image of the conversation. ``timings`` (s):
+    ``preprocess_s`` (load + resize), ``vision_s``, ``prefill_s`` (+ ``prefill_tokens``),
+    ``ttft_s`` (call to first token), ``decode_s`` (wall time between consecutive tokens as the
+    consumer sees them), ``decode_ms_per_token`` (their mean), ``decode_engine_s`` (decoder runs
+    alone), ``new_tokens``.
+    """
+
     text: str
     token_ids: list[int]
     boxes: list[GroundedBox]
@@ -111,19 +123,31 @@ class Conversation:
     def cached_tokens(self) -> int:
         return sum(1 for i in self.cache_ids if i >= 0)
 
+    def _hold(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise ConversationBusyError("this Conversation is generating a reply: finish or close "
+                                        "that stream first")
+
     def reset(self) -> None:
         """Forget every turn (the KV buffers are kept for the next turn)."""
-        with self._busy:
+        self._hold()
+        try:
             self.turns, self.image_sizes, self.features, self.cache_ids = [], [], [], []
             if self.cache is not None:
                 self.cache.reset()
+        finally:
+            self._busy.release()
 
     def close(self) -> None:
-        """Give the KV buffers back to the pipeline's pool (the turns are kept)."""
-        with self._busy:
+        """Give the KV buffers back to the pipeline's pool (the turns are kept; a later turn
+        recomputes them)."""
+        self._hold()
+        try:
             if self.cache is not None:
                 self.pipeline._release(self.cache)
             self.cache, self.cache_ids = None, []
+        finally:
+            self._busy.release()
 
 
 class ChatStream:
@@ -201,6 +225,15 @@ class Pipeline:
         if wrong:
             raise BundleError(f"{manifest.file('tokenizer/qwen.tiktoken')} does not match the "
                               f"manifest's special ids {wrong}: re-export the bundle")
+        checks = (("vision", vision, "n_queries", self.n_queries),
+                  ("vision", vision, "hidden", int(m["hidden"])),
+                  ("decoder", decoder, "hidden", int(m["hidden"])),
+                  ("decoder", decoder, "layers", int(m["layers"])))
+        for name, eng, attr, want in checks:
+            got = getattr(eng, attr, None)
+            if got is not None and got != want:
+                raise BundleError(f"{eng.path}: the {name} engine has {attr} {got} but the "
+                                  f"manifest says {want}: re-export the bundle")
         if decoder.vocab_size != self.vocab_size:
             raise BundleError(f"{decoder.path} has {decoder.vocab_size} logits but the manifest says "
                               f"vocab_size {self.vocab_size}: re-export the bundle")
@@ -229,33 +262,47 @@ class Pipeline:
         providers = pick_providers(device)
         tok = QwenTokenizer.from_dir(man.file("tokenizer"))
         vision = None
-        if providers[0] == CUDA and man.trt_plans() or device == "tensorrt":
-            vision = cls._trt_vision(man, required=device == "tensorrt")
+        if (providers[0] == CUDA and man.trt_plans()) or device == "tensorrt":
+            vision = cls._trt_vision(man, device == "tensorrt", threads)
         if vision is None:
             vision = VisionEngine(man.file(man.engines.get("vision", {}).get("file", "vision.onnx")),
-                                  providers, threads)
+                                  providers, threads, int(man.model["n_queries"]),
+                                  int(man.model["hidden"]))
         decoder = DecoderEngine(man.file(man.engines.get("decoder", {}).get("file", "decoder.onnx")),
                                 providers, threads, vocab_size=int(man.model["vocab_size"]))
         return cls(man, tok, vision, decoder, providers, max_pixels, kv_capacity)
 
     @staticmethod
-    def _trt_vision(man: Manifest, required: bool) -> Any:
+    def _trt_vision(man: Manifest, required: bool, threads: int | None) -> Any:
+        """The bundle's TensorRT plan when it fits this GPU/TensorRT; else, when TensorRT was
+        asked for, onnxruntime's TensorRT provider on the ONNX vision engine (engine cache in
+        ``$QWENVL_EDGE_CACHE/trt``); else None (the ONNX engine on CUDA/CPU is used)."""
         try:
             import tensorrt as trt  # noqa: PLC0415 - optional
             version = trt.__version__
         except ImportError:
             version = None
-        plan = _bundle.select_trt_plan(man, "vision", version, _bundle.gpu_name(), required)
-        if plan is None:
-            return None
+        has_ep = TRT_EP in ort_providers()
+        plan = _bundle.select_trt_plan(man, "vision", version, _bundle.gpu_name(),
+                                       required and not has_ep)
         m = man.model
-        try:
-            return TrtVisionEngine(plan, int(m["n_queries"]), int(m["hidden"]))
-        except EngineError:
-            if required:
-                raise
-            log.warning("TensorRT plan %s did not load; using the ONNX vision engine", plan)
-            return None
+        if plan is not None:
+            try:
+                return TrtVisionEngine(plan, int(m["n_queries"]), int(m["hidden"]))
+            except EngineError:
+                if required and not has_ep:
+                    raise
+                log.warning("TensorRT plan %s did not load; using the ONNX vision engine", plan)
+        if required and has_ep:
+            cache = Path(os.environ.get("QWENVL_EDGE_CACHE",
+                                        Path.home() / ".cache" / "qwenvl-edge")) / "trt"
+            cache.mkdir(parents=True, exist_ok=True)
+            opts = {"trt_fp16_enable": man.data.get("vision_precision", "fp16") == "fp16",
+                    "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+            return VisionEngine(man.file(man.engines.get("vision", {}).get("file", "vision.onnx")),
+                                [(TRT_EP, opts), CUDA, "CPUExecutionProvider"], threads,
+                                int(m["n_queries"]), int(m["hidden"]))
+        return None
 
     @property
     def device(self) -> str:
@@ -355,8 +402,13 @@ class Pipeline:
             conv = history
             if conv.pipeline is not self:
                 raise ValueError("this Conversation belongs to another Pipeline")
-            with conv._busy:
-                turns, sys_text = list(conv.turns), conv.system
+            if system is not None and system != conv.system:
+                raise PromptError("a Conversation keeps its system message: pass system= to "
+                                  "pipeline.conversation(system=...) instead")
+            if conv._busy.locked():
+                raise ConversationBusyError("this Conversation is already generating a reply: "
+                                            "finish or close that stream first")
+            turns, sys_text = list(conv.turns), conv.system
             # the history's images are already in the conversation: images = the new ones
             prep = self._prepare(prompt, images, turns, sys_text, gen, history_images_given=False)
         else:
@@ -395,15 +447,14 @@ class Pipeline:
              conv: Conversation | None) -> Generator[str, None, ChatResult]:
         tim = prep.timings
         gen = prep.gen
-        if conv is not None and not conv._busy.acquire(blocking=False):
-            raise ConversationBusyError("this Conversation is already generating a reply: finish "
-                                        "or close that stream first")
+        if conv is not None:
+            conv._hold()
         cache: KVCache | None = None
         try:
             t = time.perf_counter()
             new_feats = self._encode(prep.pixels)
             tim["vision_s"] = time.perf_counter() - t
-            split = [] if new_feats is None else _split(new_feats)
+            split = [] if new_feats is None else new_feats.split()
             ids = prep.ids
             reused = 0
             if conv is not None:
@@ -438,10 +489,9 @@ class Pipeline:
             sampler = Sampler(gen, self.n_vocab, history_ids, self.suppress_ids)
             state = DecodeState()
             stream = TextStream(StreamDecoder(self.tokenizer), gen.stop)
-            first = None
+            arrivals: list[float] = []
             for tok in decode_tokens(forward, logits, sampler, self.stop_ids, gen, state, lock):
-                if first is None:
-                    first = time.perf_counter()
+                arrivals.append(time.perf_counter())
                 piece = stream.push(tok)
                 if piece:
                     yield piece
@@ -452,10 +502,8 @@ class Pipeline:
             if piece:
                 yield piece
             sizes = prep.sizes if conv is None else conv.image_sizes + prep.sizes
-            tim["ttft_s"] = (first or time.perf_counter()) - tim.pop("t0")
-            tim["decode_s"] = state.step_s
-            tim["decode_ms_per_token"] = (1e3 * float(np.mean(state.step_s))
-                                          if state.step_s else None)
+            tim["ttft_s"] = (arrivals[0] if arrivals else time.perf_counter()) - tim.pop("t0")
+            _decode_timings(tim, arrivals, state.step_s)
             tim["new_tokens"] = len(state.tokens)
             result = ChatResult(stream.text, list(state.tokens), parse_grounding(stream.text, sizes),
                                 tim, state.finish_reason, len(ids), reused, list(sizes))
@@ -492,7 +540,7 @@ class Pipeline:
         pixels = np.concatenate([p.pixels for p in preps])
         feats = self._encode(pixels)
         vision_s = time.perf_counter() - t
-        per_image = [] if feats is None else _split(feats)
+        per_image = [] if feats is None else feats.split()
         rows, table_parts, k = [], [], 0
         for p in preps:
             n = len(p.pixels)
@@ -520,7 +568,7 @@ class Pipeline:
         tokens: list[list[int]] = [[] for _ in preps]
         reasons = ["length"] * b
         done = [False] * b
-        first = [None] * b
+        arrivals: list[list[float]] = [[] for _ in preps]
         steps: list[float] = []
         step_ids = np.zeros((b, 1), np.int64)
         step_mask = np.zeros((b, 1), np.int64)
@@ -536,7 +584,7 @@ class Pipeline:
                     continue
                 tokens[i].append(tok)
                 samplers[i].observe(tok)
-                first[i] = first[i] or time.perf_counter()
+                arrivals[i].append(time.perf_counter())
                 streams[i].push(tok)
                 if streams[i].stopped:
                     done[i], reasons[i] = True, "stop_string"
@@ -556,10 +604,9 @@ class Pipeline:
             text = streams[i].text
             tim = {"preprocess_s": p.timings["preprocess_s"], "vision_s": vision_s,
                    "prefill_s": prefill_s, "prefill_tokens": int(mask.sum()),
-                   "ttft_s": (first[i] or time.perf_counter()) - t0,
-                   "decode_s": steps[:max(len(tokens[i]) - 1, 0)],
-                   "decode_ms_per_token": 1e3 * float(np.mean(steps)) if steps else None,
+                   "ttft_s": (arrivals[i][0] if arrivals[i] else time.perf_counter()) - t0,
                    "new_tokens": len(tokens[i]), "batch": b}
+            _decode_timings(tim, arrivals[i], steps[:max(len(tokens[i]) - 1, 0)])
             results.append(ChatResult(text, tokens[i], parse_grounding(text, p.sizes), tim,
                                       reasons[i], len(p.ids), 0, list(p.sizes)))
         return results
@@ -586,9 +633,10 @@ class Pipeline:
         return k
 
 
-def _split(f: Features) -> list[Features]:
-    """One Features per image (host views; device features are copied once to the host)."""
-    if f.shape[0] == 1:
-        return [f]
-    arr = f.numpy()
-    return [Features(arr[i:i + 1].shape, arr[i:i + 1]) for i in range(arr.shape[0])]
+def _decode_timings(tim: dict[str, Any], arrivals: list[float], forward_s: list[float]) -> None:
+    """``decode_s``: wall time between consecutive tokens (everything included: engine,
+    sampling, detokenising, the consumer); ``decode_engine_s``: the decoder runs alone."""
+    gaps = np.diff(arrivals).tolist() if len(arrivals) > 1 else []
+    tim["decode_s"] = gaps
+    tim["decode_ms_per_token"] = 1e3 * float(np.mean(gaps)) if gaps else None
+    tim["decode_engine_s"] = list(forward_s)

@@ -317,3 +317,42 @@ def test_int4_rejects_mismatched_quant_tensors(nano_model, quant_sets, dec_dir):
     with pytest.raises(PackingError):
         fake_quant_model(nano_model, wrong)
     assert not out.exists() and not list(out.parent.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("case", list(INT4_CASES))
+def test_chunked_gptq_conversion_equals_whole(case, quant_sets):
+    """Full-size Linears are converted in slices of output rows; same bytes as in one go."""
+    from exporters.decoder import _gptq_to_nbits_chunked
+    from quant.packing import gptq_to_matmul_nbits
+
+    gs = INT4_CASES[case][0]
+    t = quant_sets[case]["transformer.h.0.attn.c_attn"]
+    whole, parts = gptq_to_matmul_nbits(t, gs), _gptq_to_nbits_chunked(t, gs, rows=64)
+    for f in ("B", "scales", "zero_points", "perm"):
+        a, b = getattr(whole, f), getattr(parts, f)
+        assert (a is None and b is None) or np.array_equal(a, b), f
+
+
+def test_chunked_conversion_with_partly_symmetric_zero_points():
+    from exporters.decoder import _gptq_to_nbits_chunked
+    from quant.packing import gptq_to_matmul_nbits, pack_gptq
+
+    rng = np.random.default_rng(5)
+    n, k, gs = 192, 256, 128
+    codes = rng.integers(0, 16, (n, k))
+    zeros = rng.integers(1, 16, (n, k // gs))
+    zeros[:64] = 8  # the first slice looks symmetric: its own conversion has no zero_points
+    t = pack_gptq(codes, rng.random((n, k // gs)) + 0.1, zeros, np.arange(k) // gs)
+    whole, parts = gptq_to_matmul_nbits(t, gs), _gptq_to_nbits_chunked(t, gs, rows=64)
+    assert np.array_equal(whole.zero_points, parts.zero_points)
+    assert np.array_equal(whole.B, parts.B)
+
+
+def test_context_past_the_rotary_table_is_refused(nano_model, dec_dir):
+    """Positions past ``max_positions`` (seq_length when NTK/logN apply) fail, never read junk."""
+    res = export_decoder(nano_model, dec_dir / "short" / "decoder.onnx", plan="fp32",
+                         max_positions=16)
+    sess = open_session(res.onnx_path, threads=1)
+    assert np.isfinite(run_decoder(sess, np.arange(16)[None])[0]).all()
+    with pytest.raises(Exception, match="RotaryEmbedding"):
+        run_decoder(sess, np.arange(17)[None])

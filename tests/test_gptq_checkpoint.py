@@ -21,6 +21,15 @@ from quant.packing import dequantize, dequantize_matmul_nbits, gptq_to_matmul_nb
 GS = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: torch's intra-op threads only add synchronisation (slow on a busy box)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def hidden_inputs(model, n_items=4, seed=0):
     """Block-0 inputs of image prompts (random features stand in for the ViT: speed)."""
     cfg = model.cfg
@@ -41,7 +50,7 @@ def quantise_and_save(model, src, out, desc_act=False, **save_kw):
     fq = copy.deepcopy(model)
     res = quantize_decoder(fq, hidden_inputs(model), QuantConfig(group_size=GS, desc_act=desc_act),
                            inplace=True, progress=False)
-    save_gptq_checkpoint(out, res, src, **save_kw)
+    save_gptq_checkpoint(src, res, None, out, **save_kw)
     return res, fq
 
 
@@ -311,7 +320,20 @@ def test_corrupt_shard(official, tmp_path):
 def test_save_refuses_partial_result(nano_ckpt, nano_model, tmp_path):
     res = quantize_decoder(nano_model, hidden_inputs(nano_model, 2), QuantConfig(group_size=GS),
                            max_blocks=1, progress=False)
-    with pytest.raises(GPTQCheckpointError, match="covers 5 of 10 Linears"):
-        save_gptq_checkpoint(tmp_path / "x", res, nano_ckpt)
+    with pytest.raises(GPTQCheckpointError, match="cover 5 of 10 Linears"):
+        save_gptq_checkpoint(nano_ckpt, res, None, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert set(LINEAR_SUFFIXES) == {n.split(".", 3)[3] for n in res.tensors}
+
+
+def test_save_rtn_tensors(nano_ckpt, nano_model, tmp_path):
+    """Any GPTQ-layout tensors can be saved (here RTN ones), with the config they were made with."""
+    from quant.fake_quant import rtn_gptq_tensors
+
+    tensors = rtn_gptq_tensors(nano_model, group_size=32)
+    with pytest.raises(GPTQCheckpointError, match="has 4 groups for 128 inputs but group_size is 64"):
+        save_gptq_checkpoint(nano_ckpt, tensors, QuantConfig(group_size=64), tmp_path / "x")
+    save_gptq_checkpoint(nano_ckpt, tensors, QuantConfig(group_size=32), tmp_path / "rtn")
+    _, loaded, _ = load_gptq_checkpoint(tmp_path / "rtn")
+    for name, t in tensors.items():
+        assert np.array_equal(dequantize(loaded[name]), dequantize(t)), name

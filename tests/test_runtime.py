@@ -9,7 +9,6 @@ bad input, and the dependency rule (no torch/onnx at run time).
 from __future__ import annotations
 
 import ast
-import io
 import json
 import os
 import subprocess
@@ -302,6 +301,13 @@ def test_multiturn_kv_reuse_equals_recompute(pipe, images):
     s4 = pipe.chat("Thanks.", images=images[:2], history=[t1, t2, conv.turns[2]],
                    temperature=0, max_new_tokens=8).result()
     assert r4.token_ids == s4.token_ids and r4.reused_tokens > 0
+    # released KV buffers: the next turn recomputes the whole history, same tokens
+    conv.close()
+    r5 = conv.chat("Bye.", temperature=0, max_new_tokens=6).result()
+    t4 = Turn("Thanks.", r4.token_ids, 0)
+    s5 = pipe.chat("Bye.", images=images[:2], history=[t1, t2, conv.turns[2], t4],
+                   temperature=0, max_new_tokens=6).result()
+    assert r5.reused_tokens == 0 and r5.token_ids == s5.token_ids
     conv.close()
 
 

@@ -54,7 +54,7 @@ def photos(visual):
 
 
 def _block_layout(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """The classic exporter bug: per-head [h][q|k|v] rows read as nn.MultiheadAttention's [Q;K;V]."""
+    """The classic exporter bug: per-head [h][q|k|v] rows read as MultiheadAttention's [Q;K;V]."""
     hd = t.shape[0] // (3 * heads)
     return t.reshape(heads, 3, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
@@ -287,7 +287,8 @@ def test_trt_commands_written_and_runnable(fp16_export, visual, photos, tmp_path
 def test_polygraphy_onnxrt_matches_saved_reference(fp16_export, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(fp16_export.onnx_path.parent, bundle)
-    main = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
+    main = ("import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; "
+            "sys.exit(main())")
     cmd = [sys.executable, "-c", main, "run", "vision.onnx", "--onnxrt",
            "--providers", "cpu", "--graph-optimization-level", "ORT_ENABLE_EXTENDED",
            "--load-inputs", trt_mod.CHECK_INPUTS, "--load-outputs", trt_mod.CHECK_REFERENCE,
