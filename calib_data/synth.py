@@ -381,6 +381,11 @@ def draw_ocr_scene(seed: int, size: tuple[int, int] | None = None) -> tuple[Imag
     return img, text
 
 
+def ordered_index(obj: SceneObject) -> int:
+    """Index of the object's (colour, shape) pair in ``COLORS`` x ``SHAPES`` (0..23)."""
+    return list(COLORS).index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
 def ref_phrase(obj: SceneObject) -> str:
     """The referring expression of an object: ``the red circle``."""
     return f"the {obj.color} {obj.shape}"
@@ -461,7 +466,8 @@ def _caption_example(seed: int, sc: Scene) -> Example:
 def _ocr_example(seed: int, sc: Scene) -> Example:
     assert sc.text is not None
     return Example(seed, "ocr", "chat", sc.image, [OCR_PROMPT], sc.text, [sc.text],
-                   {"text": sc.text, "text_box": sc.text_box, "sign_box": sc.sign_box})
+                   {"text": sc.text, "text_box": sc.text_box, "sign_box": sc.sign_box,
+                    "objects": sc.objects})
 
 
 def make_example(seed: int, task: str, form: str | None = None, index: int | None = None) -> Example:

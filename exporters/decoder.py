@@ -154,7 +154,8 @@ class DecoderExportResult:
         return d
 
     def summary(self) -> str:
-        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        ops = ", ".join(f"{k} x{v}" for k, v in
+                        sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
         wb = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items() if v)
         return (f"decoder {self.plan} ({self.settings['act_dtype']} activations, "
                 f"{self.settings['kv_dtype']} KV, lm_head {self.settings['lm_head']}): "
@@ -341,7 +342,8 @@ class _DecoderGraph:
         b = g.init(name + ".bias", bias.astype(self.A), cat) if bias is not None else ""
         return g.op("MatMulNBits", [x, B, sc, zp, "", b], scope=scope, domain=MS_DOMAIN,
                     K=mm.K, N=mm.N, bits=mm.bits, block_size=mm.block_size,
-                    accuracy_level=self.s.accuracy_level if accuracy_level is None else accuracy_level)
+                    accuracy_level=(self.s.accuracy_level if accuracy_level is None
+                                    else accuracy_level))
 
     def linear(self, x: str, name: str, scope: str) -> str:
         if self.s.plan != "int4":
@@ -377,7 +379,8 @@ class _DecoderGraph:
         # int8 per output channel, quantised in row chunks (a 151936 x 4096 head in fp32 is 2.5 GB)
         w = self.get("lm_head.weight")
         n, k = w.shape
-        parts = [quantize_int8_per_channel(w[i:i + 8192].float().numpy()) for i in range(0, n, 8192)]
+        parts = [quantize_int8_per_channel(w[i:i + 8192].float().numpy())
+                 for i in range(0, n, 8192)]
         del w
         mm = MatMulNBitsWeights(B=np.concatenate([p.B for p in parts]),
                                 scales=np.concatenate([p.scales for p in parts]), zero_points=None,
@@ -390,8 +393,9 @@ class _DecoderGraph:
     def build(self) -> tuple[list, list]:
         g, cfg, s = self.g, self.cfg, self.s
         hid, H, D, L, V = self.hid, self.H, self.D, self.L, self.V
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
-                  helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["image_rows", hid]),
+        vi = helper.make_tensor_value_info
+        inputs = [vi("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+                  vi("image_embeds", TensorProto.FLOAT, ["image_rows", hid]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                                 ["batch", "total_sequence_length"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
@@ -417,11 +421,11 @@ class _DecoderGraph:
         img = "image_embeds" if self.A == np.float32 else self.cast("image_embeds", self.A, sc)
         # row 0 of the table is a zero row, so an empty image_embeds still gathers
         table = g.op("Concat", [g.const(np.zeros((1, hid)), self.A), img], scope=sc, axis=0)
-        img_idx = g.op("Where", [is_img, g.op("Sub", ["input_ids", g.const(V - 1, np.int64)], scope=sc),
-                                 zero_i], scope=sc)
+        shifted = g.op("Sub", ["input_ids", g.const(V - 1, np.int64)], scope=sc)
+        img_idx = g.op("Where", [is_img, shifted, zero_i], scope=sc)
         img_rows = g.op("Gather", [table, img_idx], scope=sc, axis=0)
-        x = g.op("Where", [g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc), img_rows, tok],
-                 scope=sc)
+        is_img3 = g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc)
+        x = g.op("Where", [is_img3, img_rows, tok], scope=sc)
 
         # ---- positions and masks (shared by all layers) ----
         sc = "/positions"
@@ -622,7 +626,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
         if quant_tensors is None:
             raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
                                      "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
-        names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers) for sfx in LINEAR_SUFFIXES]
+        names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers)
+                 for sfx in LINEAR_SUFFIXES]
         missing = [n for n in names if n not in quant_tensors]
         if missing:
             raise DecoderExportError(f"quant_tensors lacks {len(missing)} of {len(names)} Linears, "

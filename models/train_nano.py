@@ -162,6 +162,7 @@ class Batch:
     mask: torch.Tensor  # [N, 1, T, T] bool, True = may attend
     tasks: torch.Tensor  # [N, T] task index (TASKS) of each target
     n_questions: int
+    aux: dict[str, torch.Tensor] | None = None  # per-slot labels (``slot_labels``)
 
 
 TASK_INDEX = {t: i for i, t in enumerate(synth.TASKS)}
@@ -187,11 +188,52 @@ def pack_row(seqs: list[tuple[list[int], list[int], int]]) -> tuple[list[int], l
     return ids, tgt, pos, branch
 
 
+N_OBJECT_CLASSES = 2 + len(synth.COLORS) * len(synth.SHAPES)  # background, shapes, sign
+N_TEXT_CLASSES = len(synth.OCR_WORDS) + synth.OCR_NUMBER_RANGE[1] + 1
+
+
+def text_class(text: str) -> int:
+    if text in synth.OCR_WORDS:
+        return synth.OCR_WORDS.index(text)
+    return len(synth.OCR_WORDS) + int(text)
+
+
+def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
+    """Training-only targets for the n_queries image features (a g x g grid over the squashed
+    image, row-major like the resampler's 2-D pos_embed): what covers the centre of each cell
+    (class), the normalised box of that object or sign, and the sign's text."""
+    g = int(math.sqrt(n_queries))
+    W, H = ex.image.size
+    cls = torch.zeros(n_queries, dtype=torch.long)
+    box = torch.zeros(n_queries, 4)
+    txt = torch.full((n_queries,), IGNORE, dtype=torch.long)
+    items = [(2 + synth.ordered_index(o), o.box, None) for o in ex.truth["objects"]]
+    if ex.truth.get("sign_box") is not None:
+        items.append((1, ex.truth["sign_box"], text_class(ex.truth["text"])))
+    for r in range(g):
+        y = (r + 0.5) / g * H
+        for c in range(g):
+            x = (c + 0.5) / g * W
+            for k, (x1, y1, x2, y2), t in items:
+                if x1 <= x < x2 and y1 <= y < y2:
+                    m = r * g + c
+                    cls[m] = k
+                    box[m] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
+                    if t is not None:
+                        txt[m] = t
+                    break
+    return {"cls": cls, "box": box, "txt": txt}
+
+
 def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
-    pix, rows, n_q = [], [], 0
+    pix, rows, n_q, aux = [], [], 0, []
     for seed in seeds:
         exs = image_examples(seed, dc)
         pix.append(pixels_of(exs[0].image, cfg.visual.image_size))
+        ocr = [e for e in exs if e.task == "ocr"]
+        lab_ex = ocr[0] if ocr else exs[0]
+        lab_ex.truth.setdefault("objects", exs[0].truth.get("objects", []))
+        aux.append(slot_labels(lab_ex, cfg.visual.n_queries))
         seqs = []
         for ex in exs:
             ids, tgt = encode_example(tok, ex, cfg.visual.n_queries)
@@ -222,7 +264,8 @@ def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
         m[n:, :] = False
         m[torch.arange(n, T), torch.arange(n, T)] = True  # padding sees itself (no NaN rows)
         mask[i, 0] = m
-    return Batch(torch.stack(pix), ids, targets, positions, mask, tasks, n_q)
+    aux_t = {k: torch.stack([a[k] for a in aux]) for k in aux[0]}
+    return Batch(torch.stack(pix), ids, targets, positions, mask, tasks, n_q, aux_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +356,9 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def train_logits(model: QWenLMHeadModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    """Logits at the supervised positions only ([n, vocab]), their targets and task ids ([n])."""
+                                                                 torch.Tensor, torch.Tensor]:
+    """Logits at the supervised positions only ([n, vocab]), their targets and task ids ([n]),
+    and the image features ([N, n_queries, hidden])."""
     cfg = model.cfg
     feats = model.encode_images(batch.pixels)  # [N, Q, D], one image per row
     x = model.embed(batch.ids, feats)
@@ -333,7 +377,31 @@ def train_logits(model: QWenLMHeadModel, batch: Batch) -> tuple[torch.Tensor, to
         x = x + blk.mlp(blk.ln_2(x))
     sel = batch.targets != IGNORE
     h = model.transformer.ln_f(x[sel])
-    return model.lm_head(h), batch.targets[sel], batch.tasks[sel]
+    return model.lm_head(h), batch.targets[sel], batch.tasks[sel], feats
+
+
+class AuxHeads(nn.Module):
+    """Training-only linear probes on the image features (discarded at save time, the shipped
+    model is plain Qwen-VL). They give the vision tower dense targets from the first step —
+    what is in each cell, its box, the sign's word — so the decoder soon finds informative
+    features to attend to, instead of settling on the text prior (a constant answer)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cls = nn.Linear(dim, N_OBJECT_CLASSES)
+        self.box = nn.Linear(dim, 4)
+        self.txt = nn.Linear(dim, N_TEXT_CLASSES)
+
+    def loss(self, feats: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+        f = feats.float()
+        l_cls = F.cross_entropy(self.cls(f).flatten(0, 1), aux["cls"].flatten())
+        on = aux["cls"].flatten() > 0
+        l_box = F.l1_loss(torch.sigmoid(self.box(f)).flatten(0, 1)[on], aux["box"].flatten(0, 1)[on]) \
+            if on.any() else f.sum() * 0
+        txt = aux["txt"].flatten()
+        l_txt = F.cross_entropy(self.txt(f).flatten(0, 1), txt, ignore_index=IGNORE) \
+            if (txt != IGNORE).any() else f.sum() * 0
+        return l_cls + 5.0 * l_box + l_txt
 
 
 #: Share of the loss per task. Without it the ~25-token box answers would swamp the 1-3 token
@@ -401,7 +469,7 @@ def val_loss(model, tok, dc: DataConfig, cfg, n_steps: int) -> dict[str, float]:
     with fast_attention():
         for i in range(n_steps):
             batch = collate(tok, step_items(i, dc, "val"), dc, cfg)
-            logits, tgt, task = train_logits(model, batch)
+            logits, tgt, task, _ = train_logits(model, batch)
             loss = F.cross_entropy(logits.float(), tgt, reduction="none")
             sums.index_add_(0, task, loss)
             counts.index_add_(0, task, torch.ones_like(loss))
@@ -437,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--aux-weight", type=float, default=0.5,
+                    help="weight of the training-only per-slot losses on the image features "
+                         "(AuxHeads; 0 disables)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps")
     ap.add_argument("--val-steps", type=int, default=4, help="validation batches per evaluation")
@@ -476,14 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98),
-                            eps=1e-8)
+    heads = AuxHeads(cfg.hidden_size)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay) +
+                            [{"params": list(heads.parameters()), "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     state_dir = Path(args.state_dir or Path(".cache") / "train_nano" / Path(args.out).name)
     state_dir.mkdir(parents=True, exist_ok=True)
     start, history, elapsed0 = 0, [], 0.0
     if args.resume and (state_dir / "state.pt").is_file():
         st = torch.load(state_dir / "state.pt", weights_only=False)
         model.load_state_dict(st["model"])
+        heads.load_state_dict(st["heads"])
         opt.load_state_dict(st["opt"])
         start, history, elapsed0 = st["step"], st["history"], st["elapsed"]
         print(f"resumed from step {start}", file=sys.stderr)
@@ -505,8 +579,10 @@ def main(argv: list[str] | None = None) -> int:
             lr = lr_at(step, progress, args.lr, args.warmup, args.min_lr_frac)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits, tgt, task = train_logits(model, batch)
+            logits, tgt, task, feats = train_logits(model, batch)
             loss = balanced_loss(logits, tgt, task, weights)
+            if args.aux_weight:
+                loss = loss + args.aux_weight * heads.loss(feats, batch.aux)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
@@ -523,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                 history.append(rec)
             if done % args.ckpt_every == 0 and done < args.steps:
                 tmp = state_dir / "state.pt.tmp"
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done,
+                torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
+                            "opt": opt.state_dict(), "step": done,
                             "history": history, "elapsed": time.time() - t0, "args": vars(args)}, tmp)
                 os.replace(tmp, state_dir / "state.pt")
             if budget and time.time() - t0 >= budget:
@@ -540,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         "images_seen": (step + 1) * dc.images_per_step, "images_per_step": dc.images_per_step,
         "seed": args.seed,
         "train_time_s": round(train_time, 1), "final_train_loss_ema": ema,
-        "final_val_loss": final_val, "task_weights": TASK_WEIGHTS, "history": history,
+        "final_val_loss": final_val, "task_weights": TASK_WEIGHTS, "aux_weight": args.aux_weight,
+        "history": history,
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "weights_dtype": "float32",
         "data": {"train_seeds": list(synth.SPLITS["train"]), "val_seeds": list(synth.SPLITS["val"]),

@@ -44,7 +44,8 @@ def prompt(cfg):
     rng = np.random.default_rng(0)
     n_slots = cfg.visual.n_queries
     text = rng.integers(0, cfg.image_start_id - 1, 12).tolist()
-    ids = text[:5] + [cfg.image_start_id] + [cfg.image_pad_id] * n_slots + [cfg.image_start_id + 1] + text[5:]
+    span = [cfg.image_start_id] + [cfg.image_pad_id] * n_slots + [cfg.image_start_id + 1]
+    ids = text[:5] + span + text[5:]
     img = torch.from_numpy(rng.standard_normal((1, n_slots, cfg.hidden_size)).astype(np.float32))
     table_ids, rows = prompt_table_ids([ids], cfg.image_start_id, cfg.vocab_size)
     assert rows == n_slots
@@ -111,8 +112,9 @@ def test_io_contract(fp32_engine, cfg):
         f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     expect_out = ["logits"] + [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     assert list(ins) == expect_in and list(outs) == expect_out
-    assert ins["input_ids"].type == "tensor(int64)" and ins["attention_mask"].type == "tensor(int64)"
-    assert ins["image_embeds"].type == "tensor(float)" and ins["image_embeds"].shape[1] == cfg.hidden_size
+    assert ins["input_ids"].type == ins["attention_mask"].type == "tensor(int64)"
+    assert ins["image_embeds"].type == "tensor(float)"
+    assert ins["image_embeds"].shape == ["image_rows", cfg.hidden_size]
     assert ins["past_key_values.0.key"].shape == ["batch", H, "past_sequence_length", D]
     assert outs["present.0.value"].shape == ["batch", H, "total_sequence_length", D]
     assert outs["logits"].type == "tensor(float)"
