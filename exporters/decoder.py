@@ -362,7 +362,8 @@ class _DecoderGraph:
         mm = _gptq_to_nbits_chunked(t, gs)
         if t.bias is not None:
             bias = t.bias.astype(np.float32)
-        elif self.src.has(name + ".bias"):
+        elif name + ".bias" in self.shapes and self.src.has(name + ".bias"):
+            # GPTQ checkpoints store a (zero) bias for every Linear; only real biases count.
             bias = _np(self.get(name + ".bias"), np.float16).astype(np.float32)
         else:
             bias = None

@@ -71,7 +71,9 @@ class MemoryPlan:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        g = lambda b: f"{b / GB:6.2f} GB"  # noqa: E731
+        def g(b: float) -> str:
+            return f"{b / GB:6.2f} GB" if b >= 0.05 * GB else f"{b / 1e6:6.2f} MB"
+
         out = [
             f"memory plan '{self.plan}' for {self.device} ({self.usable_bytes / GB:.1f} GB usable):",
             f"  vision engine         {g(self.vision_bytes)}",
