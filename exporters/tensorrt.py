@@ -211,14 +211,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)  # mkstemp makes 0600; bundle files are read by other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -281,7 +280,11 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got "
                          f"{min_batch}/{opt_batch}/{max_batch}")
     if precision is None:
-        precision = "fp16" if "fp16" in onnx_path.name else "fp32"
+        import onnx
+
+        meta = {m.key: m.value
+                for m in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        precision = meta.get("qwenvl_edge.precision", "fp32")
     # Tolerances of the export check, translated to polygraphy's flags.
     if tolerances is not None:
         min_cosine = min_cosine if min_cosine is not None else tolerances.min_cosine
@@ -305,6 +308,9 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
         if has_ref:
             refs = [check_reference[i:i + bs] for i in range(0, len(check_reference), bs)]
             _atomic_write(out_dir / CHECK_REFERENCE, polygraphy_outputs_json(refs).encode())
+    for name, written in ((CHECK_INPUTS, has_inputs), (CHECK_REFERENCE, has_ref)):
+        if not written:  # stale data of an earlier export would check the wrong engine
+            (out_dir / name).unlink(missing_ok=True)
     settings = TrtCommandSettings(onnx=rel_onnx, image_size=image_size, min_batch=min_batch,
                                   opt_batch=opt_batch, max_batch=max_batch,
                                   min_cosine=min_cosine, atol=atol)

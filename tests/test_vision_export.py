@@ -281,6 +281,14 @@ def test_trt_commands_written_and_runnable(fp16_export, visual, photos, tmp_path
     ref = _decode(rr["lst"][0][1][0]["outputs"][EMBEDS]["values"])
     np.testing.assert_allclose(ref, reference_features(visual, px), rtol=0, atol=1e-6)
 
+    # Without check data (e.g. rewritten by the bundle stage): random inputs, no stale files,
+    # the precision read from the model's metadata.
+    script2 = trt_mod.write_trt_commands(bundle / "vision.onnx", bundle, max_batch=8)
+    assert script2 == script and trt_mod.trt_command_files(bundle) == [script]
+    text2 = " ".join(script2.read_text().replace("\\\n", " ").split())
+    assert f"--maxShapes={PIXELS}:8x3x{S}x{S}" in text2 and "--input-shapes" in text2
+    assert "--cosine-similarity-threshold 0.9995" in text2 and "--load-outputs" not in text2
+
 
 @pytest.mark.skipif(importlib.util.find_spec("polygraphy") is None,
                     reason="polygraphy is not installed (optional); the command file is tested")
