@@ -79,7 +79,7 @@ TASKS = ("grounding", "caption", "ocr")
 GROUNDING_FORMS = ("ref", "chat")
 SIZE_RANGE = (320, 640)  # image width and height, drawn independently
 OBJECT_FRAC = (0.22, 0.36)  # object side as a fraction of min(W, H)
-SIGN_TEXT_FRAC = (0.10, 0.16)  # glyph height of the sign text as a fraction of min(W, H)
+SIGN_TEXT_FRAC = (0.12, 0.18)  # glyph height of the sign text as a fraction of min(W, H)
 
 
 def split_seed(split: str, i: int) -> int:
@@ -278,10 +278,13 @@ class Scene:
     text: str | None  # the sign's text (None: no sign)
     text_box: tuple[int, int, int, int] | None  # pixel box of the rendered text
     sign_box: tuple[int, int, int, int] | None  # pixel box of the sign plate
+    char_boxes: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)
+    # (character, pixel box: its advance-width column span x the text's rows), left to right
 
 
-def _draw_sign(img: Image.Image, rng: random.Random) -> tuple[str, tuple[int, int, int, int],
-                                                              tuple[int, int, int, int]]:
+def _draw_sign(img: Image.Image, rng: random.Random) -> tuple[
+        str, tuple[int, int, int, int], tuple[int, int, int, int],
+        list[tuple[str, tuple[int, int, int, int]]]]:
     W, H = img.size
     text = _sign_text(rng)
     font_name = rng.choice(font_names())
@@ -307,8 +310,14 @@ def _draw_sign(img: Image.Image, rng: random.Random) -> tuple[str, tuple[int, in
     d = ImageDraw.Draw(img)
     d.rounded_rectangle((sx, sy, sx + sw - 1, sy + sh - 1), radius=int(0.2 * sh), fill=plate,
                         outline=ink if rng.random() < 0.3 else None, width=2)
-    d.text((sx + pad_x - l, sy + pad_y - t), text, font=font, fill=ink)
-    return text, (sx + pad_x, sy + pad_y, sx + pad_x + tw, sy + pad_y + th), (sx, sy, sx + sw, sy + sh)
+    ox, oy = sx + pad_x - l, sy + pad_y - t
+    d.text((ox, oy), text, font=font, fill=ink)
+    ty1, ty2 = sy + pad_y, sy + pad_y + th
+    chars = []
+    for i, ch in enumerate(text):
+        a, b = font.getlength(text[:i]), font.getlength(text[:i + 1])
+        chars.append((ch, (int(ox + a), ty1, max(int(ox + a) + 1, int(ox + b)), ty2)))
+    return text, (sx + pad_x, ty1, sx + pad_x + tw, ty2), (sx, sy, sx + sw, sy + sh), chars
 
 
 def draw_scene(seed: int, size: tuple[int, int] | None = None, n_objects: int | None = None,
@@ -327,8 +336,9 @@ def draw_scene(seed: int, size: tuple[int, int] | None = None, n_objects: int | 
     gap = max(4, int(0.02 * min(W, H)))
     placed: list[tuple[int, int, int, int]] = []
     text = text_box = sign_box = None
+    chars: list[tuple[str, tuple[int, int, int, int]]] = []
     if sign:
-        text, text_box, sign_box = _draw_sign(img, rng)
+        text, text_box, sign_box, chars = _draw_sign(img, rng)
         placed.append(sign_box)
     colors = rng.sample(list(COLORS), n)
     shapes = rng.sample(list(SHAPES), n)
@@ -356,7 +366,7 @@ def draw_scene(seed: int, size: tuple[int, int] | None = None, n_objects: int | 
         img.paste(rgb, (0, 0, W, H), mask)
         placed.append(box)
         objects.append(SceneObject(color, shape, tuple(box), rgb))  # type: ignore[arg-type]
-    return Scene(img, objects, text, text_box, sign_box)
+    return Scene(img, objects, text, text_box, sign_box, chars)
 
 
 def draw_grounding_scene(seed: int, size: tuple[int, int] | None = None,
@@ -467,7 +477,7 @@ def _ocr_example(seed: int, sc: Scene) -> Example:
     assert sc.text is not None
     return Example(seed, "ocr", "chat", sc.image, [OCR_PROMPT], sc.text, [sc.text],
                    {"text": sc.text, "text_box": sc.text_box, "sign_box": sc.sign_box,
-                    "objects": sc.objects})
+                    "char_boxes": sc.char_boxes, "objects": sc.objects})
 
 
 def make_example(seed: int, task: str, form: str | None = None, index: int | None = None) -> Example:

@@ -3,26 +3,38 @@
 The model is the real Qwen-VL architecture (``models/qwen_vl.py``: same modules, same tensor
 names, loadable by the original remote code) at toy dimensions (``TRAINED_SPEC``): 448-px input,
 14-px patches (the real 32x32 grid), 256 resampler queries, decoder hidden 128. The data are
-drawn on the fly by ``calib_data/synth.py`` from integer seeds, so a run is a pure function of its
-command line: training images use seeds ``[0, 1e9)``, the held-out validation split ``[1e9, 2e9)``
-(never seen in training).
+drawn on the fly by ``calib_data/synth.py`` from integer seeds: step ``s`` uses the training
+seeds ``s*n .. s*n+n-1`` of ``[0, 1e9)``; the held-out validation split is ``[1e9, 2e9)``, which
+training never sees (validation losses use its first scenes, the final greedy evaluation
+``models/evaluate_nano.py`` the next ones).
 
 Each training sequence is exactly what the runtime builds at inference (``runtime.prompt``: ChatML
-of Qwen-VL-Chat with the default system prompt, ``Picture 1:<img>`` + 256 slots + ``</img>\\n`` +
+of Qwen-VL-Chat with the default system prompt, ``Picture 1:<img>`` + 256 slots + ``</img>\n`` +
 question), followed by the answer and ``<|im_end|>``; the loss covers the answer tokens and
-``<|im_end|>`` only. One image feeds several sequences (every object of a grounding scene, in
-both question forms, plus its caption), so the vision tower runs once per image.
+``<|im_end|>`` only. Every scene has 1-3 shapes and a sign, and all its questions (each shape in
+both grounding forms, the caption, the sign) are packed in one row behind a single copy of the
+image prefix with a block attention mask and per-branch positions: exactly the single-question
+sequences, but the vision tower and the 270-token prefix run once per image.
 
-    python -m models.train_nano --out models/nano/qwen-vl-nano --steps 2400 --seed 0
+Loss: per-task mean token cross-entropy mixed by ``TASK_WEIGHTS`` (so the 1-3 token OCR answers
+are not swamped by ~25-token boxes), plus ``--aux-weight`` x training-only per-cell probes on the
+image features (``AuxHeads``: what covers each of the 16x16 cells, its box, the sign's word and
+the character under the cell). The probes are discarded; the saved model is plain Qwen-VL.
 
-Resumable: the optimiser state is written every ``--ckpt-every`` steps to ``--state-dir`` and
-``--resume`` continues from the newest one (bit-for-bit the same data order). The final weights are
-saved in fp32 (``save_checkpoint``, the real HF layout, plus ``qwen.tiktoken``,
-``generation_config.json``, ``tokenizer_config.json``) with ``training_report.json``.
+    python -m models.train_nano --out models/nano/qwen-vl-nano --steps 10000 --minutes 75
+
+``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
+spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
+a pure function of ``--steps`` and the run is deterministic. Resumable: model, probe and optimiser
+state go to ``--state-dir`` every ``--ckpt-every`` steps and ``--resume`` continues from there
+(same data order). AdamW, linear warm-up then cosine decay, gradient clipping at ``--clip``.
+The final weights are saved in fp32 (``save_checkpoint``: the real HF layout, plus
+``qwen.tiktoken``, ``generation_config.json``, ``tokenizer_config.json``) with
+``training_report.json`` (command, time, losses, held-out figures).
 
 Attention during training uses ``F.scaled_dot_product_attention`` (mathematically the same
-operation as the reference's explicit softmax, ~5x faster on CPU for the 1024-token ViT); all
-evaluation runs the unmodified reference model.
+operation as the reference's explicit softmax, several times faster on CPU for the 1024-token
+ViT); all evaluation runs the unmodified reference model.
 """
 
 from __future__ import annotations
@@ -190,6 +202,7 @@ def pack_row(seqs: list[tuple[list[int], list[int], int]]) -> tuple[list[int], l
 
 N_OBJECT_CLASSES = 2 + len(synth.COLORS) * len(synth.SHAPES)  # background, shapes, sign
 N_TEXT_CLASSES = len(synth.OCR_WORDS) + synth.OCR_NUMBER_RANGE[1] + 1
+CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def text_class(text: str) -> int:
@@ -201,12 +214,15 @@ def text_class(text: str) -> int:
 def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
     """Training-only targets for the n_queries image features (a g x g grid over the squashed
     image, row-major like the resampler's 2-D pos_embed): what covers the centre of each cell
-    (class), the normalised box of that object or sign, and the sign's text."""
+    (class), the normalised box of that object or sign, the sign's text, and the character
+    under the cell."""
     g = int(math.sqrt(n_queries))
     W, H = ex.image.size
     cls = torch.zeros(n_queries, dtype=torch.long)
     box = torch.zeros(n_queries, 4)
     txt = torch.full((n_queries,), IGNORE, dtype=torch.long)
+    chr_ = torch.full((n_queries,), IGNORE, dtype=torch.long)
+    chars = [(CHARSET.index(ch), b) for ch, b in ex.truth.get("char_boxes", []) if ch in CHARSET]
     items = [(2 + synth.ordered_index(o), o.box, None) for o in ex.truth["objects"]]
     if ex.truth.get("sign_box") is not None:
         items.append((1, ex.truth["sign_box"], text_class(ex.truth["text"])))
@@ -222,7 +238,10 @@ def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
                     if t is not None:
                         txt[m] = t
                     break
-    return {"cls": cls, "box": box, "txt": txt}
+            for k, (x1, y1, x2, y2) in chars:
+                if x1 <= x < x2 and y1 <= y < y2:
+                    chr_[r * g + c] = k
+    return {"cls": cls, "box": box, "txt": txt, "chr": chr_}
 
 
 def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
@@ -273,10 +292,17 @@ def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
 # ---------------------------------------------------------------------------------------------
 
 def init_weights(model: QWenLMHeadModel, seed: int) -> None:
-    """GPT-2 style init, with two priors that speed up learning on CPU:
-    the ViT position table starts as a 2-D sin-cos grid, and the resampler's query/key
-    projections start at the identity, so each of the 256 queries first pools the patches
-    around its own grid cell (its pos_embed matches the keys' interpolated pos_embed)."""
+    """GPT-2 style init, plus priors for the vision side that training from scratch at toy width
+    needs (without them the resampler averages the whole image into every query, its output
+    collapses to an image-independent vector and the decoder learns to ignore the picture):
+
+    - the ViT position table starts as a 2-D sin-cos grid;
+    - the resampler pools locally: its query/key projections start at ``POOL_ALPHA * I`` and
+      ``ln_q``/``ln_kv`` at gain 0.1, so the scores are dominated by the (frozen) 2-D sin-cos
+      ``pos_embed`` of the query against the interpolated one of the keys, and query (i, j)
+      gathers the patches of grid cell (i, j). At hidden 128 the sin-cos dot product is 32x
+      weaker than at the real 4096, hence the gain.
+    """
     g = torch.Generator().manual_seed(seed)
     cfg = model.cfg
     n_res = 2 * cfg.num_hidden_layers
@@ -286,7 +312,9 @@ def init_weights(model: QWenLMHeadModel, seed: int) -> None:
             parent = name.split(".")[-2]
             if name.endswith("attn_pool.pos_embed"):
                 continue  # frozen 2-D sin-cos table, as in the original
-            if parent in ("ln_1", "ln_2", "ln_f", "ln_pre", "ln_post", "ln_q", "ln_kv"):
+            if parent in ("ln_q", "ln_kv"):
+                p.fill_(0.1 if leaf == "weight" else 0.0)
+            elif parent in ("ln_1", "ln_2", "ln_f", "ln_pre", "ln_post"):
                 p.fill_(1.0 if leaf == "weight" else 0.0)
             elif leaf in ("bias", "in_proj_bias"):
                 p.zero_()
@@ -301,13 +329,16 @@ def init_weights(model: QWenLMHeadModel, seed: int) -> None:
             elif name.endswith("attn_pool.attn.in_proj_weight"):
                 d = p.shape[1]
                 p.normal_(0, 0.02, generator=g)
-                p[:d] += torch.eye(d)
-                p[d:2 * d] += torch.eye(d)
+                p[:d] += POOL_ALPHA * torch.eye(d)
+                p[d:2 * d] += POOL_ALPHA * torch.eye(d)
                 p[2 * d:].normal_(0, d ** -0.5, generator=g)
             elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")) and "visual" not in name:
                 p.normal_(0, 0.02 / math.sqrt(n_res), generator=g)
             else:
                 p.normal_(0, 0.02, generator=g)
+
+
+POOL_ALPHA = 4.0
 
 
 def _vit_attn(self, x):  # VisualAttention with SDPA
@@ -391,6 +422,7 @@ class AuxHeads(nn.Module):
         self.cls = nn.Linear(dim, N_OBJECT_CLASSES)
         self.box = nn.Linear(dim, 4)
         self.txt = nn.Linear(dim, N_TEXT_CLASSES)
+        self.chr = nn.Linear(dim, len(CHARSET))
 
     def loss(self, feats: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
         f = feats.float()
@@ -401,12 +433,15 @@ class AuxHeads(nn.Module):
         txt = aux["txt"].flatten()
         l_txt = F.cross_entropy(self.txt(f).flatten(0, 1), txt, ignore_index=IGNORE) \
             if (txt != IGNORE).any() else f.sum() * 0
-        return l_cls + 5.0 * l_box + l_txt
+        ch = aux["chr"].flatten()
+        l_chr = F.cross_entropy(self.chr(f).flatten(0, 1), ch, ignore_index=IGNORE) \
+            if (ch != IGNORE).any() else f.sum() * 0
+        return l_cls + 5.0 * l_box + l_txt + l_chr
 
 
 #: Share of the loss per task. Without it the ~25-token box answers would swamp the 1-3 token
 #: OCR answers (a scene has 2-6 grounding answers and one sign).
-TASK_WEIGHTS = {"grounding": 0.5, "ocr": 0.35, "caption": 0.15}
+TASK_WEIGHTS = {"grounding": 0.45, "ocr": 0.4, "caption": 0.15}
 
 
 def balanced_loss(logits: torch.Tensor, targets: torch.Tensor, task: torch.Tensor,
@@ -500,9 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="weight-init seed (data seeds come from the step)")
     ap.add_argument("--images-per-step", type=int, default=4,
                     help="scenes per batch (each gives ~6 questions)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--min-lr-frac", type=float, default=0.05, help="final lr as a fraction of --lr")
-    ap.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--aux-weight", type=float, default=0.5,

@@ -82,6 +82,20 @@ def test_ocr_text_is_drawn_inside_its_box():
         assert (y2 - y1) >= 0.08 * min(sc.image.size)
 
 
+def test_char_boxes_tile_the_text():
+    for seed in SEEDS[:8]:
+        sc = synth.draw_scene(seed)
+        assert "".join(c for c, _ in sc.char_boxes) == sc.text
+        x1, y1, x2, y2 = sc.text_box
+        prev = None
+        for _, (a, b, c, d) in sc.char_boxes:
+            assert (b, d) == (y1, y2) and a < c
+            assert x1 - 3 <= a and c <= x2 + 3
+            if prev is not None:
+                assert a >= prev - 1  # left to right
+            prev = c
+
+
 def test_ocr_text_pixels_depend_on_text():
     # render the same seed geometry with the text hidden: the difference is the glyphs
     sc = synth.draw_scene(3)
