@@ -413,7 +413,8 @@ def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
 
     On the CPU provider an fp16 ViT segfaults at the default ORT_ENABLE_ALL (dependencies.md
     §4: a Conv -> LayerNorm fusion), so fp16 graphs whose first provider is the CPU get
-    ORT_ENABLE_EXTENDED, and no memory arena. ``providers`` defaults to CUDA (when present) then CPU.
+    ORT_ENABLE_EXTENDED, and no memory arena. ``providers`` defaults to CUDA (when present),
+    then CPU.
     """
     import onnxruntime as ort
 

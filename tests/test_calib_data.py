@@ -64,8 +64,7 @@ def test_splits_disjoint_and_hashes_match_images(small_manifest):
 
 
 def test_committed_manifest_is_valid_and_small():
-    if not COMMITTED.is_file():
-        pytest.skip("calib_data/manifest.jsonl not built yet")
+    assert COMMITTED.is_file(), "calib_data/manifest.jsonl is missing: python -m calib_data.build"
     assert COMMITTED.stat().st_size < 200_000  # recipes + hashes, never pixels
     items = load_manifest(COMMITTED)
     assert items.split("validation") and items.split("calib")

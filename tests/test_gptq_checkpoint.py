@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import image_prompt_inputs
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,28 +23,12 @@ GS = 64
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only add synchronisation (slow on a busy box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def hidden_inputs(model, n_items=4, seed=0):
-    """Block-0 inputs of image prompts (random features stand in for the ViT: speed)."""
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n_items):
-        text = torch.randint(0, 500, (30 + 5 * i,), generator=g)
-        ids = torch.cat([text[:10], torch.tensor([cfg.image_start_id]),
-                         torch.full((cfg.visual.n_queries,), cfg.image_pad_id),
-                         torch.tensor([cfg.image_end_id]), text[10:]])[None]
-        feats = torch.randn(1, cfg.visual.n_queries, cfg.hidden_size, generator=g)
-        with torch.no_grad():
-            out.append(model.embed(ids, feats))
-    return out
+    return image_prompt_inputs(model, n_items, seed, vocab_hi=500)
 
 
 def quantise_and_save(model, src, out, desc_act=False, **save_kw):

@@ -139,6 +139,7 @@ def test_ort_session_helper_picks_extended_for_fp16_on_cpu(fp16_export, fp32_exp
     lv = ort.GraphOptimizationLevel
     assert s16.get_session_options().graph_optimization_level == lv.ORT_ENABLE_EXTENDED
     assert s32.get_session_options().graph_optimization_level == lv.ORT_ENABLE_ALL
+    assert not s16.get_session_options().enable_cpu_mem_arena  # fp32 weight casts given back
 
 
 # ---- dynamic batch --------------------------------------------------------------------------
