@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM head precision in the int4 plan (default int8)")
     p.add_argument("--target", choices=["gpu", "cpu"], default="gpu",
                    help="what runs the int4 decoder: gpu (fp16 activations, exact MatMulNBits) or "
-                        "cpu (fp32 activations with int8-quantised MatMulNBits inputs: ~3.5x "
-                        "faster on onnxruntime CPU, slightly less exact)")
+                        "cpu (fp32 activations and KV cache, int8-quantised MatMulNBits inputs: "
+                        "~4.5x faster on onnxruntime CPU, slightly less exact)")
     p.add_argument("--no-demo", action="store_true", help="skip the demo answer at the end")
     p.add_argument("--demo-prompt", default=None, help="question for the demo answer")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import host_read_bandwidth_gbs
+
 
 def build_nano_bundle(out: Path, plan: str, seed: int = 0) -> Path:
     from exporters.bundle import build_bundle
@@ -32,18 +34,6 @@ def build_nano_bundle(out: Path, plan: str, seed: int = 0) -> Path:
 
     ckpt = make_nano_checkpoint(out.parent / f"nano-ckpt-{seed}", seed=seed)
     return build_bundle(ckpt, out, plan=plan)
-
-
-def memory_bandwidth_gbs(mb: int = 256) -> float:
-    """Rough host copy bandwidth (read + write) with numpy."""
-    a = np.ones(mb << 18, np.float32)
-    b = np.empty_like(a)
-    best = 1e9
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.nbytes / best / 1e9
 
 
 def bare_loop(pipe, table_ids: np.ndarray, feats: np.ndarray, n: int) -> list[float]:
@@ -138,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = sum(v["size"] for k, v in man.files.items() if k.startswith("decoder"))
     ctx = len(prep.ids) + n // 2
     bytes_per_token = weights + ctx * pipe.decoder.kv_bytes_per_token
-    bw = memory_bandwidth_gbs() if pipe.device == "cpu" else None
+    bw = host_read_bandwidth_gbs()["read_gbs"] if pipe.device == "cpu" else None
     ceiling = bw * 1e9 / bytes_per_token if bw else None
     record = {
         "bench": "decode", "bundle": str(bundle), "precision": man.precision,

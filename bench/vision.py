@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,43 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import cpu_name, peak_rss_mib, stats, timed
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _stats(times_s: list[float]) -> dict[str, float]:
-    ms = sorted(t * 1000 for t in times_s)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return {"median_ms": round(statistics.median(ms), 3), "p90_ms": round(p90, 3),
-            "min_ms": round(ms[0], 3), "mean_ms": round(statistics.fmean(ms), 3),
-            "iters": len(ms)}
-
-
-def _time(fn, warmup: int, iters: int) -> tuple[list[float], object]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return times, out
-
-
-def _rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             return y
 
-    t_times, t_out = _time(torch_run, args.warmup, args.iters)
+    t_times, t_out = timed(torch_run, args.warmup, args.iters)
     t_out = t_out.float().cpu().numpy()
     del model, visual, x
     gc.collect()
@@ -152,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     sess = make_session(onnx_path, args.providers, threads=args.threads or None)
     session_s = time.perf_counter() - t
-    o_times, o_out = _time(lambda: run_session(sess, pixels), args.warmup, args.iters)
+    o_times, o_out = timed(lambda: run_session(sess, pixels), args.warmup, args.iters)
     agree = [feature_metrics(n, o, r) for n, o, r in zip(names, o_out, t_out)]
 
-    ort_stats = _stats(o_times)
-    torch_stats = _stats(t_times)
+    ort_stats = stats(o_times)
+    torch_stats = stats(t_times)
     record = {
         "bench": "vision",
-        "device": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": ort.__version__, "numpy": np.__version__},
@@ -177,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "agreement": {"min_cosine": min(m.cosine for m in agree),
                       "max_rel_l2": max(m.rel_l2 for m in agree),
                       "max_abs": max(m.max_abs for m in agree)},
-        "peak_rss_mib": round(_rss_mib(), 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
     print(json.dumps(record))
     if tmp is not None:

@@ -505,10 +505,11 @@ def make_example(seed: int, task: str, form: str | None = None, index: int | Non
 
 
 def scene_examples(seed: int, forms: tuple[str, ...] = GROUNDING_FORMS, with_caption: bool = True,
-                   with_ocr: bool = True) -> list[Example]:
+                   with_ocr: bool = True, n_objects: int | None = None) -> list[Example]:
     """Every question about ``draw_scene(seed)``, drawing it once: one grounding example per
-    shape and per form in ``forms``, then the caption and the OCR question. One shared image."""
-    sc = draw_scene(seed)
+    shape and per form in ``forms``, then the caption and the OCR question. One shared image.
+    ``n_objects`` fixes the number of shapes (training curricula); default: 1-3 by the seed."""
+    sc = draw_scene(seed, n_objects=n_objects)
     out = [_grounding_example(seed, sc.image, sc.objects, i, f)
            for i in range(len(sc.objects)) for f in forms]
     if with_caption:

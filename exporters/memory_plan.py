@@ -95,8 +95,9 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
-                context: int | None = None) -> MemoryPlan:
-    """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits."""
+                context: int | None = None, kv_bits: int | None = None) -> MemoryPlan:
+    """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits
+    (``kv_bits`` overrides the plan's KV precision, e.g. 32 for the CPU-tuned int4 decoder)."""
     if plan not in PLANS:
         raise ValueError(f"unknown plan '{plan}': choose one of {', '.join(PLANS)}")
     if device not in PROFILES:
@@ -122,7 +123,7 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
             embed += n * bits["embed"] / 8
         else:
             other += n * (32 if plan == "fp32" else 16) / 8
-    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * bits["kv"] / 8
+    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (kv_bits or bits["kv"]) / 8
     decoder = linear + head + embed + other
     read_per_token = linear + head + other
     free_resident = prof.usable_bytes - RUNTIME_OVERHEAD - vision - decoder

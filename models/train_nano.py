@@ -65,8 +65,8 @@ from .qwen_vl import QWenLMHeadModel, rotary_cos_sin, sincos_pos_embed_2d
 
 #: Dimensions of the shipped trained checkpoint.
 TRAINED_SPEC = NanoSpec(
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=384,
-    vis_width=64, vis_layers=2, vis_heads=2, vis_mlp_ratio=2.0,
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=384,
+    vis_width=64, vis_layers=3, vis_heads=2, vis_mlp_ratio=2.0,
     image_size=448, patch_size=14, n_queries=256, n_merges=600, seq_length=2048)
 
 SYSTEM = "You are a helpful assistant."
@@ -143,13 +143,15 @@ def pixels_of(img, image_size: int) -> torch.Tensor:
 class DataConfig:
     images_per_step: int = 4
     caption_rate: float = 1.0  # chance that a scene also trains its caption
+    single_object_steps: int = 0  # curriculum: steps before this one show exactly one shape
 
 
-def image_examples(seed: int, dc: DataConfig) -> list[synth.Example]:
+def image_examples(seed: int, dc: DataConfig, n_objects: int | None = None) -> list[synth.Example]:
     """Every question trained on one image: each shape in both prompt forms, the OCR question and
     (at ``caption_rate``) the caption."""
     rng = random.Random(f"train-mix:{seed}")
-    return synth.scene_examples(seed, with_caption=rng.random() < dc.caption_rate)
+    return synth.scene_examples(seed, with_caption=rng.random() < dc.caption_rate,
+                                n_objects=n_objects)
 
 
 def step_items(step: int, dc: DataConfig, split: str = "train") -> list[int]:
@@ -244,10 +246,11 @@ def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
     return {"cls": cls, "box": box, "txt": txt, "chr": chr_}
 
 
-def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig) -> Batch:
+def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig,
+            n_objects: int | None = None) -> Batch:
     pix, rows, n_q, aux = [], [], 0, []
     for seed in seeds:
-        exs = image_examples(seed, dc)
+        exs = image_examples(seed, dc, n_objects)
         pix.append(pixels_of(exs[0].image, cfg.visual.image_size))
         ocr = [e for e in exs if e.task == "ocr"]
         lab_ex = ocr[0] if ocr else exs[0]
@@ -474,7 +477,8 @@ class StepData(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            yield collate(self.tok, step_items(step, self.dc), self.dc, self.cfg)
+            n_obj = 1 if step < self.dc.single_object_steps else None
+            yield collate(self.tok, step_items(step, self.dc), self.dc, self.cfg, n_obj)
 
 
 def batches(tok, dc: DataConfig, cfg: QwenVLConfig, start: int, steps: int, workers: int):
@@ -535,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="weight-init seed (data seeds come from the step)")
     ap.add_argument("--images-per-step", type=int, default=4,
                     help="scenes per batch (each gives ~6 questions)")
+    ap.add_argument("--single-object-steps", type=int, default=0,
+                    help="curriculum: training scenes before this step hold exactly one shape "
+                         "(learn to read a box before learning which shape a phrase names)")
     ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--min-lr-frac", type=float, default=0.05, help="final lr as a fraction of --lr")
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -576,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         vis_layers=args.vis_layers, vis_heads=args.vis_heads, n_merges=args.n_merges)
     tok, ranks = make_tokenizer(spec.n_merges)
     cfg = nano_config(spec, len(ranks))
-    dc = DataConfig(images_per_step=args.images_per_step)
+    dc = DataConfig(images_per_step=args.images_per_step,
+                    single_object_steps=args.single_object_steps)
     model = QWenLMHeadModel(cfg)
     init_weights(model, args.seed)
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)

@@ -180,3 +180,16 @@ def test_split_ranges_disjoint():
     assert synth.split_seed("val", 0) == synth.SPLITS["val"][0]
     with pytest.raises(ValueError):
         synth.split_seed("train", synth.SPLITS["train"][1])
+
+
+def test_single_object_curriculum_scenes():
+    """``n_objects=1`` (the training curriculum) draws one shape; the default is unchanged."""
+    seed = synth.split_seed("train", 7)
+    one = synth.scene_examples(seed, n_objects=1)
+    grounding = [e for e in one if e.task == "grounding"]
+    assert len(grounding) == len(synth.GROUNDING_FORMS)
+    assert len(grounding[0].truth["objects"]) == 1
+    default = synth.scene_examples(seed)
+    assert [e.answer for e in default] == [e.answer for e in synth.scene_examples(seed)]
+    n = len(synth.draw_scene(seed).objects)
+    assert sum(e.task == "grounding" for e in default) == n * len(synth.GROUNDING_FORMS)

@@ -332,6 +332,10 @@ def test_task_metrics_with_boxes_and_report_drawing(tmp_path):
     assert m["grounding_hit_truth_drop"].value >= 0.5
     assert m["ocr_cer_ref"].value == pytest.approx(1 / len(o1.answer))
     assert m["ocr_em_truth_drop"].value == 1.0 and m["ocr_em_truth_drop"].verdict == "FAIL"
+    # an OCR answer that runs on with garbage counts as one whole wrong answer (CER capped at 1)
+    eng[o1.id] = o1.answer + " and then a great deal of unrelated text" * 3
+    capped = {x.name: x for x in task_stage(ctx, prepared).metrics}["ocr_cer_ref"]
+    assert capped.value == 1.0 and capped.verdict == "FAIL"
     rec = next(r for r in st.items if r["id"] == g0.id)
     assert rec["ref_boxes"] and rec["eng_boxes"] and rec["truth_boxes"]
     report = Report("int4", {"task": st}, {"n_items": 3}, [p.item for p in prepared],

@@ -553,7 +553,9 @@ def task_stage(ctx: _Context, prepared: list[_Prepared]) -> StageResult:
                 g_truth_ref.append(rec["iou_truth_ref"])
         if it.task == "ocr":
             c = M.cer(p.ref_text, p.eng_text)
-            ocr_cer_ref.append(c)
+            # capped at 1 per item: a wholly different answer counts as every character wrong
+            # once, however long the other text runs on (the report ranks items the same way)
+            ocr_cer_ref.append(min(c, 1.0))
             rec["cer_ref"] = c
             if "text" in it.truth:
                 truth = it.truth["text"]

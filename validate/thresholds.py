@@ -88,7 +88,8 @@ DESCRIPTIONS = {
     ("task", "grounding_hit_truth"): "engine's IoU@0.5 hit rate vs ground truth",
     ("task", "grounding_hit_truth_ref"): "reference model's IoU@0.5 hit rate vs ground truth",
     ("task", "grounding_hit_truth_drop"): "reference hit rate vs truth minus the engine's",
-    ("task", "ocr_cer_ref"): "mean character error rate of engine OCR answers vs the reference's",
+    ("task", "ocr_cer_ref"): "mean character error rate of engine OCR answers vs the reference's "
+                             "(each item capped at 1)",
     ("task", "ocr_cer_truth"): "mean CER of the engine's OCR answers vs the true text",
     ("task", "ocr_em_truth"): "engine OCR exact-match rate vs the true text",
     ("task", "ocr_em_truth_ref"): "reference model's OCR exact-match rate vs the true text",

@@ -1,0 +1,403 @@
+"""Batch-1 int4 decode: our engine vs onnxruntime-genai's int4 model of the same decoder vs our
+PyTorch eager reference, same weights, same shapes, same run, each as a fraction of the memory
+bandwidth ceiling measured in the same run. Prints one JSON record.
+
+    python -m bench.decoder                                   # nano smoke run (seconds)
+    python -m bench.decoder --checkpoint /work/fullsize-qwenvl-chat --layers 8 \\
+        --work /work/bench-decoder --genai-python /work/genai-venv/bin/python --profile
+
+What runs, each contender in its own process (so peak memory is its own):
+
+- ``ours``: the int4 decoder ``export.py`` writes for the device (CPU: ``--target cpu``, i.e.
+  MatMulNBits int4 g128 symmetric, int8 head, fp32 activations and KV, accuracy level 4; CUDA:
+  the default fp16 plan; RTN codes stand in for GPTQ, which changes the values and not the
+  speed), driven exactly as the runtime drives it (``runtime.engines``: preallocated KV, I/O
+  binding). Exported into ``--work`` once and reused.
+- ``genai`` (with ``--genai-python``): onnxruntime-genai's builder on the same weights renamed to
+  Qwen2 (``bench.genai_baseline``), asked for the same choices, timed with its own generator.
+- ``eager``: ``models.qwen_vl`` in ``--eager-dtype`` with its KV cache (``--eager-tokens`` steps).
+
+The prompt is ``--prompt-tokens`` long with ``--image-tokens`` image rows (random features);
+genai, text-only, gets the same number of random ids. ``--layers`` keeps the first N decoder
+blocks of the checkpoint for every contender (full width and vocabulary), for machines where a
+contender cannot hold all 32 (the genai builder needs ~15 GB for two full-width layers).
+Bytes read per token = the engine's initializers except the embedding table (gathered, not
+read) + the KV cache at the mean context. ``--profile`` adds onnxruntime's per-operator profile
+of our decode step: where the next millisecond is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (ceiling, cuda_copy_bandwidth_gbs, host, host_read_bandwidth_gbs,
+                          peak_rss_mib, stats)
+
+log = logging.getLogger("bench.decoder")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+def layer_config(checkpoint: Path, layers: int | None):
+    from models.config import QwenVLConfig
+
+    cfg = QwenVLConfig.from_pretrained(checkpoint)
+    if layers and layers < cfg.num_hidden_layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
+    return cfg
+
+
+def export_ours(checkpoint: Path, out: Path, layers: int | None, device: str = "cpu",
+                **overrides) -> Path:
+    """The int4 decoder ``export.py`` writes for ``device`` (``--target cpu``, or its GPU
+    default) with RTN codes, cached in ``out``; ``overrides`` change ``export_decoder``
+    arguments (e.g. ``kv_dtype``) for experiments."""
+    onnx_path = out / "decoder.onnx"
+    if onnx_path.exists():
+        return onnx_path
+    from exporters.decoder import WeightSource, export_decoder
+    from exporters.pipeline import CPU_FAST
+    from models.checkpoint import CheckpointReader
+    from quant.fake_quant import RTNTensors
+
+    cfg = layer_config(checkpoint, layers)
+    reader = CheckpointReader(checkpoint)
+    src = WeightSource(cfg, reader.get, reader.__contains__)
+    qt = RTNTensors(src.get, cfg.num_hidden_layers, group_size=128, sym=True)
+    out.mkdir(parents=True, exist_ok=True)
+    base = CPU_FAST if device == "cpu" else {}
+    export_decoder(src, onnx_path, plan="int4", quant_tensors=qt, **{**base, **overrides})
+    return onnx_path
+
+
+def weights_read_per_token(onnx_path: Path) -> int:
+    """Bytes of initializers a decode step reads: all but Gather tables (the embedding)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    gathered = {n.input[0] for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    total = 0
+    for t in m.graph.initializer:
+        if t.name in gathered:
+            continue
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders (each runs in its own process: python -m bench.decoder --run <name> ...)
+# ---------------------------------------------------------------------------------------------
+
+def _prompt(vocab: int, start_id: int, n: int, n_img: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    text = [int(t) for t in rng.integers(0, min(vocab, 151643), n - n_img - (2 if n_img else 0))]
+    if not n_img:
+        return text
+    return text[:5] + [start_id] + [-1] * n_img + [start_id + 1] + text[5:]
+
+
+def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: int,
+             threads: int | None, device: str, profile: bool) -> dict:
+    from runtime.engines import DecoderEngine, Features, pick_providers
+
+    meta_vocab, hidden = _meta(onnx_path)
+    t = time.perf_counter()
+    eng = DecoderEngine(onnx_path, pick_providers(device), threads, meta_vocab)
+    load_s = time.perf_counter() - t
+    ids = _prompt(meta_vocab, start_id, n_prompt, n_img)
+    slots = [i for i, x in enumerate(ids) if x == -1]
+    table = np.array(ids, np.int64)
+    table[slots] = meta_vocab + np.arange(len(slots))  # prompt-table rows of the image features
+    feats = Features((len(slots), hidden),
+                     (np.random.default_rng(1).standard_normal((len(slots), hidden)) * 0.02)
+                     .astype(np.float32)) if slots else None
+    cache = eng.new_cache(1, n_prompt + n_new + 1)
+    t = time.perf_counter()
+    logits = eng.forward(cache, table[None], features=feats)
+    prefill_s = time.perf_counter() - t
+    tok = np.argmax(logits, axis=-1)
+    steps = []
+    for _ in range(n_new):
+        t = time.perf_counter()
+        logits = eng.forward(cache, tok[:, None])
+        tok = np.argmax(logits, axis=-1)
+        steps.append(time.perf_counter() - t)
+    rec = {"engine": "ours", "model": str(onnx_path), "providers": eng.session.get_providers(),
+           "prompt_tokens": n_prompt, "image_rows": len(slots), "new_tokens": len(steps),
+           "session_load_s": round(load_s, 2), "prefill_s": round(prefill_s, 3),
+           "decode": stats(steps[1:] if len(steps) > 1 else steps),
+           "kv_bytes_per_token": eng.kv_bytes_per_token, "peak_rss_mib": peak_rss_mib()}
+    rec["tok_s"] = round(1000 / rec["decode"]["median_ms"], 3)
+    if profile:
+        del cache
+        rec["profile"] = profile_ours(onnx_path, table, feats, threads, device)
+    return rec
+
+
+def _meta(onnx_path: Path) -> tuple[int, int]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in m.metadata_props}
+    return int(meta["vocab_size"]), int(meta["hidden_size"])
+
+
+def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None, device: str,
+                 steps: int = 8) -> dict:
+    """onnxruntime's node profile of ``steps`` decode steps: share of time per operator type."""
+    import onnxruntime as ort
+
+    from runtime.engines import pick_providers, session_options
+
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench-decoder-profile")
+    sess = ort.InferenceSession(str(onnx_path), so, providers=pick_providers(device))
+    ins = {i.name: i for i in sess.get_inputs()}
+    L = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
+    k0 = ins["past_key_values.0.key"]
+    kv_dtype = np.float16 if "float16" in k0.type else np.float32
+    empty = np.zeros((1, k0.shape[1], 0, k0.shape[3]), kv_dtype)
+    feed = {"input_ids": table[None], "attention_mask": np.ones((1, len(table)), np.int64),
+            **{f"past_key_values.{i}.{w}": empty for i in range(L) for w in ("key", "value")}}
+    if "image_embeds" in ins:
+        feed["image_embeds"] = feats.numpy() if feats is not None else \
+            np.zeros((0, ins["image_embeds"].shape[1]), np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, feed)))
+    n = len(table)
+    for _ in range(steps):
+        n += 1
+        feed = {"input_ids": np.argmax(out["logits"][:, -1], -1)[:, None].astype(np.int64),
+                "attention_mask": np.ones((1, n), np.int64),
+                **{f"past_key_values.{i}.{w}": out[f"present.{i}.{w}"]
+                   for i in range(L) for w in ("key", "value")}}
+        if "image_embeds" in ins:
+            feed["image_embeds"] = np.zeros((0, ins["image_embeds"].shape[1]), np.float32)
+        out = dict(zip(names, sess.run(None, feed)))
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    Path(path).unlink(missing_ok=True)
+    runs = [e for e in events if e.get("name") == "model_run"]
+    decode_runs = runs[1:]  # the first run is the prefill
+    t0 = decode_runs[0]["ts"] if decode_runs else 0
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    total_nodes = sum(by_op.values())
+    total_runs = sum(e["dur"] for e in decode_runs)
+    return {"steps": len(decode_runs),
+            "run_ms_per_step": round(total_runs / max(1, len(decode_runs)) / 1000, 3),
+            "kernels_ms_per_step": round(total_nodes / max(1, len(decode_runs)) / 1000, 3),
+            "share_by_op": {k: round(v / total_nodes, 4)
+                            for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+
+
+def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n_img: int,
+              n_new: int, threads: int | None, device: str) -> dict:
+    import torch
+
+    from models.checkpoint import CheckpointReader, build_model, parse_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = "cuda" if device == "cuda" else "cpu"
+    cfg = layer_config(checkpoint, layers)
+    reader = CheckpointReader(checkpoint)
+    t = time.perf_counter()
+    model = build_model(cfg, reader.get, parse_dtype(dtype),
+                        prefixes=("transformer.wte.", "transformer.h.", "transformer.ln_f.",
+                                  "lm_head."))
+    del model.transformer.visual  # left on the meta device; features are given
+    model.to(dev)
+    load_s = time.perf_counter() - t
+    ids = _prompt(cfg.vocab_size, cfg.image_start_id, n_prompt, n_img)
+    n_slots = ids.count(-1)
+    ids = [0 if x == -1 else x for x in ids]
+    feats = (torch.randn(1, n_slots, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+             * 0.02).to(dev, parse_dtype(dtype)) if n_slots else None
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model(torch.tensor([ids], device=dev), image_embeds=feats)
+        sync()
+        prefill_s = time.perf_counter() - t
+        steps = []
+        for _ in range(n_new):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            out = model(tok, past=out.past)
+            out.logits[:, -1].argmax(-1)
+            sync()
+            steps.append(time.perf_counter() - t)
+    rec = {"engine": "pytorch-eager", "torch": torch.__version__, "dtype": dtype, "device": dev,
+           "threads": torch.get_num_threads(), "prompt_tokens": n_prompt, "image_rows": n_slots,
+           "new_tokens": len(steps), "load_s": round(load_s, 2), "prefill_s": round(prefill_s, 3),
+           "decode": stats(steps[1:] if len(steps) > 1 else steps),
+           "weights_read_per_token": sum(p.numel() * p.element_size() for n, p in
+                                         model.named_parameters()
+                                         if n.startswith(("transformer.h.", "transformer.ln_f",
+                                                          "lm_head"))),
+           "peak_rss_mib": peak_rss_mib()}
+    rec["tok_s"] = round(1000 / rec["decode"]["median_ms"], 3)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def _sub(cmd: list[str], what: str) -> dict:
+    log.info("%s: %s", what, " ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _with_ceiling(rec: dict, weights: float, kv: float, bw: dict) -> dict:
+    """Add bytes read per token (weights + KV at the mean context) and the ceiling they imply."""
+    bytes_per_token = weights + kv
+    rec["weights_read_per_token"] = int(weights)
+    rec["kv_read_per_token"] = int(kv)
+    rec["bytes_read_per_token"] = int(bytes_per_token)
+    rec["ceiling_tok_s"] = round(ceiling(bw["read_gbs"], bytes_per_token), 3)
+    rec["pct_of_ceiling"] = round(100 * rec["tok_s"] / rec["ceiling_tok_s"], 1)
+    return rec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.decoder", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path,
+                    help="Qwen-VL checkpoint (default: the shipped nano checkpoint)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="keep the first N decoder blocks for every contender (0: all)")
+    ap.add_argument("--decoder", type=Path, help="our int4 decoder.onnx (default: export one)")
+    ap.add_argument("--work", type=Path, help="where exported engines are cached (default: temp)")
+    ap.add_argument("--genai-python", help="python of a venv with onnxruntime-genai: adds the "
+                                           "genai baseline (see bench.genai_baseline)")
+    ap.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager baseline")
+    ap.add_argument("--eager-dtype", default="bf16", help="PyTorch reference dtype")
+    ap.add_argument("--eager-tokens", type=int, default=8, help="decode steps of the eager baseline")
+    ap.add_argument("--prompt-tokens", type=int, default=288)
+    ap.add_argument("--image-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--kv-dtype", choices=("fp16", "fp32"),
+                    help="KV dtype of the exported engine (default: export.py --target cpu's)")
+    ap.add_argument("--profile", action="store_true", help="per-operator profile of our decode step")
+    ap.add_argument("--run", choices=("ours", "eager"), help=argparse.SUPPRESS)
+    ap.add_argument("--image-start-id", type=int, default=151857, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    threads = args.threads or None
+    if args.run == "ours":
+        print(json.dumps(run_ours(args.decoder, args.image_start_id, args.prompt_tokens, args.image_tokens,
+                                  args.new_tokens, threads, args.device, args.profile)))
+        return 0
+    if args.run == "eager":
+        print(json.dumps(run_eager(args.checkpoint, args.layers or None, args.eager_dtype,
+                                   args.prompt_tokens, args.image_tokens, args.eager_tokens,
+                                   threads, args.device)))
+        return 0
+
+    from models.nano import default_checkpoint
+
+    ckpt = (args.checkpoint or default_checkpoint()).resolve()
+    tmp = tempfile.TemporaryDirectory(prefix="bench-decoder-") if args.work is None else None
+    work = Path(tmp.name) if tmp else args.work
+    cfg = layer_config(ckpt, args.layers or None)
+    tag = f"L{cfg.num_hidden_layers}"
+    t = time.perf_counter()
+    over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+    ours_dir = work / (f"ours-{tag}" + ("-gpu" if args.device == "cuda" else "") +
+                       (f"-kv{args.kv_dtype}" if args.kv_dtype else ""))
+    cached = args.decoder is not None or (ours_dir / "decoder.onnx").exists()
+    decoder = args.decoder or export_ours(ckpt, ours_dir, args.layers or None, args.device, **over)
+    export_s = None if cached else round(time.perf_counter() - t, 1)
+    shape = ["--prompt-tokens", str(args.prompt_tokens), "--image-tokens", str(args.image_tokens),
+             "--threads", str(args.threads), "--device", args.device]
+    me = [sys.executable, "-m", "bench.decoder"]
+    bw = cuda_copy_bandwidth_gbs() if args.device == "cuda" else host_read_bandwidth_gbs()
+    record: dict = {
+        "bench": "decoder", "host": host(), "bandwidth": bw, "checkpoint": str(ckpt),
+        "shapes": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                   "heads": cfg.num_attention_heads, "ffn": cfg.ffn_dim, "vocab": cfg.vocab_size,
+                   "prompt_tokens": args.prompt_tokens, "image_tokens": args.image_tokens,
+                   "new_tokens": args.new_tokens},
+        "batch": 1, "export_s": export_s,  # None: the engine was exported by an earlier run
+    }
+    mean_ctx = args.prompt_tokens + args.new_tokens / 2
+    ours = _sub(me + ["--run", "ours", "--decoder", str(decoder), "--image-start-id",
+                      str(cfg.image_start_id), "--new-tokens",
+                      str(args.new_tokens)] + shape + (["--profile"] if args.profile else []), "ours")
+    record["ours"] = _with_ceiling(ours, weights_read_per_token(decoder),
+                                   mean_ctx * ours["kv_bytes_per_token"], bw)
+    kv_bf16 = 2 * cfg.num_hidden_layers * cfg.hidden_size * 2
+    if args.genai_python:
+        g = work / f"genai-{tag}"
+        gpy = [args.genai_python, "-m", "bench.genai_baseline"]
+        if not (g / "genai_config.json").exists():
+            hf = work / f"qwen2-{tag}"
+            if not hf.exists():
+                _run(gpy + ["convert", "--checkpoint", str(ckpt), "--out", str(hf)] +
+                     (["--layers", str(args.layers)] if args.layers else []), "genai convert")
+            t = time.perf_counter()
+            _run(gpy + ["build", "--hf", str(hf), "--out", str(g), "--cache",
+                        str(work / "genai-cache"), "--ep", args.device], "genai build")
+            record["genai_build_s"] = round(time.perf_counter() - t, 1)
+        genai = _sub(gpy + ["time", "--model", str(g), "--prompt-tokens", str(args.prompt_tokens),
+                            "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+                     "genai")
+        kv_genai = kv_bf16 * (2 if args.device == "cpu" else 1)  # fp32 KV on CPU
+        record["genai"] = _with_ceiling(genai, weights_read_per_token(g / "model.onnx"),
+                                        mean_ctx * kv_genai, bw)
+        record["ours_over_genai"] = round(ours["tok_s"] / genai["tok_s"], 3)
+    if not args.no_eager:
+        eager = _sub(me + ["--run", "eager", "--checkpoint", str(ckpt), "--layers",
+                           str(args.layers), "--eager-dtype", args.eager_dtype,
+                           "--new-tokens", "0", "--eager-tokens", str(args.eager_tokens)] + shape,
+                     "eager")
+        record["eager"] = _with_ceiling(eager, eager.pop("weights_read_per_token"),
+                                        mean_ctx * kv_bf16, bw)
+        record["ours_over_eager"] = round(ours["tok_s"] / eager["tok_s"], 3)
+    print(json.dumps(record))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _run(cmd: list[str], what: str) -> None:
+    log.info("%s: %s", what, " ".join(cmd))
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       stdout=sys.stderr)  # stdout carries only the JSON record
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {r.returncode})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

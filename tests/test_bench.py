@@ -1,0 +1,73 @@
+"""Smoke runs of every benchmark script at nano size, so they never rot. They check that each
+prints one well-formed record whose figures are consistent with each other; no speed is asserted
+(speed targets live in bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(module: str, *args: str, timeout: int = 300) -> dict:
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stdout  # exactly one JSON record on stdout
+    return json.loads(lines[0])
+
+
+def _stat_ok(s: dict) -> None:
+    assert 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"]
+    assert s["iters"] >= 1
+
+
+def test_bench_decoder_nano(tmp_path: Path) -> None:
+    rec = run_bench("bench.decoder", "--threads", "1", "--new-tokens", "12", "--eager-tokens", "3",
+                    "--profile", "--work", str(tmp_path))
+    ours, eager = rec["ours"], rec["eager"]
+    assert rec["bandwidth"]["read_gbs"] > 0
+    assert ours["new_tokens"] == 12 and ours["image_rows"] == 256
+    assert ours["prompt_tokens"] == rec["shapes"]["prompt_tokens"] == 288
+    _stat_ok(ours["decode"])
+    _stat_ok(eager["decode"])
+    # bytes read per token: less than the engine's files (the embedding table is not read)
+    files = sum(p.stat().st_size for p in (tmp_path / "ours-L2").iterdir())
+    assert 0 < ours["weights_read_per_token"] < files
+    assert ours["bytes_read_per_token"] == ours["weights_read_per_token"] + ours["kv_read_per_token"]
+    assert ours["ceiling_tok_s"] == pytest.approx(
+        rec["bandwidth"]["read_gbs"] * 1e9 / ours["bytes_read_per_token"], rel=1e-3)
+    assert ours["pct_of_ceiling"] == pytest.approx(
+        100 * ours["tok_s"] / ours["ceiling_tok_s"], abs=0.06)
+    assert rec["ours_over_eager"] == pytest.approx(ours["tok_s"] / eager["tok_s"], rel=1e-2)
+    prof = ours["profile"]
+    assert prof["steps"] == 8
+    assert sum(prof["share_by_op"].values()) == pytest.approx(1.0, abs=0.01)
+    assert "MatMulNBits" in prof["share_by_op"]
+
+
+def test_bench_ttft_nano() -> None:
+    rec = run_bench("bench.ttft", "--iters", "2", "--threads", "1")
+    warm = rec["warm"]
+    assert set(warm) == {"preprocess", "vision", "prefill", "ttft"}
+    for s in warm.values():
+        _stat_ok(s)
+    # every call's ttft covers its three stages, so the fastest ttft >= the sum of the fastest stages
+    parts = sum(warm[k]["min_ms"] for k in ("preprocess", "vision", "prefill"))
+    assert warm["ttft"]["min_ms"] >= parts - 0.01
+    assert rec["precision"] == "int4" and rec["prompt_tokens"] > 256
+
+
+def test_bench_vision_and_decode_nano() -> None:
+    vis = run_bench("bench.vision", "--warmup", "0", "--iters", "1")
+    assert vis["shapes"]["output"][1] == 256
+    assert vis["agreement"]["min_cosine"] > 0.9999
+    dec = run_bench("bench.decode", "--new-tokens", "8", "--repeats", "1")
+    assert dec["new_tokens"] == 8
+    assert dec["pipeline_ms_per_token"] > 0 and dec["bare_session_run_ms_per_token"] > 0
