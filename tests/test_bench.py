@@ -38,7 +38,7 @@ def test_bench_decoder_nano(tmp_path: Path) -> None:
     _stat_ok(ours["decode"])
     _stat_ok(eager["decode"])
     # bytes read per token: less than the engine's files (the embedding table is not read)
-    files = sum(p.stat().st_size for p in (tmp_path / "ours-L2").iterdir())
+    files = sum(p.stat().st_size for p in (tmp_path / f"ours-L{rec['shapes']['layers']}").iterdir())
     assert 0 < ours["weights_read_per_token"] < files
     assert ours["bytes_read_per_token"] == ours["weights_read_per_token"] + ours["kv_read_per_token"]
     assert ours["ceiling_tok_s"] == pytest.approx(
