@@ -21,7 +21,12 @@ are not swamped by ~25-token boxes), plus ``--aux-weight`` x training-only per-c
 image features (``AuxHeads``: what covers each of the 16x16 cells, its box, the sign's word and
 the character under the cell). The probes are discarded; the saved model is plain Qwen-VL.
 
-    python -m models.train_nano --out models/nano/qwen-vl-nano --steps 10000 --minutes 75
+    python -m models.train_nano --out models/nano/qwen-vl-nano --steps 7000 --minutes 84 \
+        --single-object-steps 1000 --eval-every 250 --ckpt-every 250
+
+(the shipped checkpoint was made in two phases, recorded under ``provenance`` in its
+``training_report.json``: 1750 steps from scratch, then a resume with one-shape scenes for
+steps 1750-2749; the one-command form above is the same recipe with the curriculum first).
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
 spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
