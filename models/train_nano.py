@@ -26,7 +26,8 @@ the character under the cell). The probes are discarded; the saved model is plai
 
 (the shipped checkpoint was made in two phases, recorded under ``provenance`` in its
 ``training_report.json``: 1750 steps from scratch, then a resume with one-shape scenes for
-steps 1750-2749; the one-command form above is the same recipe with the curriculum first).
+steps 1750-2749; the one-command form above puts the curriculum first instead, a variant that
+was not run to the end).
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
 spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
