@@ -115,7 +115,7 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
              threads: int | None, device: str, profile: bool) -> dict:
     from runtime.engines import DecoderEngine, Features, pick_providers
 
-    meta_vocab, hidden = _meta(onnx_path)
+    meta_vocab, hidden = decoder_facts(onnx_path)
     t = time.perf_counter()
     eng = DecoderEngine(onnx_path, pick_providers(device), threads, meta_vocab)
     load_s = time.perf_counter() - t
@@ -149,7 +149,8 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
     return rec
 
 
-def _meta(onnx_path: Path) -> tuple[int, int]:
+def decoder_facts(onnx_path: Path) -> tuple[int, int]:
+    """(vocab size, hidden size) from a decoder engine's metadata (weights not loaded)."""
     import onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
@@ -264,13 +265,18 @@ def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def _sub(cmd: list[str], what: str) -> dict:
+def _run(cmd: list[str], what: str, record: bool = False) -> dict | None:
+    """Run a contender or a build step from the repository root; with ``record``, return the
+    JSON record it printed last (its stdout is captured), else pass its output to stderr (our
+    stdout carries only our own record)."""
     log.info("%s: %s", what, " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                       stdout=subprocess.PIPE if record else sys.stderr,
+                       stderr=subprocess.PIPE if record else None)
     if r.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        tail = f": {r.stderr.strip()[-2000:]}" if record else ""
+        raise SystemExit(f"{what} failed (exit {r.returncode}){tail}")
+    return json.loads(r.stdout.strip().splitlines()[-1]) if record else None
 
 
 def _with_ceiling(rec: dict, weights: float, kv: float, bw: dict) -> dict:
@@ -352,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": 1, "export_s": export_s,  # None: the engine was exported by an earlier run
     }
     mean_ctx = args.prompt_tokens + args.new_tokens / 2
-    ours = _sub(me + ["--run", "ours", "--decoder", str(decoder), "--image-start-id",
+    ours = _run(me + ["--run", "ours", "--decoder", str(decoder), "--image-start-id",
                       str(cfg.image_start_id), "--new-tokens",
-                      str(args.new_tokens)] + shape + (["--profile"] if args.profile else []), "ours")
+                      str(args.new_tokens)] + shape + (["--profile"] if args.profile else []), "ours",
+                record=True)
     record["ours"] = _with_ceiling(ours, weights_read_per_token(decoder),
                                    mean_ctx * ours["kv_bytes_per_token"], bw)
     kv_bf16 = 2 * cfg.num_hidden_layers * cfg.hidden_size * 2
@@ -370,18 +377,18 @@ def main(argv: list[str] | None = None) -> int:
             _run(gpy + ["build", "--hf", str(hf), "--out", str(g), "--cache",
                         str(work / "genai-cache"), "--ep", args.device], "genai build")
             record["genai_build_s"] = round(time.perf_counter() - t, 1)
-        genai = _sub(gpy + ["time", "--model", str(g), "--prompt-tokens", str(args.prompt_tokens),
+        genai = _run(gpy + ["time", "--model", str(g), "--prompt-tokens", str(args.prompt_tokens),
                             "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
-                     "genai")
+                     "genai", record=True)
         kv_genai = kv_bf16 * (2 if args.device == "cpu" else 1)  # fp32 KV on CPU
         record["genai"] = _with_ceiling(genai, weights_read_per_token(g / "model.onnx"),
                                         mean_ctx * kv_genai, bw)
         record["ours_over_genai"] = round(ours["tok_s"] / genai["tok_s"], 3)
     if not args.no_eager:
-        eager = _sub(me + ["--run", "eager", "--checkpoint", str(ckpt), "--layers",
+        eager = _run(me + ["--run", "eager", "--checkpoint", str(ckpt), "--layers",
                            str(args.layers), "--eager-dtype", args.eager_dtype,
                            "--new-tokens", "0", "--eager-tokens", str(args.eager_tokens)] + shape,
-                     "eager")
+                     "eager", record=True)
         record["eager"] = _with_ceiling(eager, eager.pop("weights_read_per_token"),
                                         mean_ctx * kv_bf16, bw)
         record["ours_over_eager"] = round(ours["tok_s"] / eager["tok_s"], 3)
@@ -389,14 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
-
-
-def _run(cmd: list[str], what: str) -> None:
-    log.info("%s: %s", what, " ".join(cmd))
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                       stdout=sys.stderr)  # stdout carries only the JSON record
-    if r.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {r.returncode})")
 
 
 if __name__ == "__main__":

@@ -47,15 +47,13 @@ def bundle_runs(bundle: Path, device: str, threads: int | None, image, prompt: s
 
 def engine_runs(vision: Path, decoder: Path, device: str, threads: int | None, image,
                 prompt_tokens: int, iters: int) -> tuple[list[dict[str, float]], dict]:
+    from bench.decoder import decoder_facts
     from runtime.engines import DecoderEngine, VisionEngine, pick_providers
     from runtime.image import load_image, preprocess
 
     providers = pick_providers(device)
     ve = VisionEngine(vision, providers, threads)
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(decoder), load_external_data=False).metadata_props}
-    vocab = int(meta["vocab_size"])
+    vocab, _ = decoder_facts(decoder)
     de = DecoderEngine(decoder, providers, threads, vocab)
     n_rows = ve.n_queries or 256
     size = int(ve.session.get_inputs()[0].shape[-1])
