@@ -2,7 +2,8 @@
 
 The model is the real Qwen-VL architecture (``models/qwen_vl.py``: same modules, same tensor
 names, loadable by the original remote code) at toy dimensions (``TRAINED_SPEC``): 448-px input,
-14-px patches (the real 32x32 grid), 256 resampler queries, decoder hidden 128. The data are
+14-px patches (the real 32x32 grid), 256 resampler queries, ViT width 64 x 3 layers, decoder
+hidden 128 x 4 layers. The data are
 drawn on the fly by ``calib_data/synth.py`` from integer seeds: step ``s`` uses the training
 seeds ``s*n .. s*n+n-1`` of ``[0, 1e9)``; the held-out validation split is ``[1e9, 2e9)``, which
 training never sees (validation losses use its first scenes, the final greedy evaluation
@@ -18,16 +19,25 @@ sequences, but the vision tower and the 270-token prefix run once per image.
 
 Loss: per-task mean token cross-entropy mixed by ``TASK_WEIGHTS`` (so the 1-3 token OCR answers
 are not swamped by ~25-token boxes), plus ``--aux-weight`` x training-only per-cell probes on the
-image features (``AuxHeads``: what covers each of the 16x16 cells, its box, the sign's word and
-the character under the cell). The probes are discarded; the saved model is plain Qwen-VL.
+image features (``AuxHeads``: what covers each of the 16x16 cells, its box, the hundreds and tens
+digits of that box on the 0..1000 grid, the sign's word and the character under the cell). The
+probes are discarded; the saved model is plain Qwen-VL. The resampler's routing (query,
+``ln_q``/``ln_kv``, q/k projections) stays at its local-pooling init (``freeze_pool_routing``).
 
-    python -m models.train_nano --out models/nano/qwen-vl-nano --steps 7000 --minutes 84 \
-        --single-object-steps 1000 --eval-every 250 --ckpt-every 250
+The shipped checkpoint, in three phases (recorded under ``provenance`` in its
+``training_report.json``; S is a state directory):
 
-(the shipped checkpoint was made in two phases, recorded under ``provenance`` in its
-``training_report.json``: 1750 steps from scratch, then a resume with one-shape scenes for
-steps 1750-2749; the one-command form above puts the curriculum first instead, a variant that
-was not run to the end).
+    python -m models.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
+        --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100     # stopped after step 1750
+    python -m models.train_nano --out run7 --state-dir S --resume --steps 7000 --minutes 84 \
+        --single-object-steps 2750 --eval-every 250 --val-steps 3 --ckpt-every 250 --eval-n 100
+    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S3 \
+        --init-from S/state.pt --lr 1e-3 --warmup 50 --steps 6000 --minutes 52 \
+        --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
+
+(phases 1-2 predate the routing freeze and the digit probe; phase 3 starts from phase 2's
+step-6750 state. A single from-scratch run with today's defaults is a variant that was not run
+to the end.)
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
 spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
@@ -219,17 +229,25 @@ def text_class(text: str) -> int:
     return len(synth.OCR_WORDS) + int(text)
 
 
+def box_digits(grid_box: tuple[int, int, int, int]) -> list[int]:
+    """Hundreds and tens digit of each coordinate, (x1 h, x1 t, y1 h, ..., y2 t): the classes the
+    answer's box digits are copied from, so the probe makes them linearly readable."""
+    return [d for v in grid_box for d in (v // 100, v // 10 % 10)]
+
+
 def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
     """Training-only targets for the n_queries image features (a g x g grid over the squashed
     image, row-major like the resampler's 2-D pos_embed): what covers the centre of each cell
-    (class), the normalised box of that object or sign, the sign's text, and the character
-    under the cell."""
+    (class), the normalised box of that object or sign, the hundreds and tens digits of the
+    shape's box on the 0..1000 grid (``dig``, [n_queries, 8], IGNORE off the shapes), the
+    sign's text, and the character under the cell."""
     g = int(math.sqrt(n_queries))
     W, H = ex.image.size
     cls = torch.zeros(n_queries, dtype=torch.long)
     box = torch.zeros(n_queries, 4)
     txt = torch.full((n_queries,), IGNORE, dtype=torch.long)
     chr_ = torch.full((n_queries,), IGNORE, dtype=torch.long)
+    dig = torch.full((n_queries, 8), IGNORE, dtype=torch.long)
     chars = [(CHARSET.index(ch), b) for ch, b in ex.truth.get("char_boxes", []) if ch in CHARSET]
     items = [(2 + synth.ordered_index(o), o.box, None) for o in ex.truth["objects"]]
     if ex.truth.get("sign_box") is not None:
@@ -245,11 +263,13 @@ def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
                     box[m] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
                     if t is not None:
                         txt[m] = t
+                    else:
+                        dig[m] = torch.tensor(box_digits(synth.grid_box((x1, y1, x2, y2), W, H)))
                     break
             for k, (x1, y1, x2, y2) in chars:
                 if x1 <= x < x2 and y1 <= y < y2:
                     chr_[r * g + c] = k
-    return {"cls": cls, "box": box, "txt": txt, "chr": chr_}
+    return {"cls": cls, "box": box, "txt": txt, "chr": chr_, "dig": dig}
 
 
 def collate(tok, seeds: list[int], dc: DataConfig, cfg: QwenVLConfig,
@@ -423,8 +443,10 @@ def train_logits(model: QWenLMHeadModel, batch: Batch) -> tuple[torch.Tensor, to
 class AuxHeads(nn.Module):
     """Training-only linear probes on the image features (discarded at save time, the shipped
     model is plain Qwen-VL). They give the vision tower dense targets from the first step —
-    what is in each cell, its box, the sign's word — so the decoder soon finds informative
-    features to attend to, instead of settling on the text prior (a constant answer)."""
+    what is in each cell, its box and the digits the answer writes for it, the sign's word —
+    so the decoder soon finds informative features to attend to, instead of settling on the
+    text prior (a constant answer). The digit probe matters most: a box answer is digits, and a
+    cell whose features hold them as linearly separable classes is one the decoder can copy."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -432,6 +454,7 @@ class AuxHeads(nn.Module):
         self.box = nn.Linear(dim, 4)
         self.txt = nn.Linear(dim, N_TEXT_CLASSES)
         self.chr = nn.Linear(dim, len(CHARSET))
+        self.dig = nn.Linear(dim, 8 * 10)
 
     def loss(self, feats: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
         f = feats.float()
@@ -445,7 +468,10 @@ class AuxHeads(nn.Module):
         ch = aux["chr"].flatten()
         l_chr = F.cross_entropy(self.chr(f).flatten(0, 1), ch, ignore_index=IGNORE) \
             if (ch != IGNORE).any() else f.sum() * 0
-        return l_cls + 5.0 * l_box + l_txt + l_chr
+        dig = aux["dig"].flatten()
+        l_dig = F.cross_entropy(self.dig(f).reshape(-1, 10), dig, ignore_index=IGNORE) \
+            if (dig != IGNORE).any() else f.sum() * 0
+        return l_cls + 5.0 * l_box + l_txt + l_chr + l_dig
 
 
 #: Share of the loss per task. Without it the ~25-token box answers would swamp the 1-3 token
@@ -494,14 +520,72 @@ def batches(tok, dc: DataConfig, cfg: QwenVLConfig, start: int, steps: int, work
                                        num_workers=1, prefetch_factor=4, persistent_workers=False)
 
 
+def conv_lr_scale(patch_size: int) -> float:
+    """lr multiplier of the patch embedding: ``(14 / patch)^2``. Adam moves every weight by ~lr
+    whatever its fan-in, so a 28-px patch filter (2352 inputs) changes its output 4x faster than
+    a 14-px one; at full lr its output outgrew the position table ~50x and ``ln_pre`` drowned
+    the positions (measured in a 28-px run: local colour no longer decodable after the ViT)."""
+    return min(1.0, (14 / patch_size) ** 2)
+
+
+def freeze_pool_routing(model: QWenLMHeadModel) -> None:
+    """Keep the resampler's *routing* (query, ``ln_q``, ``ln_kv`` and the q/k rows of its input
+    projection) at ``init_weights``'s local-pooling values; values and output stay trainable.
+
+    Why: trained freely, the routing drifted from "query (i, j) reads cell (i, j)" (48 % of the
+    attention on its own cell at init) to a blur shifted by a few cells (7-11 % on its own cell,
+    measured on two runs), so the image features no longer said *where* anything was and box
+    digits stayed near chance. The saved weights are ordinary Qwen-VL tensors either way."""
+    pool = model.transformer.visual.attn_pool
+    for prm in (pool.query, pool.ln_q.weight, pool.ln_q.bias, pool.ln_kv.weight, pool.ln_kv.bias):
+        prm.requires_grad_(False)
+    d = pool.attn.in_proj_weight.shape[1]
+    keep = torch.ones(3 * d, 1)
+    keep[:2 * d] = 0.0
+    pool.attn.in_proj_weight.register_hook(lambda g: g * keep)
+    pool.attn.in_proj_bias.register_hook(lambda g: g * keep[:, 0])
+
+
+ROUTING = ("attn_pool.query", "attn_pool.ln_q.", "attn_pool.ln_kv.")
+
+
+def warm_start(model: QWenLMHeadModel, state_path: Path, seed: int) -> dict:
+    """Load the model weights of a resumable state (``state.pt``) and put the resampler's
+    routing back to ``init_weights``'s local pooling (see ``freeze_pool_routing``); returns the
+    state's probe weights. For continuing a run trained before the routing was frozen."""
+    st = torch.load(state_path, weights_only=False, map_location="cpu")
+    model.load_state_dict(st["model"])
+    fresh = QWenLMHeadModel(model.cfg)
+    init_weights(fresh, seed)
+    ref = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ROUTING):
+                p.copy_(ref[name])
+            elif name.endswith("attn_pool.attn.in_proj_weight") or name.endswith("attn_pool.attn.in_proj_bias"):
+                d = p.shape[0] // 3
+                p[:2 * d] = ref[name][:2 * d]
+    print(f"warm start from {state_path} (step {st['step']}), resampler routing reset", file=sys.stderr)
+    return st.get("heads", {})
+
+
 def param_groups(model: nn.Module, wd: float) -> list[dict]:
-    decay, no_decay = [], []
+    """AdamW groups: decay on matrices (not embeddings, position tables, queries or the
+    resampler's partly frozen in_proj), the patch embedding at ``conv_lr_scale``."""
+    decay, no_decay, conv = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "wte" not in name and "positional" not in name
-         and "query" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        if name.endswith("visual.conv1.weight"):
+            conv.append(p)
+        elif (p.ndim >= 2 and "wte" not in name and "positional" not in name
+              and "query" not in name and "attn_pool.attn.in_proj" not in name):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": conv, "weight_decay": wd,
+             "lr_scale": conv_lr_scale(model.cfg.visual.patch_size)}]
 
 
 @torch.no_grad()
@@ -563,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--state-dir", default=None,
                     help="where resumable states go (default: .cache/train_nano/<out name>)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest state")
+    ap.add_argument("--init-from", default=None, metavar="STATE_PT",
+                    help="start from the model weights of another run's state.pt (fresh optimiser "
+                         "and schedule; the resampler routing is reset to its initial pooling)")
     ap.add_argument("--eval-n", type=int, default=100,
                     help="held-out examples per task for the final greedy evaluation (0: skip)")
     g = ap.add_argument_group("model size (defaults: TRAINED_SPEC, the shipped checkpoint)")
@@ -574,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis-width", type=int, default=d.vis_width, help="ViT width")
     g.add_argument("--vis-layers", type=int, default=d.vis_layers, help="ViT layers")
     g.add_argument("--vis-heads", type=int, default=d.vis_heads, help="ViT heads")
+    g.add_argument("--patch-size", type=int, default=d.patch_size,
+                   help="ViT patch side in pixels (448 must be a multiple)")
     g.add_argument("--n-merges", type=int, default=d.n_merges, help="BPE merges of the vocabulary")
     return ap
 
@@ -586,7 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(
         TRAINED_SPEC, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, ffn_dim=args.ffn, vis_width=args.vis_width,
-        vis_layers=args.vis_layers, vis_heads=args.vis_heads, n_merges=args.n_merges)
+        vis_layers=args.vis_layers, vis_heads=args.vis_heads, patch_size=args.patch_size,
+        n_merges=args.n_merges)
+    if spec.vis_width == spec.hidden_size:
+        ap_error = "--vis-width must differ from --hidden-size (the original resampler drops kv_proj then)"
+        build_parser().error(ap_error)
     tok, ranks = make_tokenizer(spec.n_merges)
     cfg = nano_config(spec, len(ranks))
     dc = DataConfig(images_per_step=args.images_per_step,
@@ -594,9 +687,13 @@ def main(argv: list[str] | None = None) -> int:
     model = QWenLMHeadModel(cfg)
     init_weights(model, args.seed)
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
+    warm_heads = warm_start(model, Path(args.init_from), args.seed) if args.init_from else {}
+    freeze_pool_routing(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     heads = AuxHeads(cfg.hidden_size)
+    if warm_heads:
+        heads.load_state_dict(warm_heads, strict=False)  # the digit probe may be new
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay) +
                             [{"params": list(heads.parameters()), "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -627,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
             progress = max(step / args.steps, elapsed / budget if budget else 0.0)
             lr = lr_at(step, progress, args.lr, args.warmup, args.min_lr_frac)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             logits, tgt, task, feats = train_logits(model, batch)
             loss = balanced_loss(logits, tgt, task, weights)
             if args.aux_weight:

@@ -1,8 +1,8 @@
-"""The shipped nano checkpoint: real layout, loads, answers in the Qwen-VL grounding format.
+"""The shipped nano checkpoint: real layout, loads, reads signs, answers in the grounding format.
 
-The shipped checkpoint reads signs but does not yet localise reliably (held-out OCR exact match
-73 %, grounding IoU@0.5 12 %; see its training_report.json). Issue 9 (both >= 80 %) is open; the
-accuracy-floor test comes back with the checkpoint that meets them.
+Held-out figures of the shipped checkpoint (training_report.json, 100 scenes): OCR exact match
+83 % (issue 9's target, >= 80 %, met), grounding IoU@0.5 25 % (target 80 %, not met; issue 9
+stays open). The floors below guard what it does reach, on the first 20 held-out scenes.
 """
 
 from __future__ import annotations
@@ -44,6 +44,25 @@ def test_shipped_layout_and_size():
     assert cfg["hidden_size"] % 128 == 0
     rep = json.loads((SHIPPED / "training_report.json").read_text())
     assert rep["steps"] > 0 and "grounding" in rep["eval"] and "ocr" in rep["eval"]
+
+
+# Measured on these 20 scenes with the shipped checkpoint: OCR 17/20, grounding 4/20 hits,
+# mean IoU 0.30. Each floor leaves room for a few misses (other torch builds, BLAS order).
+OCR_EXACT_FLOOR = 0.7
+GROUNDING_HIT_FLOOR = 0.1
+GROUNDING_MEAN_IOU_FLOOR = 0.2
+
+
+def test_heldout_reading_and_grounding_floors(trained):
+    from models.evaluate_nano import evaluate
+
+    model, tok = trained
+    res = evaluate(model, tok, n=20, start=0)
+    g, o = res["grounding"], res["ocr"]
+    assert o["exact_match"] >= OCR_EXACT_FLOOR, o
+    assert o["cer"] <= 1 - OCR_EXACT_FLOOR, o
+    assert g["iou@0.5"] >= GROUNDING_HIT_FLOOR, g
+    assert g["mean_iou"] >= GROUNDING_MEAN_IOU_FLOOR, g
 
 
 def test_answer_format_round_trips(trained):
@@ -98,3 +117,41 @@ def test_training_script_runs_and_resumes(tmp_path):
     assert rep["steps"] == 4 and [h["step"] for h in rep["history"]] == [2, 4]
     model = load_model(out, "fp32")
     assert model.cfg.num_hidden_layers == 1 and model.cfg.visual.width == 32
+    # the resampler's routing never trains: it is still init_weights's local pooling
+    import torch
+
+    from models.qwen_vl import QWenLMHeadModel
+    from models.train_nano import init_weights
+
+    fresh = QWenLMHeadModel(model.cfg)
+    init_weights(fresh, 0)
+    got, want = model.transformer.visual.attn_pool, fresh.transformer.visual.attn_pool
+    d = want.attn.in_proj_weight.shape[1]
+    assert torch.equal(got.attn.in_proj_weight[:2 * d], want.attn.in_proj_weight[:2 * d])
+    assert torch.equal(got.query, want.query) and torch.equal(got.ln_kv.weight, want.ln_kv.weight)
+    assert not torch.equal(got.attn.in_proj_weight[2 * d:], want.attn.in_proj_weight[2 * d:])
+
+    # a warm start from that state: fresh schedule, routing reset, a loadable checkpoint
+    out2 = tmp_path / "ckpt2"
+    r = subprocess.run(base[:4] + [str(out2)] + base[5:] + ["--steps", "2", "--init-from",
+                                                           str(state / "state.pt")],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warm start from" in r.stderr and "(step 2)" in r.stderr
+    assert json.loads((out2 / "training_report.json").read_text())["steps"] == 2
+
+
+def test_box_digit_labels():
+    """The per-cell digit probe's targets are the hundreds and tens digits the answer writes."""
+    from calib_data import synth
+    from models.train_nano import box_digits, slot_labels
+
+    assert box_digits((123, 45, 999, 0)) == [1, 2, 0, 4, 9, 9, 0, 0]
+    ex = synth.make_example(synth.split_seed("val", 3), "grounding", index=0)
+    lab = slot_labels(ex, 256)
+    on = lab["cls"] >= 2
+    assert on.any()
+    W, H = ex.size
+    boxes = {tuple(box_digits(synth.grid_box(o.box, W, H))) for o in ex.truth["objects"]}
+    assert {tuple(r.tolist()) for r in lab["dig"][on]} <= boxes
+    assert (lab["dig"][~on] == -100).all()
