@@ -528,25 +528,32 @@ def conv_lr_scale(patch_size: int) -> float:
     return min(1.0, (14 / patch_size) ** 2)
 
 
+def routing_parts(model: QWenLMHeadModel) -> list[tuple[nn.Parameter, slice]]:
+    """The resampler's *routing*: the tensors (and rows) that decide which image cells each
+    query reads: query, ``ln_q``, ``ln_kv`` and the q/k rows of the packed input projection."""
+    pool = model.transformer.visual.attn_pool
+    qk = slice(0, 2 * pool.attn.in_proj_weight.shape[1])
+    every = slice(None)
+    return [(pool.query, every), (pool.ln_q.weight, every), (pool.ln_q.bias, every),
+            (pool.ln_kv.weight, every), (pool.ln_kv.bias, every),
+            (pool.attn.in_proj_weight, qk), (pool.attn.in_proj_bias, qk)]
+
+
 def freeze_pool_routing(model: QWenLMHeadModel) -> None:
-    """Keep the resampler's *routing* (query, ``ln_q``, ``ln_kv`` and the q/k rows of its input
-    projection) at ``init_weights``'s local-pooling values; values and output stay trainable.
+    """Keep the resampler's routing (``routing_parts``) at ``init_weights``'s local-pooling
+    values; its values and output projection stay trainable.
 
     Why: trained freely, the routing drifted from "query (i, j) reads cell (i, j)" (48 % of the
     attention on its own cell at init) to a blur shifted by a few cells (7-11 % on its own cell,
     measured on two runs), so the image features no longer said *where* anything was and box
     digits stayed near chance. The saved weights are ordinary Qwen-VL tensors either way."""
-    pool = model.transformer.visual.attn_pool
-    for prm in (pool.query, pool.ln_q.weight, pool.ln_q.bias, pool.ln_kv.weight, pool.ln_kv.bias):
-        prm.requires_grad_(False)
-    d = pool.attn.in_proj_weight.shape[1]
-    keep = torch.ones(3 * d, 1)
-    keep[:2 * d] = 0.0
-    pool.attn.in_proj_weight.register_hook(lambda g: g * keep)
-    pool.attn.in_proj_bias.register_hook(lambda g: g * keep[:, 0])
-
-
-ROUTING = ("attn_pool.query", "attn_pool.ln_q.", "attn_pool.ln_kv.")
+    for prm, rows in routing_parts(model):
+        if rows == slice(None):
+            prm.requires_grad_(False)
+        else:
+            keep = torch.ones(prm.shape[0], *([1] * (prm.ndim - 1)))
+            keep[rows] = 0.0
+            prm.register_hook(lambda g, keep=keep: g * keep)
 
 
 def warm_start(model: QWenLMHeadModel, state_path: Path, seed: int) -> dict:
@@ -557,14 +564,9 @@ def warm_start(model: QWenLMHeadModel, state_path: Path, seed: int) -> dict:
     model.load_state_dict(st["model"])
     fresh = QWenLMHeadModel(model.cfg)
     init_weights(fresh, seed)
-    ref = dict(fresh.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ROUTING):
-                p.copy_(ref[name])
-            elif name.endswith("attn_pool.attn.in_proj_weight") or name.endswith("attn_pool.attn.in_proj_bias"):
-                d = p.shape[0] // 3
-                p[:2 * d] = ref[name][:2 * d]
+        for (p, rows), (ref, _) in zip(routing_parts(model), routing_parts(fresh)):
+            p[rows] = ref[rows]
     print(f"warm start from {state_path} (step {st['step']}), resampler routing reset", file=sys.stderr)
     return st.get("heads", {})
 
@@ -678,8 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         vis_layers=args.vis_layers, vis_heads=args.vis_heads, patch_size=args.patch_size,
         n_merges=args.n_merges)
     if spec.vis_width == spec.hidden_size:
-        ap_error = "--vis-width must differ from --hidden-size (the original resampler drops kv_proj then)"
-        build_parser().error(ap_error)
+        build_parser().error("--vis-width must differ from --hidden-size "
+                             "(the original resampler drops kv_proj then)")
     tok, ranks = make_tokenizer(spec.n_merges)
     cfg = nano_config(spec, len(ranks))
     dc = DataConfig(images_per_step=args.images_per_step,

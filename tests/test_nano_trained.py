@@ -139,6 +139,9 @@ def test_training_script_runs_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warm start from" in r.stderr and "(step 2)" in r.stderr
     assert json.loads((out2 / "training_report.json").read_text())["steps"] == 2
+    warm = load_model(out2, "fp32").transformer.visual.attn_pool
+    assert torch.equal(warm.attn.in_proj_weight[:2 * d], want.attn.in_proj_weight[:2 * d])
+    assert torch.equal(warm.ln_q.weight, want.ln_q.weight)
 
 
 def test_box_digit_labels():
