@@ -24,20 +24,23 @@ digits of that box on the 0..1000 grid, the sign's word and the character under 
 probes are discarded; the saved model is plain Qwen-VL. The resampler's routing (query,
 ``ln_q``/``ln_kv``, q/k projections) stays at its local-pooling init (``freeze_pool_routing``).
 
-The shipped checkpoint, in three phases (recorded under ``provenance`` in its
-``training_report.json``; S is a state directory):
+The shipped checkpoint, in four phases (recorded under ``provenance`` in its
+``training_report.json``; S, S3, S4 are state directories):
 
     python -m models.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100     # stopped after step 1750
     python -m models.train_nano --out run7 --state-dir S --resume --steps 7000 --minutes 84 \
         --single-object-steps 2750 --eval-every 250 --val-steps 3 --ckpt-every 250 --eval-n 100
-    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S3 \
+    python -m models.train_nano --out run10 --state-dir S3 \
         --init-from S/state.pt --lr 1e-3 --warmup 50 --steps 6000 --minutes 52 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
+    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S4 \
+        --init-from S3/state.pt --freeze-vision --aux-weight 0 --lr 5e-4 --warmup 50 \
+        --steps 5000 --minutes 24 --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
 
 (phases 1-2 predate the routing freeze and the digit probe; phase 3 starts from phase 2's
-step-6750 state. A single from-scratch run with today's defaults is a variant that was not run
-to the end.)
+step-6750 state, phase 4 (decoder only) from phase 3's step-4750 state. A single from-scratch
+run with today's defaults is a variant that was not run to the end.)
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
 spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
@@ -652,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-from", default=None, metavar="STATE_PT",
                     help="start from the model weights of another run's state.pt (fresh optimiser "
                          "and schedule; the resampler routing is reset to its initial pooling)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="train the decoder only (the vision tower keeps its weights; use with "
+                         "--init-from and --aux-weight 0)")
     ap.add_argument("--eval-n", type=int, default=100,
                     help="held-out examples per task for the final greedy evaluation (0: skip)")
     g = ap.add_argument_group("model size (defaults: TRAINED_SPEC, the shipped checkpoint)")
@@ -691,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
     warm_heads = warm_start(model, Path(args.init_from), args.seed) if args.init_from else {}
     freeze_pool_routing(model)
+    if args.freeze_vision:
+        model.transformer.visual.requires_grad_(False)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     heads = AuxHeads(cfg.hidden_size)
