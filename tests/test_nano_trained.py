@@ -131,15 +131,23 @@ def test_training_script_runs_and_resumes(tmp_path):
     assert torch.equal(got.query, want.query) and torch.equal(got.ln_kv.weight, want.ln_kv.weight)
     assert not torch.equal(got.attn.in_proj_weight[2 * d:], want.attn.in_proj_weight[2 * d:])
 
-    # a warm start from that state: fresh schedule, routing reset, a loadable checkpoint
+    # a decoder-only warm start from that state: fresh schedule, routing reset, the vision
+    # tower exactly the state's, a loadable checkpoint
     out2 = tmp_path / "ckpt2"
     r = subprocess.run(base[:4] + [str(out2)] + base[5:] + ["--steps", "2", "--init-from",
-                                                           str(state / "state.pt")],
+                                                           str(state / "state.pt"),
+                                                           "--freeze-vision", "--aux-weight", "0"],
                        cwd=repo, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warm start from" in r.stderr and "(step 2)" in r.stderr
     assert json.loads((out2 / "training_report.json").read_text())["steps"] == 2
-    warm = load_model(out2, "fp32").transformer.visual.attn_pool
+    warm_model = load_model(out2, "fp32")
+    src = torch.load(state / "state.pt", weights_only=False)["model"]
+    for name, p in warm_model.transformer.visual.named_parameters():
+        assert torch.equal(p, src["transformer.visual." + name]), name
+    assert not torch.equal(warm_model.transformer.h[0].mlp.w1.weight,
+                           src["transformer.h.0.mlp.w1.weight"])
+    warm = warm_model.transformer.visual.attn_pool
     assert torch.equal(warm.attn.in_proj_weight[:2 * d], want.attn.in_proj_weight[:2 * d])
     assert torch.equal(warm.ln_q.weight, want.ln_q.weight)
 
