@@ -252,14 +252,15 @@ def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
     chr_ = torch.full((n_queries,), IGNORE, dtype=torch.long)
     dig = torch.full((n_queries, 8), IGNORE, dtype=torch.long)
     chars = [(CHARSET.index(ch), b) for ch, b in ex.truth.get("char_boxes", []) if ch in CHARSET]
-    items = [(2 + synth.ordered_index(o), o.box, None) for o in ex.truth["objects"]]
+    items = [(2 + synth.ordered_index(o), o.box, None,
+              torch.tensor(box_digits(synth.grid_box(o.box, W, H)))) for o in ex.truth["objects"]]
     if ex.truth.get("sign_box") is not None:
-        items.append((1, ex.truth["sign_box"], text_class(ex.truth["text"])))
+        items.append((1, ex.truth["sign_box"], text_class(ex.truth["text"]), None))
     for r in range(g):
         y = (r + 0.5) / g * H
         for c in range(g):
             x = (c + 0.5) / g * W
-            for k, (x1, y1, x2, y2), t in items:
+            for k, (x1, y1, x2, y2), t, digits in items:
                 if x1 <= x < x2 and y1 <= y < y2:
                     m = r * g + c
                     cls[m] = k
@@ -267,7 +268,7 @@ def slot_labels(ex: synth.Example, n_queries: int) -> dict[str, torch.Tensor]:
                     if t is not None:
                         txt[m] = t
                     else:
-                        dig[m] = torch.tensor(box_digits(synth.grid_box((x1, y1, x2, y2), W, H)))
+                        dig[m] = digits
                     break
             for k, (x1, y1, x2, y2) in chars:
                 if x1 <= x < x2 and y1 <= y < y2:
