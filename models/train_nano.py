@@ -24,8 +24,8 @@ digits of that box on the 0..1000 grid, the sign's word and the character under 
 probes are discarded; the saved model is plain Qwen-VL. The resampler's routing (query,
 ``ln_q``/``ln_kv``, q/k projections) stays at its local-pooling init (``freeze_pool_routing``).
 
-The shipped checkpoint, in four phases (recorded under ``provenance`` in its
-``training_report.json``; S, S3, S4 are state directories):
+The shipped checkpoint, in five phases (recorded under ``provenance`` in its
+``training_report.json``; S, S3, S4, S5 are state directories):
 
     python -m models.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100     # stopped after step 1750
@@ -34,19 +34,27 @@ The shipped checkpoint, in four phases (recorded under ``provenance`` in its
     python -m models.train_nano --out run10 --state-dir S3 \
         --init-from S/state.pt --lr 1e-3 --warmup 50 --steps 6000 --minutes 52 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
-    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S4 \
+    python -m models.train_nano --out run11 --state-dir S4 \
         --init-from S3/state.pt --freeze-vision --aux-weight 0 --lr 5e-4 --warmup 50 \
         --steps 5000 --minutes 24 --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
+    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S5 \
+        --init-from S4/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 10000 \
+        --lr 5e-4 --warmup 50 --steps 20000 --minutes 85 --eval-every 1000 --val-steps 3 \
+        --ckpt-every 250 --eval-n 100 --threads 1
 
 (phases 1-2 predate the routing freeze and the digit probe; phase 3 starts from phase 2's
-step-6750 state, phase 4 (decoder only) from phase 3's step-4750 state. A single from-scratch
-run with today's defaults is a variant that was not run to the end.)
+step-6750 state, phase 4 (decoder only) from phase 3's step-4750 state, phase 5 (decoder only,
+unseen scenes) from phase 4's step-3000 state; phase 5 ran with one thread beside a second run.
+A single from-scratch run with today's defaults is a variant that was not run to the end.)
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
 spent; ``training_report.json`` records the steps reached); with ``--minutes 0`` the schedule is
 a pure function of ``--steps`` and the run is deterministic. Resumable: model, probe and optimiser
 state go to ``--state-dir`` every ``--ckpt-every`` steps and ``--resume`` continues from there
-(same data order). AdamW, linear warm-up then cosine decay, gradient clipping at ``--clip``.
+(same data order). ``--init-from`` warm-starts the weights of another run (fresh optimiser and
+schedule; into more decoder layers with ``deepen``, which starts the new layers as exact no-ops);
+``--data-offset`` then points it at scenes the earlier phases never drew. AdamW, linear warm-up
+then cosine decay, gradient clipping at ``--clip``.
 The final weights are saved in fp32 (``save_checkpoint``: the real HF layout, plus
 ``qwen.tiktoken``, ``generation_config.json``, ``tokenizer_config.json``) with
 ``training_report.json`` (command, time, losses, held-out figures).
@@ -163,6 +171,7 @@ class DataConfig:
     images_per_step: int = 4
     caption_rate: float = 1.0  # chance that a scene also trains its caption
     single_object_steps: int = 0  # curriculum: steps before this one show exactly one shape
+    data_offset: int = 0  # step s trains on the scenes of step s + data_offset (warm starts)
 
 
 def image_examples(seed: int, dc: DataConfig, n_objects: int | None = None) -> list[synth.Example]:
@@ -514,7 +523,8 @@ class StepData(torch.utils.data.IterableDataset):
     def __iter__(self):
         for step in range(self.start, self.steps):
             n_obj = 1 if step < self.dc.single_object_steps else None
-            yield collate(self.tok, step_items(step, self.dc), self.dc, self.cfg, n_obj)
+            seeds = step_items(step + self.dc.data_offset, self.dc)
+            yield collate(self.tok, seeds, self.dc, self.cfg, n_obj)
 
 
 def batches(tok, dc: DataConfig, cfg: QwenVLConfig, start: int, steps: int, workers: int):
@@ -560,13 +570,44 @@ def freeze_pool_routing(model: QWenLMHeadModel) -> None:
             prm.register_hook(lambda g, keep=keep: g * keep)
 
 
+def deepen(state: dict[str, torch.Tensor], n_new: int) -> dict[str, torch.Tensor]:
+    """A decoder state dict with ``n_new`` layers that computes exactly what ``state``'s computes.
+
+    Each old layer ``i`` is followed by ``n_new / n_old - 1`` copies of itself whose two output
+    projections (``attn.c_proj``, ``mlp.c_proj``) are zero, so they add nothing to the residual
+    stream until trained; their other weights start from the trained layer (not random), so
+    their first gradients already point somewhere useful. Why: more sequential decoder compute
+    on top of a trained model without losing what it knows (a box answer is several steps of
+    arithmetic: which shape, which coordinate, which digit place)."""
+    pre = "transformer.h."
+    n_old = 1 + max(int(k[len(pre):].split(".")[0]) for k in state if k.startswith(pre))
+    if n_new % n_old:
+        raise ValueError(f"cannot deepen {n_old} decoder layers to {n_new}: use a multiple of {n_old}")
+    k = n_new // n_old
+    out = {key: v for key, v in state.items() if not key.startswith(pre)}
+    for key, v in state.items():
+        if not key.startswith(pre):
+            continue
+        i, rest = key[len(pre):].split(".", 1)
+        for j in range(k):
+            zero = j > 0 and rest.split(".")[-2] == "c_proj"
+            out[f"{pre}{int(i) * k + j}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
+    return out
+
+
 def warm_start(model: QWenLMHeadModel, state_path: Path, seed: int) -> dict:
     """Load the model weights of a resumable state (``state.pt``) and put the resampler's
     routing back to ``init_weights``'s local pooling (see ``freeze_pool_routing``); returns the
-    state's probe weights. For continuing a run trained before the routing was frozen."""
+    state's probe weights. For continuing a run trained before the routing was frozen. A model
+    with more decoder layers than the state is filled in by ``deepen``."""
     st = torch.load(state_path, weights_only=False, map_location="cpu")
-    model.load_state_dict(st["model"])
-    fresh = QWenLMHeadModel(model.cfg)
+    weights = st["model"]
+    n_state = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("transformer.h."))
+    if n_state != model.cfg.num_hidden_layers:
+        weights = deepen(weights, model.cfg.num_hidden_layers)
+    model.load_state_dict(weights)
+    # the init's random stream depends on the depth: reset the routing to the state's own init
+    fresh = QWenLMHeadModel(dataclasses.replace(model.cfg, num_hidden_layers=n_state))
     init_weights(fresh, seed)
     with torch.no_grad():
         for (p, rows), (ref, _) in zip(routing_parts(model), routing_parts(fresh)):
@@ -656,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-from", default=None, metavar="STATE_PT",
                     help="start from the model weights of another run's state.pt (fresh optimiser "
                          "and schedule; the resampler routing is reset to its initial pooling)")
+    ap.add_argument("--data-offset", type=int, default=0,
+                    help="step s trains on the scenes of step s + N (a warm start's new scenes)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="train the decoder only (the vision tower keeps its weights; use with "
                          "--init-from and --aux-weight 0)")
@@ -692,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     tok, ranks = make_tokenizer(spec.n_merges)
     cfg = nano_config(spec, len(ranks))
     dc = DataConfig(images_per_step=args.images_per_step,
-                    single_object_steps=args.single_object_steps)
+                    single_object_steps=args.single_object_steps, data_offset=args.data_offset)
     model = QWenLMHeadModel(cfg)
     init_weights(model, args.seed)
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)

@@ -1,7 +1,7 @@
 """The shipped nano checkpoint: real layout, loads, reads signs, answers in the grounding format.
 
 Held-out figures of the shipped checkpoint (training_report.json, 100 scenes): OCR exact match
-83 % (issue 9's target, >= 80 %, met), grounding IoU@0.5 45 % (target 80 %, not met; issue 9
+86 % (issue 9's target, >= 80 %, met), grounding IoU@0.5 66 % (target 80 %, not met; issue 9
 stays open). The floors below guard what it does reach, on the first 20 held-out scenes.
 """
 
@@ -46,11 +46,11 @@ def test_shipped_layout_and_size():
     assert rep["steps"] > 0 and "grounding" in rep["eval"] and "ocr" in rep["eval"]
 
 
-# Measured on these 20 scenes with the shipped checkpoint: OCR 17/20, grounding 12/20 hits,
-# mean IoU 0.50. Each floor leaves room for a few misses (other torch builds, BLAS order).
-OCR_EXACT_FLOOR = 0.7
-GROUNDING_HIT_FLOOR = 0.4
-GROUNDING_MEAN_IOU_FLOOR = 0.35
+# Measured on these 20 scenes with the shipped checkpoint: OCR 18/20, grounding 11/20 hits,
+# mean IoU 0.56. Each floor leaves room for a few misses (other torch builds, BLAS order).
+OCR_EXACT_FLOOR = 0.75
+GROUNDING_HIT_FLOOR = 0.45
+GROUNDING_MEAN_IOU_FLOOR = 0.45
 
 
 def test_heldout_reading_and_grounding_floors(trained):
@@ -166,3 +166,43 @@ def test_box_digit_labels():
     boxes = {tuple(box_digits(synth.grid_box(o.box, W, H))) for o in ex.truth["objects"]}
     assert {tuple(r.tolist()) for r in lab["dig"][on]} <= boxes
     assert (lab["dig"][~on] == -100).all()
+
+
+def test_deepen_warm_start_keeps_the_function(tmp_path):
+    """``--init-from`` into a model with more decoder layers (``deepen``): the new layers start
+    as exact no-ops, the routing is reset to the *state's* init, so the logits do not move;
+    and ``--data-offset`` shifts the scenes a step trains on."""
+    import dataclasses
+
+    import torch
+
+    from models.nano import nano_config
+    from models.qwen_vl import QWenLMHeadModel
+    from models import train_nano as T
+
+    torch.manual_seed(0)
+    tok, ranks = T.make_tokenizer(T.TRAINED_SPEC.n_merges)
+    spec = dataclasses.replace(T.TRAINED_SPEC, num_hidden_layers=2, vis_layers=1, vis_width=32)
+    small = QWenLMHeadModel(nano_config(spec, len(ranks)))
+    T.init_weights(small, 0)
+    with torch.no_grad():  # trained-looking output projections, so a wrong copy shows
+        for blk in small.transformer.h:
+            blk.attn.c_proj.weight.normal_(0, 0.05)
+            blk.mlp.c_proj.weight.normal_(0, 0.05)
+    torch.save({"model": small.state_dict(), "step": 7}, tmp_path / "state.pt")
+    deep = QWenLMHeadModel(nano_config(dataclasses.replace(spec, num_hidden_layers=4), len(ranks)))
+    T.init_weights(deep, 1)
+    T.warm_start(deep, tmp_path / "state.pt", 0)
+    T.warm_start(small, tmp_path / "state.pt", 0)
+    assert torch.count_nonzero(deep.transformer.h[1].mlp.c_proj.weight) == 0
+    assert torch.equal(deep.transformer.h[2].attn.c_attn.weight, small.transformer.h[1].attn.c_attn.weight)
+    dc = T.DataConfig(images_per_step=1, data_offset=5)
+    batch = next(iter(T.StepData(tok, dc, small.cfg, 0, 1)))
+    want = T.collate(tok, T.step_items(5, dc), dc, small.cfg)
+    assert torch.equal(batch.ids, want.ids) and torch.equal(batch.pixels, want.pixels)
+    small.eval(), deep.eval()
+    with torch.no_grad():
+        a, b = T.train_logits(small, batch)[0], T.train_logits(deep, batch)[0]
+    assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        T.deepen(small.state_dict(), 3)
