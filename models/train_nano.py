@@ -570,6 +570,11 @@ def freeze_pool_routing(model: QWenLMHeadModel) -> None:
             prm.register_hook(lambda g, keep=keep: g * keep)
 
 
+def decoder_depth(state: dict[str, torch.Tensor]) -> int:
+    """Number of decoder layers (``transformer.h.<i>.*``) in a model state dict."""
+    return 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.h."))
+
+
 def deepen(state: dict[str, torch.Tensor], n_new: int) -> dict[str, torch.Tensor]:
     """A decoder state dict with ``n_new`` layers that computes exactly what ``state``'s computes.
 
@@ -580,7 +585,7 @@ def deepen(state: dict[str, torch.Tensor], n_new: int) -> dict[str, torch.Tensor
     on top of a trained model without losing what it knows (a box answer is several steps of
     arithmetic: which shape, which coordinate, which digit place)."""
     pre = "transformer.h."
-    n_old = 1 + max(int(k[len(pre):].split(".")[0]) for k in state if k.startswith(pre))
+    n_old = decoder_depth(state)
     if n_new % n_old:
         raise ValueError(f"cannot deepen {n_old} decoder layers to {n_new}: use a multiple of {n_old}")
     k = n_new // n_old
@@ -602,7 +607,7 @@ def warm_start(model: QWenLMHeadModel, state_path: Path, seed: int) -> dict:
     with more decoder layers than the state is filled in by ``deepen``."""
     st = torch.load(state_path, weights_only=False, map_location="cpu")
     weights = st["model"]
-    n_state = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("transformer.h."))
+    n_state = decoder_depth(weights)
     if n_state != model.cfg.num_hidden_layers:
         weights = deepen(weights, model.cfg.num_hidden_layers)
     model.load_state_dict(weights)
