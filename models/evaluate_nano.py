@@ -1,7 +1,9 @@
 """What the trained nano Qwen-VL can do, measured on held-out synthetic scenes.
 
-Greedy generation with the PyTorch reference (``QWenLMHeadModel.generate``, fp32 by default) on
-the validation seed range of ``calib_data/synth.py`` (``[1e9, 2e9)``, never used in training):
+Greedy generation on the validation seed range of ``calib_data/synth.py`` (``[1e9, 2e9)``, never
+used in training), by the PyTorch reference (``QWenLMHeadModel.generate``, fp32 by default) or by
+an exported bundle through ``runtime.Pipeline`` (``--bundle``: the same questions and prompts, so
+the two results side by side are the bundle's task drift on 2 x n items):
 
 - grounding: ``<ref>the red circle</ref>`` and ``Where is the red circle?`` prompts; the answer is
   parsed with ``runtime.grounding.parse_grounding`` (boxes mapped to original pixels), scored by
@@ -13,6 +15,7 @@ Each held-out scene gives one grounding question (shape chosen by the seed, prom
 alternating) and the OCR question, so ``--n 200`` scores 200 boxes and 200 readings.
 
     python -m models.evaluate_nano [--ckpt DIR] [--n 200] [--dtype fp32]
+    python -m models.evaluate_nano --bundle out/bundle [--n 200]   # the same questions, int4 engines
 
 prints one JSON object. ``iou`` and ``cer`` are small and importable (the validation stage reuses
 them).
@@ -25,7 +28,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from tqdm import tqdm
 
 Box = tuple[float, float, float, float]
 
@@ -92,14 +97,46 @@ def predicted_box(text: str, size: tuple[int, int]) -> Box | None:
     return tuple(float(v) for v in found[0].pixels) if found else None  # type: ignore[return-value]
 
 
+#: Answers the questions of one scene (all on the same image), in order.
+Answerer = Callable[[list[Any]], list[str]]
+
+
+def torch_answerer(model, tok, max_new_tokens: int = 32) -> Answerer:
+    """The PyTorch reference: the vision tower runs once per scene."""
+    def run(examples: list[Any]) -> list[str]:
+        feats = image_features(model, examples[0].image)
+        return [answer(model, tok, ex, max_new_tokens, image_embeds=feats) for ex in examples]
+    return run
+
+
+def bundle_answerer(bundle: str | Path, device: str = "cpu", threads: int | None = None,
+                    max_new_tokens: int = 32) -> Answerer:
+    """An exported bundle through the public runtime (``runtime.Pipeline``: engine vision +
+    engine decoder, greedy), with the same ChatML prompt as the reference."""
+    from calib_data import synth
+    from runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, device=device, threads=threads)
+
+    def run(examples: list[Any]) -> list[str]:
+        return [pipe.chat(synth.prompt_parts(ex.prompt), images=[ex.image],
+                          max_new_tokens=max_new_tokens, temperature=0.0,
+                          repetition_penalty=1.0).result().text for ex in examples]
+    return run
+
+
 def evaluate(model, tok, n: int = 100, start: int = 0, worst: int = 5) -> dict[str, Any]:
+    """``evaluate_with`` the PyTorch reference ``model``."""
+    return evaluate_with(torch_answerer(model, tok), n, start, worst)
+
+
+def evaluate_with(answerer: Answerer, n: int = 100, start: int = 0,
+                  worst: int = 5) -> dict[str, Any]:
     """Greedy evaluation on ``n`` held-out scenes: one grounding and one OCR question each.
 
     Scenes ``split_seed("val", start + i)``; the grounded shape is chosen by the seed and the
     prompt form alternates (even i: ``<ref>the red circle</ref>``, odd i: ``Where is ...?``).
-    The vision tower runs once per scene."""
-    import torch
-
+    The same questions whichever ``answerer`` (reference or bundle) answers them."""
     from calib_data import synth
 
     t0 = time.time()
@@ -107,23 +144,21 @@ def evaluate(model, tok, n: int = 100, start: int = 0, worst: int = 5) -> dict[s
     per_form: dict[str, list[float]] = {}
     fails, ocr_fails, cers = [], [], []
     exact = 0
-    with torch.no_grad():
-        for i in range(n):
-            seed = synth.split_seed("val", start + i)
-            g = synth.make_example(seed, "grounding", form=synth.GROUNDING_FORMS[i % 2])
-            o = synth.make_example(seed, "ocr")
-            feats = image_features(model, g.image)
-            text = answer(model, tok, g, image_embeds=feats)
-            box = predicted_box(text, g.size)
-            v = iou(box, g.truth["box"]) if box is not None else 0.0
-            ious.append(v)
-            per_form.setdefault(g.form, []).append(v)
-            fails.append((v, seed, g.answer, text))
-            read = answer(model, tok, o, image_embeds=feats).strip()
-            c = min(1.0, cer(o.answer, read))
-            cers.append(c)
-            exact += read == o.answer
-            ocr_fails.append((c, seed, o.answer, read))
+    for i in tqdm(range(n), desc="evaluate", unit="scene", disable=n < 20, leave=False):
+        seed = synth.split_seed("val", start + i)
+        g = synth.make_example(seed, "grounding", form=synth.GROUNDING_FORMS[i % 2])
+        o = synth.make_example(seed, "ocr")
+        text, read = answerer([g, o])
+        box = predicted_box(text, g.size)
+        v = iou(box, g.truth["box"]) if box is not None else 0.0
+        ious.append(v)
+        per_form.setdefault(g.form, []).append(v)
+        fails.append((v, seed, g.answer, text))
+        read = read.strip()
+        c = min(1.0, cer(o.answer, read))
+        cers.append(c)
+        exact += read == o.answer
+        ocr_fails.append((c, seed, o.answer, read))
     out: dict[str, Any] = {"split": "val", "first_seed": synth.split_seed("val", start), "n": n}
     if n:
         out["grounding"] = {
@@ -148,27 +183,43 @@ def load_tokenizer(ckpt: str | Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m models.evaluate_nano",
-        description="Greedy grounding/OCR evaluation of a nano Qwen-VL checkpoint on the held-out "
-                    "synthetic validation split (PyTorch reference); prints JSON.")
+        description="Greedy grounding/OCR evaluation of a nano Qwen-VL on the held-out synthetic "
+                    "validation split, with the PyTorch reference (--ckpt) or an exported bundle "
+                    "through the runtime (--bundle); prints JSON.")
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: the shipped one)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="evaluate this exported bundle (python export.py --out DIR) instead of "
+                         "the PyTorch checkpoint: the same questions, for int4-vs-fp32 task drift")
     ap.add_argument("--n", type=int, default=200,
                     help="held-out scenes (one grounding and one OCR question each)")
     ap.add_argument("--start", type=int, default=0, help="first validation index")
-    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (reference only)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="where the bundle's engines run (bundle only)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
+    if args.bundle is not None:
+        from runtime.bundle import BundleError
 
-    from .checkpoint import load_model
-    from .nano import default_checkpoint
+        try:
+            answerer = bundle_answerer(args.bundle, device=args.device, threads=args.threads)
+        except (BundleError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        res = evaluate_with(answerer, n=args.n, start=args.start)
+        res["bundle"] = str(args.bundle)
+    else:
+        import torch
 
-    torch.set_num_threads(args.threads)
-    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    model = load_model(ckpt, args.dtype)
-    tok = load_tokenizer(ckpt)
-    res = evaluate(model, tok, n=args.n, start=args.start)
-    res["checkpoint"] = str(ckpt)
-    res["dtype"] = args.dtype
+        from .checkpoint import load_model
+        from .nano import default_checkpoint
+
+        torch.set_num_threads(args.threads)
+        ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+        model = load_model(ckpt, args.dtype)
+        res = evaluate(model, load_tokenizer(ckpt), n=args.n, start=args.start)
+        res["checkpoint"] = str(ckpt)
+        res["dtype"] = args.dtype
     json.dump(res, sys.stdout, indent=2)
     print()
     return 0

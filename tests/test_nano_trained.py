@@ -79,6 +79,25 @@ def test_answer_format_round_trips(trained):
     assert found and found[0].ref == ex.truth["phrase"], text
 
 
+def test_bundle_evaluation_asks_the_same_questions(trained, tmp_path):
+    """``evaluate_nano --bundle``: an fp32 bundle of the shipped model, run through the runtime,
+    gives the reference's greedy answers on the same held-out questions (so int4-vs-fp32 task
+    drift measured this way is the quantization, not a different prompt)."""
+    from exporters.pipeline import ExportOptions, run_export
+    from models.evaluate_nano import bundle_answerer, evaluate, evaluate_with, main
+
+    model, tok = trained
+    rep = run_export(ExportOptions(checkpoint=SHIPPED, out=tmp_path / "b", plan="fp32",
+                                   skip_validation=True, demo=False, n_calib=2, n_val=1))
+    ref = evaluate(model, tok, n=3, start=5, worst=3)
+    eng = evaluate_with(bundle_answerer(rep.bundle, threads=2), n=3, start=5, worst=3)
+    for task in ("grounding", "ocr"):
+        assert sorted(w["answer"] for w in eng[task]["worst"]) == \
+            sorted(w["answer"] for w in ref[task]["worst"]), (eng[task], ref[task])
+    assert any(w["answer"].startswith("<ref>") for w in eng["grounding"]["worst"])
+    assert main(["--bundle", str(tmp_path / "missing"), "--n", "1"]) == 2
+
+
 def test_metrics():
     from models.evaluate_nano import cer, iou
 
