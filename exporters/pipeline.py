@@ -88,7 +88,7 @@ def resolve_checkpoint(path: Path | None) -> Path:
 
 def _checkpoint_digest(ckpt: Path) -> str:
     reader = CheckpointReader(ckpt)
-    return reader.sha256_of_index() + ":" + sha256_file(ckpt / "config.json")
+    return reader.fingerprint() + ":" + sha256_file(ckpt / "config.json")
 
 
 def run_export(opts: ExportOptions) -> ExportReport:

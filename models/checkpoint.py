@@ -125,6 +125,17 @@ class CheckpointReader:
         assert self.index_file is not None
         return sha256_file(self.index_file)
 
+    def fingerprint(self) -> str:
+        """Changes whenever the weights may have: the index's sha256 plus each shard's name, size
+        and modification time. Why not the index alone: retrained weights keep the same tensor
+        names and shard names, so the index (and often the shard size) is unchanged; why not a
+        content hash: hashing 19 GB of shards on every export costs about a minute."""
+        h = hashlib.sha256(self.sha256_of_index().encode())
+        for shard in sorted(set(self._map.values())):
+            st = shard.stat()
+            h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

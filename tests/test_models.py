@@ -205,3 +205,25 @@ def test_random_checkpoint_streams_in_shards(tmp_path):
     assert index["metadata"]["total_size"] == total
     m = load_model(out, "fp32")
     assert sum(p.numel() for p in m.parameters()) * 2 == total
+
+
+def test_fingerprint_sees_retrained_weights_with_the_same_index(tmp_path, nano_ckpt, nano_model):
+    """Export caches are keyed on the checkpoint fingerprint: new weights under the same tensor
+    and shard names (a retrained model) must not reuse the old engines."""
+    import os
+    import shutil
+
+    from models.checkpoint import CheckpointReader
+
+    ck = tmp_path / "ck"
+    shutil.copytree(nano_ckpt, ck)
+    before = CheckpointReader(ck).fingerprint()
+    index_before = CheckpointReader(ck).sha256_of_index()
+    assert CheckpointReader(ck).fingerprint() == before  # stable while nothing changes
+    cfg = QwenVLConfig.from_pretrained(ck)
+    retrained = save_checkpoint(nano_model, cfg, tmp_path / "new", dtype="fp32")
+    for f in retrained.glob("model*.safetensors"):
+        shutil.copy(f, ck / f.name)
+        os.utime(ck / f.name, ns=(1, 1))  # a different mtime, as any rewrite gives
+    assert CheckpointReader(ck).sha256_of_index() == index_before
+    assert CheckpointReader(ck).fingerprint() != before

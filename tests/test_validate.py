@@ -348,3 +348,16 @@ def test_task_metrics_with_boxes_and_report_drawing(tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "iou_scatter.png") as im:
         assert im.size[0] > 300
+
+
+def test_rate_drop_gates_never_judge_finer_than_one_item():
+    """5 points on 10 items would fail on any one flipped item; the gate is one item there and
+    the plan's threshold once enough items are measured."""
+    from validate.stages import judge
+
+    ten = judge("task", "grounding_hit_truth_drop", 0.1, "int4", n=10)
+    assert ten.verdict == "PASS" and "1/10" in ten.note
+    assert judge("task", "grounding_hit_truth_drop", 0.2, "int4", n=10).verdict == "FAIL"
+    assert judge("task", "grounding_hit_truth_drop", 0.1, "int4", n=100).verdict == "FAIL"
+    assert judge("task", "ocr_em_truth_drop", 0.1, "int4", n=100).verdict == "FAIL"
+    assert judge("task", "grounding_iou_ref_mean", 0.0, "int4", n=10).verdict == "FAIL"
