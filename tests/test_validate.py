@@ -361,3 +361,6 @@ def test_rate_drop_gates_never_judge_finer_than_one_item():
     assert judge("task", "grounding_hit_truth_drop", 0.1, "int4", n=100).verdict == "FAIL"
     assert judge("task", "ocr_em_truth_drop", 0.1, "int4", n=100).verdict == "FAIL"
     assert judge("task", "grounding_iou_ref_mean", 0.0, "int4", n=10).verdict == "FAIL"
+    # on fewer than 10 items one item is worth more than 10 points: no allowance
+    assert judge("task", "grounding_hit_truth_drop", 0.2, "int4", n=5).verdict == "FAIL"
+    assert judge("task", "ocr_em_truth_drop", 1.0, "int4", n=1).verdict == "FAIL"

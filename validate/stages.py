@@ -155,15 +155,19 @@ class Report:
 
 #: Rate drops over n items: a drop moves in steps of 1/n, so a threshold finer than one item
 #: (5 points on 10 grounding items) would fail on any single flipped item, noise included.
-#: These gates judge against max(threshold, 1/n); more items give the threshold its full force.
+#: These gates judge against max(threshold, 1/n) while one item is worth at most 10 points
+#: (n >= 10; on fewer items one lost item is too much to forgive); more items give the
+#: threshold its full force.
 ITEM_RESOLUTION = {("task", "grounding_hit_truth_drop"), ("task", "ocr_em_truth_drop")}
+ONE_ITEM_MAX = 0.1
 
 
 def judge(stage: str, name: str, value: float | None, plan: str, n: int = 0,
           note: str = "", na: str | None = None) -> Metric:
     """A Metric with its verdict from the plan's table (``na`` forces N/A with that reason)."""
     t = thresholds_for(plan).get((stage, name))
-    if t is not None and (stage, name) in ITEM_RESOLUTION and n and 1.0 / n > t.value:
+    if (t is not None and (stage, name) in ITEM_RESOLUTION and n
+            and t.value < 1.0 / n <= ONE_ITEM_MAX):
         t = replace(t, value=1.0 / n + 1e-9)  # 0.9 - 0.8 is 0.0999..., or 0.100...1
         note = (note + "; " if note else "") + f"threshold raised to one item of {n} (1/{n})"
     desc = DESCRIPTIONS.get((stage, name), "")
