@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, QwenVLConfig
+from .config import QwenVLConfig
 
 log = logging.getLogger(__name__)
 

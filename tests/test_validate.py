@@ -193,6 +193,9 @@ def test_faithful_fp32_bundle_passes_every_stage(faithful_bundle, nano_model, it
     assert v.metric("cosine_min").value > 0.99999
     assert d.metric("kl_mean").value < 1e-6 and d.metric("top1").value == 1.0
     assert d.metric("greedy_identical").value == 1.0
+    # the pooled perplexity follows the worst items; the note also gives the typical item
+    med = float(np.median([rec["ppl_ref"] for rec in d.items]))
+    assert f"per-item median ref {med:.4g}" in d.metric("ppl_ratio").note
     assert t.metric("answer_agreement").value == 1.0
     assert t.metric("ocr_cer_ref").verdict == "PASS"
     # random nano weights emit no boxes: grounding drift is n/a, never a vacuous PASS
@@ -364,3 +367,7 @@ def test_rate_drop_gates_never_judge_finer_than_one_item():
     # on fewer than 10 items one item is worth more than 10 points: no allowance
     assert judge("task", "grounding_hit_truth_drop", 0.2, "int4", n=5).verdict == "FAIL"
     assert judge("task", "ocr_em_truth_drop", 1.0, "int4", n=1).verdict == "FAIL"
+    # the allowance is declared on the rows, and only the two rate drops carry it
+    for plan, rows in PLANS.items():
+        assert {t.metric for t in rows if t.per_item} == {"grounding_hit_truth_drop",
+                                                           "ocr_em_truth_drop"}, plan

@@ -27,7 +27,7 @@ import math
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +153,13 @@ class Report:
                 "stages": {n: s.to_dict() for n, s in self.stages.items()}}
 
 
-#: Rate drops over n items: a drop moves in steps of 1/n, so a threshold finer than one item
-#: (5 points on 10 grounding items) would fail on any single flipped item, noise included.
-#: These gates judge against max(threshold, 1/n) while one item is worth at most 10 points
-#: (n >= 10; on fewer items one lost item is too much to forgive); more items give the
-#: threshold its full force.
-ITEM_RESOLUTION = {("task", "grounding_hit_truth_drop"), ("task", "ocr_em_truth_drop")}
-ONE_ITEM_MAX = 0.1
-
-
 def judge(stage: str, name: str, value: float | None, plan: str, n: int = 0,
           note: str = "", na: str | None = None) -> Metric:
     """A Metric with its verdict from the plan's table (``na`` forces N/A with that reason)."""
     t = thresholds_for(plan).get((stage, name))
-    if (t is not None and (stage, name) in ITEM_RESOLUTION and n
-            and t.value < 1.0 / n <= ONE_ITEM_MAX):
-        t = replace(t, value=1.0 / n + 1e-9)  # 0.9 - 0.8 is 0.0999..., or 0.100...1
-        note = (note + "; " if note else "") + f"threshold raised to one item of {n} (1/{n})"
+    if t is not None:
+        t, raised = t.for_items(n)
+        note = "; ".join(x for x in (note, raised) if x)
     desc = DESCRIPTIONS.get((stage, name), "")
     if t is None:
         return Metric(stage, name, value, "INFO", "info", None, n, note, desc)
@@ -513,8 +503,11 @@ def decoder_stage(ctx: _Context, prepared: list[_Prepared]) -> StageResult:
         judge("decoder", "top1", float(np.mean(cat(top1))), plan, n_tok),
         judge("decoder", "top5", float(np.mean(cat(top5))), plan, n_tok),
         judge("decoder", "ppl_ratio", ppl_ratio, plan, n,
-              f"ppl ref {math.exp(np.mean(cat(nll_ref))):.4g}, engine "
-              f"{math.exp(min(np.mean(cat(nll_eng)), 700)):.4g}"),
+              f"pooled ppl ref {math.exp(min(np.mean(cat(nll_ref)), 700)):.4g}, engine "
+              f"{math.exp(min(np.mean(cat(nll_eng)), 700)):.4g}; per-item median ref "
+              f"{np.median([r['ppl_ref'] for r in st.items]):.4g}, engine "
+              f"{np.median([r['ppl_eng'] for r in st.items]):.4g} (the pooled value follows "
+              "the least likely items, e.g. photos outside a small model's training)"),
         judge("decoder", "nonfinite", float(nonfinite), plan, n_tok),
         judge("decoder", "greedy_identical", float(np.mean(identical)), plan, n,
               f"max_new_tokens {ctx.max_new_tokens}"),
