@@ -1,6 +1,6 @@
 """Build the calibration / validation manifest (``calib_data/manifest.jsonl``).
 
-    python -m calib_data.build --out calib_data/manifest.jsonl [--n-calib 64 --n-val 32 --seed 0]
+    python -m calib_data.build --out calib_data/manifest.jsonl [--n-calib 64 --n-val 72 --seed 0]
 
 Two sources, both reproducible without a network:
 
@@ -163,7 +163,7 @@ def synth_item(split: str, j: int, seed_block: int = 0) -> CalibItem:
         licence=OCR_LICENCE if task == "ocr" else SYNTH_LICENCE)
 
 
-def build_items(n_calib: int = 64, n_val: int = 32, seed: int = 0,
+def build_items(n_calib: int = 64, n_val: int = 72, seed: int = 0,
                 photos: bool = True) -> list[CalibItem]:
     """All items: the photos of each split first (at most half the split, so every task is
     represented in small sets), synthetic scenes after."""
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "manifest.jsonl",
                     help="manifest to write (atomically); default calib_data/manifest.jsonl")
     ap.add_argument("--n-calib", type=int, default=64, help="items in the calibration split")
-    ap.add_argument("--n-val", type=int, default=32, help="items in the validation split")
+    ap.add_argument("--n-val", type=int, default=72, help="items in the validation split")
     ap.add_argument("--seed", type=int, default=0,
                     help="block of synthetic seeds to use (a different S draws different scenes)")
     ap.add_argument("--no-photos", action="store_true", help="synthetic scenes only")
