@@ -24,8 +24,8 @@ digits of that box on the 0..1000 grid, the sign's word and the character under 
 probes are discarded; the saved model is plain Qwen-VL. The resampler's routing (query,
 ``ln_q``/``ln_kv``, q/k projections) stays at its local-pooling init (``freeze_pool_routing``).
 
-The shipped checkpoint, in seven phases (recorded under ``provenance`` in its
-``training_report.json``; S, S3 ... S7 are state directories):
+The shipped checkpoint, in eight phases (recorded under ``provenance`` in its
+``training_report.json``; S, S3 ... S8 are state directories):
 
     python -m models.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100     # stopped after step 1750
@@ -45,15 +45,20 @@ The shipped checkpoint, in seven phases (recorded under ``provenance`` in its
         --init-from S5/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 40000 \
         --lr 3e-4 --warmup 50 --steps 30000 --minutes 110 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 1
-    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S7 \
+    python -m models.train_nano --out run16 --state-dir S7 \
         --init-from S6/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 60000 \
         --lr 1.5e-4 --warmup 20 --steps 30000 --minutes 21 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 2
+    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S8 \
+        --init-from S7/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 120000 \
+        --lr 3e-4 --warmup 50 --steps 30000 --minutes 88 --eval-every 1000 --val-steps 3 \
+        --ckpt-every 250 --eval-n 100 --threads 1
 
 (phases 1-2 predate the routing freeze and the digit probe; phase 3 starts from phase 2's
 step-6750 state, phase 4 (decoder only) from phase 3's step-4750 state, phase 5 (decoder only,
 unseen scenes) from phase 4's step-3000 state, phase 6 from phase 5's step-7250 state, phase 7
-from phase 6's step-9000 state; phases 5 and 6 ran with one thread beside a second run.
+from phase 6's step-9000 state, phase 8 from phase 7's step-2500 state; phases 5, 6 and 8 ran
+with one thread beside a second run.
 A single from-scratch run with today's defaults is a variant that was not run to the end.)
 
 ``--minutes`` makes the cosine schedule follow wall-clock time (the run ends when the budget is
