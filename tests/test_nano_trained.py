@@ -97,6 +97,13 @@ def test_bundle_evaluation_asks_the_same_questions(trained, tmp_path):
             sorted(w["answer"] for w in ref[task]["worst"]), (eng[task], ref[task])
     assert any(w["answer"].startswith("<ref>") for w in eng["grounding"]["worst"])
     assert main(["--bundle", str(tmp_path / "missing"), "--n", "1"]) == 2
+    # export.py's demo: sampled (top-p 0.3) but seeded, so a rerun prints the same answer, and
+    # the shipped model's box lands on the object it names
+    from exporters.pipeline import run_demo
+    from models.evaluate_nano import iou
+    first, again = run_demo(rep.bundle), run_demo(rep.bundle)
+    assert first["answer"] == again["answer"] and first["boxes"], first
+    assert iou(first["boxes"][0]["pixels"], first["truth"]) >= 0.5, first
 
 
 def test_metrics():
