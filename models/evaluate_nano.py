@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from validate.metrics import levenshtein
+
 Box = tuple[float, float, float, float]
 
 
@@ -43,16 +45,6 @@ def iou(a: Box, b: Box) -> float:
     union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + \
         max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
-
-
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def cer(ref: str, hyp: str) -> float:
