@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration/validation items: a manifest .jsonl/.json or a folder of "
                         "images (default: calib_data/manifest.jsonl)")
     p.add_argument("--out", type=Path, default=Path("out/bundle"),
-                   help="bundle directory to write (default out/bundle)")
+                   help="bundle directory to write (default out/bundle). An existing --out is "
+                        "replaced only when it is a bundle of this toolkit from the same "
+                        "checkpoint (or with --overwrite); anything else is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle of this toolkit made from another checkpoint")
     p.add_argument("--device-profile", choices=sorted(PROFILES), default="desktop",
                    help="target device for the memory plan (default desktop)")
     p.add_argument("--context", type=int, default=None,
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = ExportOptions(
             checkpoint=args.checkpoint, plan=args.plan, calib=args.calib, out=args.out,
             device_profile=args.device_profile, context=args.context, force=args.force,
-            allow_drift=args.allow_drift, skip_validation=args.skip_validation,
+            allow_drift=args.allow_drift, overwrite=args.overwrite,
+            skip_validation=args.skip_validation,
             n_calib=args.n_calib, n_val=args.n_val, group_size=args.group_size,
             desc_act=args.act_order, lm_head=args.lm_head, cpu=args.target == "cpu",
             demo=not args.no_demo,

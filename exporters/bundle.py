@@ -11,6 +11,7 @@ from a checkpoint; ``engine_io`` reads the input/output names, dtypes and shapes
 Manifest keys (format_version 1)::
 
     format_version   int (runtime.bundle.FORMAT_VERSION)
+    toolkit          "qwenvl-edge": marks a directory this toolkit wrote (and may replace)
     created, versions {toolkit, python, torch, onnx, onnxruntime, numpy, tiktoken}
     source           {checkpoint, index_sha256}
     precision        plan name (fp32 | fp16 | int4 | edge)
@@ -39,8 +40,9 @@ from typing import Any
 from runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, Manifest, read_manifest,
                             sha256_file, verify_bundle)
 
-__all__ = ["BundleError", "Manifest", "engine_io", "manifest_fields", "model_facts",
-           "read_manifest", "verify_bundle", "versions", "write_bundle"]
+__all__ = ["BundleError", "Manifest", "check_out_dir", "engine_io", "manifest_fields",
+           "model_facts", "read_manifest", "replace_reason", "verify_bundle", "versions",
+           "write_bundle"]
 
 TOOLKIT = "qwenvl-edge"
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
@@ -156,11 +158,14 @@ def _external_data(onnx_path: Path) -> list[str]:
 
 
 def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
-                 manifest_fields: Mapping[str, Any], move: bool = False) -> Path:
+                 manifest_fields: Mapping[str, Any], move: bool = False,
+                 overwrite: bool = False) -> Path:
     """Write a bundle atomically and return its path.
 
     ``files``: ``{name inside the bundle: source path}``; the external-data files an ``.onnx``
     references are added automatically (next to it, under the name the model records).
+    An existing ``out_dir`` is replaced only when :func:`replace_reason` allows it (a bundle of
+    this toolkit from the same source, or any bundle of this toolkit with ``overwrite``).
     ``manifest_fields``: merged into the manifest (``model`` facts are required by the runtime);
     ``engines`` I/O is filled from the ONNX files when not given. ``move`` moves instead of copying.
     """
@@ -170,6 +175,8 @@ def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
     plan: dict[str, Path] = {}
     for name, src in files.items():
         src = Path(src)
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"bundle file name '{name}' must be relative and inside the bundle")
         if not src.is_file():
             raise BundleError(f"cannot bundle {name}: source file {src} does not exist")
         plan[name] = src
@@ -187,32 +194,111 @@ def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
     for eng in ("vision", "decoder"):
         if eng not in engines and f"{eng}.onnx" in plan:
             engines[eng] = {"file": f"{eng}.onnx", **engine_io(plan[f"{eng}.onnx"])}
-    with atomic_dir(out) as tmp:
-        listed: dict[str, dict[str, Any]] = {}
-        for name, src in plan.items():
-            dst = tmp / name
-            if ".." in Path(name).parts or Path(name).is_absolute():
-                raise BundleError(f"bundle file name '{name}' must be relative and inside the bundle")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if move:
-                shutil.move(str(src), dst)
-            else:
-                shutil.copyfile(src, dst)
-            listed[name] = {"sha256": sha256_file(dst), "size": dst.stat().st_size}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            **fields,
-            "engines": engines,
-            "files": dict(sorted(listed.items())),
-        }
-        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    source = fields.get("source")
+    try:
+        with atomic_dir(out, lambda t: replace_reason(t, source, overwrite)) as tmp:
+            _fill(tmp, plan, fields, engines, move)
+    except FileExistsError as e:
+        raise BundleError(str(e)) from None
     return out
+
+
+def _fill(tmp: Path, plan: Mapping[str, Path], fields: Mapping[str, Any],
+          engines: Mapping[str, Any], move: bool) -> None:
+    """Copy (or move) the files into ``tmp``, hash them, write ``manifest.json`` last."""
+    listed: dict[str, dict[str, Any]] = {}
+    for name, src in plan.items():
+        dst = tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            shutil.move(str(src), dst)
+        else:
+            shutil.copyfile(src, dst)
+        listed[name] = {"sha256": sha256_file(dst), "size": dst.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "toolkit": TOOLKIT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        **fields,
+        "engines": engines,
+        "files": dict(sorted(listed.items())),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# what --out may replace
+# ---------------------------------------------------------------------------------------------
+
+def _own_manifest(target: Path) -> dict[str, Any] | None:
+    """The manifest of ``target`` when this toolkit wrote it, else None."""
+    try:
+        data = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return None
+    legacy = isinstance(data.get("versions"), dict) and "toolkit" in data["versions"] \
+        and "toolkit" not in data  # written before the top-level marker existed
+    return data if data.get("toolkit") == TOOLKIT or legacy else None
+
+
+def replace_reason(target: Path, source: Mapping[str, Any] | None = None,
+                   overwrite: bool = False) -> str | None:
+    """None when the existing directory ``target`` may be replaced by a new bundle, else why not.
+
+    Replaceable: an empty directory, or a bundle this toolkit wrote (its manifest says
+    ``toolkit: qwenvl-edge``) that holds nothing but its listed files, either from the same
+    source checkpoint (name and index sha256) or with ``overwrite``. Anything else is refused.
+    """
+    if not any(target.iterdir()):
+        return None
+    data = _own_manifest(target)
+    if data is None:
+        return (f"{target} exists and is not a bundle written by {TOOLKIT} (no manifest.json "
+                "of this toolkit): choose another --out; nothing was changed")
+    listed = {os.path.normpath(n) for n in data["files"]} | {MANIFEST}
+    for f in sorted(target.rglob("*")):
+        rel = os.path.normpath(f.relative_to(target))
+        if f.is_symlink() or (not f.is_dir() and rel not in listed):
+            return (f"{target} holds {rel}, which {TOOLKIT} did not write: move it out of the "
+                    "bundle or choose another --out; nothing was changed")
+    old = data.get("source") if isinstance(data.get("source"), dict) else {}
+    same = bool(source) and bool(old.get("index_sha256")) and all(
+        old.get(k) == source.get(k) for k in ("checkpoint", "index_sha256"))
+    if not same and not overwrite:
+        return (f"{target} holds a bundle of another checkpoint ({old.get('checkpoint')}): pass "
+                "--overwrite to replace it, or choose another --out")
+    return None
+
+
+def check_out_dir(out: Path, source: Mapping[str, Any] | None = None,
+                  overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that cannot or must not be written, before any work is done."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BundleError(f"--out {out} is a file, not a bundle directory: choose another --out; "
+                          "nothing was changed")
+    if out.is_dir():
+        why = replace_reason(out, source, overwrite)
+        if why:
+            raise BundleError(why)
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise BundleError(f"--out {out}: {anc} is not a directory: choose another --out")
+    import tempfile
+
+    try:  # the only reliable test (access() ignores read-only mounts for some callers)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=anc))
+    except OSError as e:
+        raise BundleError(f"--out {out} cannot be written ({anc}: {e.strerror}): choose a "
+                          "writable directory") from None
 
 
 def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32",

@@ -50,6 +50,7 @@ class ExportOptions:
     context: int | None = None
     force: bool = False  # go on when the memory plan does not fit
     allow_drift: bool = False  # write the bundle and exit 0 even when validation FAILs
+    overwrite: bool = False  # replace an existing bundle of this toolkit from another source
     skip_validation: bool = False
     n_calib: int | None = None
     n_val: int | None = None
@@ -91,12 +92,55 @@ def _checkpoint_digest(ckpt: Path) -> str:
     return reader.fingerprint() + ":" + sha256_file(ckpt / "config.json")
 
 
+def _source(ckpt: Path) -> dict[str, Any]:
+    """The manifest's ``source`` for ``ckpt`` (what decides whether --out may be replaced)."""
+    return {"checkpoint": str(ckpt), "index_sha256": CheckpointReader(ckpt).sha256_of_index()}
+
+
+STAGES = ("data", "quant", "vision", "decoder", "candidate", "validate", "bundle")
+
+
+def check_out(opts: ExportOptions, ckpt: Path) -> None:
+    """Refuse an --out (or work dir) that must not or cannot be written, before any work, and
+    remove what killed runs left behind there (only names this toolkit creates)."""
+    from models.checkpoint import clean_leftovers
+
+    from .bundle import BundleError, check_out_dir
+
+    work = opts.resolved_work_dir()
+    try:
+        check_out_dir(opts.out, _source(ckpt), opts.overwrite)
+    except BundleError as e:
+        raise ExportError(str(e)) from None
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise ExportError(f"work directory {work} is a file: move it away or pass --work-dir")
+    clean_leftovers(opts.out.parent, opts.out.name)
+    for name in STAGES:
+        clean_leftovers(work, name)
+    _drop_if_empty(work)
+
+
+def _drop_if_empty(work: Path) -> None:
+    try:
+        work.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
 def run_export(opts: ExportOptions) -> ExportReport:
     """Run every stage; returns the report (raises ExportError with an actionable message)."""
-    from tqdm import tqdm
-
     ckpt = resolve_checkpoint(opts.checkpoint)
     cfg = QwenVLConfig.from_pretrained(ckpt)
+    check_out(opts, ckpt)
+    try:
+        return _run(opts, ckpt, cfg)
+    finally:
+        _drop_if_empty(opts.resolved_work_dir())
+
+
+def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
+    from tqdm import tqdm
+
     quantized = bool(cfg.quantization_config)
     if quantized and opts.plan != "int4":
         raise ExportError(f"{ckpt} is already GPTQ-quantised: only --plan int4 can use it")
@@ -113,8 +157,7 @@ def run_export(opts: ExportOptions) -> ExportReport:
     work = opts.resolved_work_dir()
     work.mkdir(parents=True, exist_ok=True)
     digest = _checkpoint_digest(ckpt)
-    steps = ["data", "quant", "vision", "decoder", "candidate", "validate", "bundle"]
-    bar = tqdm(total=len(steps), desc="export", unit="stage", disable=None)
+    bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=None)
 
     def done(res: StageResult | None = None) -> None:
         if res is not None:
@@ -187,12 +230,16 @@ def run_export(opts: ExportOptions) -> ExportReport:
             f"validation FAILED ({', '.join(validation.get('failed', [])[:4]) if validation else ''}):"
             f" see {work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
             "(pass --allow-drift to write it anyway)")
-    from .bundle import manifest_fields, write_bundle
+    from .bundle import BundleError, manifest_fields, write_bundle
 
     fields = manifest_fields(ckpt, opts.plan, checkpoint_id=str(ckpt),
                              validation=_validation_summary(validation),
                              memory_plan={k: v for k, v in asdict(mem).items()})
-    bundle = write_bundle(opts.out, {**files, **report_files}, fields)
+    try:
+        bundle = write_bundle(opts.out, {**files, **report_files}, fields,
+                              overwrite=opts.overwrite)
+    except BundleError as e:  # --out changed while we worked
+        raise ExportError(str(e)) from None
     report.bundle = bundle
     done()
     bar.close()

@@ -51,10 +51,18 @@ def run_stage(work_dir: Path, name: str, key: str,
             log.info("stage %s: cached (%s)", name, target)
             return StageResult(name, target, key, True, 0.0, meta.get("info", {}))
     t0 = time.perf_counter()
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, _stage_dir_only) as tmp:
         info = build(tmp) or {}
         (tmp / "stage.json").write_text(json.dumps({"key": key, "info": info}, indent=2,
                                                    default=str) + "\n")
     dt = time.perf_counter() - t0
     log.info("stage %s: done in %.1f s", name, dt)
     return StageResult(name, target, key, False, dt, info)
+
+
+def _stage_dir_only(target: Path) -> str | None:
+    """A stage folder is replaced only when a stage wrote it (it holds stage.json) or is empty."""
+    if (target / "stage.json").is_file() or not any(target.iterdir()):
+        return None
+    return (f"{target} is not a stage folder of this toolkit (no stage.json): move it away or "
+            "choose another --work-dir")

@@ -222,11 +222,25 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
 # ---------------------------------------------------------------------------------------------
 
 @contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it onto ``target`` only if the block succeeds."""
+def atomic_dir(target: str | Path,
+               may_replace: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it onto ``target`` only if the block succeeds.
+
+    An existing ``target`` is replaced only when it is a directory and ``may_replace(target)``
+    returns None (default: only an empty directory); otherwise ``FileExistsError`` with the
+    reason is raised before the block runs, so nothing the caller did not write is destroyed.
+    Temporary names carry the writer's pid (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``) so
+    that :func:`clean_leftovers` can tell a crashed writer's debris from a live one's.
+    """
     target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target} exists and is not a directory: choose another path")
+    if target.is_dir():
+        why = (may_replace or _only_if_empty)(target)
+        if why:
+            raise FileExistsError(why)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
@@ -242,6 +256,51 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _only_if_empty(target: Path) -> str | None:
+    if any(target.iterdir()):
+        return f"{target} is a non-empty directory that this toolkit did not write: choose another path"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def clean_leftovers(parent: Path, name: str, legacy_age_s: float = 3600.0) -> list[Path]:
+    """Remove what a killed :func:`atomic_dir` writer of ``parent/name`` left behind.
+
+    Only directories named ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` whose process is gone
+    are removed (a concurrent writer's are kept); ``.<name>.tmp-<random>`` from older versions
+    only once they are ``legacy_age_s`` old. Nothing else is ever touched.
+    """
+    import re
+    import time
+
+    pat = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(?:(\d+)(?:-[A-Za-z0-9_]+)?|([A-Za-z0-9_]+))")
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        m = pat.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        if m.group(2) is not None:
+            stale = not _pid_alive(int(m.group(2)))
+        else:
+            stale = time.time() - p.stat().st_mtime > legacy_age_s
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            log.info("removed %s left behind by an interrupted run", p)
+    return removed
 
 
 def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
@@ -301,7 +360,7 @@ def save_checkpoint(state: dict[str, torch.Tensor] | nn.Module, cfg: QwenVLConfi
     dtype = parse_dtype(dtype)
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, only_checkpoint_dirs) as tmp:
         d = cfg.to_dict()
         d["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16",
                             torch.bfloat16: "bfloat16"}[dtype]
@@ -313,3 +372,11 @@ def save_checkpoint(state: dict[str, torch.Tensor] | nn.Module, cfg: QwenVLConfi
             p.write_bytes(content if isinstance(content, bytes) else content.encode())
     return out_dir
 
+
+
+def only_checkpoint_dirs(target: Path) -> str | None:
+    """save_checkpoint replaces an existing checkpoint (config.json + weights), nothing else."""
+    if not any(target.iterdir()) or (target / "config.json").is_file():
+        return None
+    return (f"{target} is a non-empty directory without config.json (not a checkpoint): "
+            "choose another path")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_dir, expected_shapes, parse_dtype, write_shards
+from .checkpoint import (atomic_dir, expected_shapes, only_checkpoint_dirs, parse_dtype,
+                         write_shards)
 from .config import QwenVLConfig, VisualConfig, qwen_vl_chat_config
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def make_nano_checkpoint(out_dir: str | Path, seed: int = 0, spec: NanoSpec | No
     cfg = nano_config(spec, len(ranks))
     dtype = parse_dtype(dtype)
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, only_checkpoint_dirs) as tmp:
         d = cfg.to_dict()
         d["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16",
                             torch.bfloat16: "bfloat16"}[dtype]
@@ -172,7 +173,7 @@ def write_random_checkpoint(out_dir: str | Path, cfg: QwenVLConfig | None = None
         def tqdm(it, **_):  # type: ignore[no-redef]
             return it
     shapes = expected_shapes(cfg)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, only_checkpoint_dirs) as tmp:
         (tmp / "config.json").write_text(_json(cfg.to_dict()))
         it = ((k, init_tensor(k, s, seed, cfg).to(dtype)) for k, s in shapes.items())
         write_shards(tqdm(it, total=len(shapes), desc="random weights", unit="tensor"), tmp,

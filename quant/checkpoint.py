@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from models.checkpoint import (IGNORED_SUFFIXES, CheckpointError, CheckpointReader, atomic_dir,
-                               build_model, expected_shapes, parse_dtype, write_shards)
+                               build_model, expected_shapes, only_checkpoint_dirs, parse_dtype,
+                               write_shards)
 from models.config import ConfigError, QwenVLConfig
 
 from .fake_quant import LINEAR_SUFFIXES, quantized_linear_names
@@ -141,7 +142,7 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
             yield name, t.detach().to(torch.float16)
 
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, only_checkpoint_dirs) as tmp:
         if src_dir is not None and src_dir.is_dir():
             for f in sorted(src_dir.iterdir()):
                 if (f.is_file() and f.name not in _WEIGHT_FILES
