@@ -13,6 +13,17 @@ import sys
 from typing import Any
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so `--threads -3` is refused, not silently used)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime",
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON record (text, token_ids, boxes, timings) instead of "
                         "streaming")
     g = p.add_argument_group("generation (defaults from the bundle)")
-    g.add_argument("--max-new-tokens", type=int, metavar="N")
+    g.add_argument("--max-new-tokens", type=positive_int, metavar="N")
     g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
     g.add_argument("--top-p", type=float, metavar="P")
     g.add_argument("--top-k", type=int, metavar="K")
@@ -49,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engines")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
                    help="auto: CUDA when onnxruntime-gpu has it, else CPU (default: auto)")
-    e.add_argument("--threads", type=int, metavar="N", help="onnxruntime CPU threads")
+    e.add_argument("--threads", type=positive_int, metavar="N",
+                   help="onnxruntime CPU threads (default: all cores)")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the bundle files (sizes are still checked)")
     return p

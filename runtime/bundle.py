@@ -12,6 +12,14 @@ A bundle is a directory::
 and sha256, and that the engines and tokenizer the runtime needs are listed. Every refusal is one
 line that names the file and says what to do. Standard library only (the runtime must not import
 torch, onnx or the exporters).
+
+Every path the runtime opens comes from :meth:`Manifest.file`, the one resolver: the name must be
+relative, stay inside the bundle (no ``..``, no symlink leading out) and be listed in ``files``,
+so the checksums cover it. A full sha256 pass over a multi-GB bundle takes seconds on every
+start; after one, a *verified stamp* (``$QWENVL_EDGE_CACHE/verified/<hash of the bundle path>.json``)
+records each file's size, mtime_ns, ctime_ns, inode and device with the sha256 it matched, and a
+repeat start re-hashes only files whose record changed (any write, copy or replacement changes
+ctime or the inode, which no user can set back).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,18 +97,32 @@ class Manifest:
         return int(self.model.get("max_context", 2048))
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of bundle file ``name``, the only way the runtime reaches one (see module doc)."""
+        return resolve(self.path, name, self.files)
 
     def trt_plans(self) -> list[dict[str, Any]]:
         return list(self.engines.get("tensorrt", []))
 
 
-def _check_name(name: str, bundle: Path) -> Path:
-    """A listed name must stay inside the bundle (no absolute paths, no '..')."""
+def resolve(bundle: Path, name: Any, files: dict[str, Any]) -> Path:
+    """``bundle/name`` if ``name`` is relative, inside the bundle and listed in ``files``."""
+    where = bundle / MANIFEST
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{where}: file name {name!r} is not a non-empty string: the manifest "
+                          "was tampered with; re-copy the bundle")
     p = Path(name)
-    if p.is_absolute() or ".." in p.parts or not name:
-        raise BundleError(f"{bundle / MANIFEST}: file name '{name}' points outside the bundle; the "
-                          "manifest was tampered with: re-copy the bundle")
+    if p.is_absolute() or ".." in p.parts:
+        raise BundleError(f"{where}: file name '{name}' points outside the bundle; the manifest "
+                          "was tampered with: re-copy the bundle")
+    listed = {os.path.normpath(n) for n in files}
+    if os.path.normpath(name) not in listed:
+        raise BundleError(f"{where}: '{name}' is not listed in files (no checksum covers it); "
+                          "the manifest was tampered with: re-copy or re-export the bundle")
+    root = os.path.realpath(bundle)
+    real = os.path.realpath(bundle / p)
+    if os.path.commonpath([root, real]) != root:
+        raise BundleError(f"{bundle / p} is a link to {real}, outside the bundle: replace it with "
+                          "the file itself (re-copy the bundle)")
     return bundle / p
 
 
@@ -138,13 +161,31 @@ def read_manifest(path: str | Path) -> Manifest:
         missing = [k for k in MODEL_KEYS if not isinstance(model, dict) or k not in model]
         raise BundleError(f"{mf} lacks model facts {missing}: re-export the bundle with this "
                           "toolkit version")
+    _check_model_types(model, mf)
     return Manifest(bundle, data)
 
 
-def verify_bundle(path: str | Path, checksums: bool = True) -> Manifest:
+def _check_model_types(model: dict[str, Any], mf: Path) -> None:
+    """Integer model facts must be integers: name the field rather than fail in int() later."""
+    ints = [(f"model.{k}", model[k]) for k in MODEL_KEYS + ("n_vocab",)
+            if k in model and k != "special_ids"]
+    special = model["special_ids"]
+    if not isinstance(special, dict):
+        raise BundleError(f"{mf}: model.special_ids must be an object of integers, not "
+                          f"{special!r}: re-export the bundle")
+    ints += [(f"model.special_ids.{k}", v) for k, v in special.items()]
+    for where, v in ints:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise BundleError(f"{mf}: {where} must be a non-negative integer, not {v!r}: "
+                              "re-export the bundle")
+
+
+def verify_bundle(path: str | Path, checksums: bool = True, stamp: bool = True) -> Manifest:
     """Read the manifest and check every listed file (presence, size, sha256).
 
     ``checksums=False`` checks presence and size only (a quick check for trusted storage).
+    ``stamp``: skip re-hashing files the verified stamp shows unchanged since they last matched
+    (module doc); False hashes everything and leaves the stamp alone.
     """
     man = read_manifest(path)
     bundle = man.path
@@ -152,27 +193,77 @@ def verify_bundle(path: str | Path, checksums: bool = True) -> Manifest:
         if name not in man.files:
             raise BundleError(f"{bundle / MANIFEST} does not list {name}: the bundle is incomplete; "
                               "re-export it")
+    for eng in ("vision", "decoder"):
+        man.file(man.engines.get(eng, {}).get("file", f"{eng}.onnx"))  # listed, inside
+    seen = _read_stamp(bundle) if checksums and stamp else {}
+    now: dict[str, list[Any]] = {}
     for name, info in man.files.items():
-        f = _check_name(name, bundle)
-        if not isinstance(info, dict) or "sha256" not in info:
+        f = man.file(name)
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
             raise BundleError(f"{bundle / MANIFEST}: entry for {name} has no sha256: re-export the "
                               "bundle")
         if not f.is_file():
             raise BundleError(f"file {f} is missing from the bundle: re-copy the bundle (the "
                               "manifest lists it)")
-        size = info.get("size")
-        if size is not None and f.stat().st_size != int(size):
-            raise BundleError(f"file {f} was altered or truncated ({f.stat().st_size} bytes, the "
+        st = f.stat()
+        size = _int_field(info, "size", f"files.{name}", bundle) if "size" in info else None
+        if size is not None and st.st_size != size:
+            raise BundleError(f"file {f} was altered or truncated ({st.st_size} bytes, the "
                               f"manifest says {size}): re-copy the bundle")
-        if checksums and sha256_file(f) != info["sha256"]:
-            raise BundleError(f"file {f} was altered or truncated (sha256 mismatch): re-copy the "
-                              "bundle")
+        if checksums:
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
+                   info["sha256"]]
+            if seen.get(name) != key and sha256_file(f) != info["sha256"]:
+                raise BundleError(f"file {f} was altered or truncated (sha256 mismatch): re-copy "
+                                  "the bundle")
+            now[name] = key
+    if checksums and stamp and now != seen:
+        _write_stamp(bundle, now)
     listed = {os.path.normpath(n) for n in man.files}
     for f in bundle.rglob("*"):
         rel = os.path.normpath(f.relative_to(bundle))
         if f.is_file() and rel != MANIFEST and rel not in listed and not rel.startswith("report"):
             log.warning("bundle %s holds an unlisted file %s: it is ignored", bundle, rel)
     return man
+
+
+def _int_field(d: dict[str, Any], key: str, where: str, bundle: Path) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BundleError(f"{bundle / MANIFEST}: {where}.{key} must be an integer, not {v!r}: "
+                          "re-export the bundle")
+    return v
+
+
+def cache_dir() -> Path:
+    """Where the runtime keeps derived state (verified stamps, TensorRT engine caches)."""
+    return Path(os.environ.get("QWENVL_EDGE_CACHE", Path.home() / ".cache" / "qwenvl-edge"))
+
+
+def _stamp_path(bundle: Path) -> Path:
+    key = hashlib.sha256(os.path.realpath(bundle).encode()).hexdigest()[:32]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _read_stamp(bundle: Path) -> dict[str, list[Any]]:
+    try:
+        data = json.loads(_stamp_path(bundle).read_text(encoding="utf-8"))
+        return dict(data["files"]) if data.get("bundle") == os.path.realpath(bundle) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_stamp(bundle: Path, files: dict[str, list[Any]]) -> None:
+    """Best effort: a read-only cache only costs the next start a full sha256 pass."""
+    target = _stamp_path(bundle)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".stamp-", dir=target.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"bundle": os.path.realpath(bundle), "files": files}, f)
+        os.replace(tmp, target)
+    except OSError as e:
+        log.debug("could not write the verified stamp %s: %s", target, e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +294,11 @@ def select_trt_plan(man: Manifest, engine: str, trt_version: str | None, gpu: st
     plans = [p for p in man.trt_plans() if p.get("engine", "vision") == engine]
     reasons = []
     for p in plans:
-        f = man.path / p["file"]
+        try:
+            f = man.file(p.get("file"))
+        except BundleError as e:
+            reasons.append(str(e))
+            continue
         want_v, want_gpu = str(p.get("tensorrt_version", "")), str(p.get("gpu", ""))
         if trt_version is None:
             reasons.append(f"{f}: TensorRT is not installed (the plan needs TensorRT {want_v}); "

@@ -258,9 +258,13 @@ class Pipeline:
         ``threads``: onnxruntime intra-op threads (CPU). ``kv_capacity``: tokens per KV cache
         (default: the model's max context).
         """
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive integer (or None for all cores), not "
+                             f"{threads!r}")
         man = _bundle.verify_bundle(path, checksums=verify)
         providers = pick_providers(device)
-        tok = QwenTokenizer.from_dir(man.file("tokenizer"))
+        tok = QwenTokenizer.from_file(man.file("tokenizer/qwen.tiktoken"))
         vision = None
         if (providers[0] == CUDA and man.trt_plans()) or device == "tensorrt":
             vision = cls._trt_vision(man, device == "tensorrt", threads)
