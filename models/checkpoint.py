@@ -106,6 +106,8 @@ class CheckpointReader:
         return self._bin_cache[1]
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``; a floating tensor holding NaN/Inf is refused here, as it is first
+        read, rather than hours later inside GPTQ or the drift report."""
         file = self._map.get(name)
         if file is None:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.path}")
@@ -113,13 +115,16 @@ class CheckpointReader:
             if file.suffix == ".safetensors":
                 from safetensors import safe_open
                 with safe_open(str(file), framework="pt") as f:
-                    return f.get_tensor(name)
-            return self._load_bin(file)[name]
+                    t = f.get_tensor(name)
+            else:
+                t = self._load_bin(file)[name]
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - corrupt shard
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: "
                                   f"{str(e).splitlines()[0]}; the shard is corrupt") from None
+        check_finite(name, t, file.name)
+        return t
 
     def sha256_of_index(self) -> str:
         assert self.index_file is not None
@@ -135,6 +140,24 @@ class CheckpointReader:
             st = shard.stat()
             h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()
+
+
+def check_finite(name: str, t: torch.Tensor, where: str = "") -> None:
+    """Raise CheckpointError naming ``name`` and its NaN/Inf counts if any value is not finite.
+
+    One float32-accumulated sum (a read of the tensor, no copy) decides; only a non-finite sum
+    pays for the exact counts."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    if nan == 0 and inf == 0:
+        return  # the sum overflowed; every value is finite
+    raise CheckpointError(f"tensor {name}{f' in {where}' if where else ''} has {nan} NaN and "
+                          f"{inf} Inf value(s) of {t.numel()}: the checkpoint is corrupt (or "
+                          "training diverged); re-download it or export another one")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -62,6 +62,12 @@ class VisualConfig:
         return d
 
 
+#: keys that fix tensor shapes: without them the defaults would build a different model
+REQUIRED_TOP = ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+                "intermediate_size", "vocab_size")
+REQUIRED_VISUAL = ("width", "layers", "heads", "mlp_ratio", "image_size", "patch_size",
+                   "output_dim", "image_start_id")
+
 _TOP_FIELDS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels", "intermediate_size",
     "layer_norm_epsilon", "vocab_size", "rotary_emb_base", "rotary_pct", "seq_length",
@@ -147,9 +153,16 @@ class QwenVLConfig:
             raise ConfigError(
                 f"{source} is a '{kind}' checkpoint, not Qwen-VL (expected model_type 'qwen' with a "
                 "'visual' block): pass a Qwen/Qwen-VL or Qwen/Qwen-VL-Chat checkpoint directory")
+        missing = [k for k in REQUIRED_TOP if k not in d]
+        missing += [f"visual.{k}" for k in REQUIRED_VISUAL if k not in d["visual"]]
+        if missing:
+            raise ConfigError(f"{source} lacks {', '.join(missing)}: the checkpoint's config.json "
+                              "is incomplete; restore it from the original checkpoint")
         known_visual = {f.name for f in dataclasses.fields(VisualConfig)}
         vis = {k: d["visual"][k] for k in d["visual"] if k in known_visual}
         top = {k: d[k] for k in _TOP_FIELDS if k in d}
+        _check_types(cls, top, "", source)
+        _check_types(VisualConfig, vis, "visual.", source)
         extra = {k: v for k, v in d.items() if k not in _TOP_FIELDS and k != "visual"}
         extra["_visual_extra"] = {k: v for k, v in d["visual"].items() if k not in known_visual}
         cfg = cls(**top, visual=VisualConfig(**vis), extra=extra)
@@ -182,6 +195,23 @@ class QwenVLConfig:
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_types(kind: type, values: dict[str, Any], prefix: str, source: str) -> None:
+    """Each value must have its field's type (ints positive): name the key, not a later crash."""
+    defaults = {f.name: f.default for f in dataclasses.fields(kind)}
+    for k, v in values.items():
+        want = defaults.get(k)
+        if isinstance(want, bool):
+            ok, what = isinstance(v, bool), "true or false"
+        elif isinstance(want, int):
+            ok, what = isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"
+        elif isinstance(want, float):
+            ok, what = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{source}: {prefix}{k} must be {what}, not {v!r}: fix config.json")
 
 
 def qwen_vl_chat_config() -> QwenVLConfig:

@@ -194,6 +194,24 @@ class ChatStream:
         self.close()
 
 
+def _image_list(images: Any) -> list[ImageSource]:
+    """``images`` as a list; one image (a path, bytes, a PIL image, an array) is refused with the
+    fix instead of being iterated (a path string would become one "image" per character)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, bytes, bytearray, np.ndarray)) or hasattr(images, "getpixel"):
+        raise PromptError(f"images must be a list of images, got one {type(images).__name__}: "
+                          f"pass images=[...] (e.g. images=[{_short(images)}])")
+    try:
+        return list(images)
+    except TypeError:
+        raise PromptError(f"images must be a list of images, got {type(images).__name__}") from None
+
+
+def _short(x: Any) -> str:
+    return repr(str(x)) if isinstance(x, (str, Path)) else "image"
+
+
 class Pipeline:
     """Vision + decoder engines, tokenizer and the generation loop of one bundle."""
 
@@ -343,7 +361,7 @@ class Pipeline:
                  history: Sequence[Turn] | None, system: str | None, gen: GenerationConfig,
                  history_images_given: bool = True) -> _Prepared:
         t0 = time.perf_counter()
-        images = list(images or ())
+        images = _image_list(images)
         turns = list(history or ())
         for t in turns:
             if not isinstance(t, Turn):

@@ -91,6 +91,9 @@ class Turn:
 def _parts(query: Query) -> list[Part]:
     if isinstance(query, (str, Ref, Box, Tag)):
         return [query]
+    if isinstance(query, (bytes, bytearray, memoryview)):
+        raise PromptError(f"the prompt is {type(query).__name__}, not text: decode it first "
+                          "(e.g. prompt.decode('utf-8'))")
     try:
         parts = list(query)
     except TypeError:

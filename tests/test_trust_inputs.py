@@ -1,0 +1,115 @@
+"""Bad inputs are named before hours of work (issue 18, item 4): NaN/Inf weights, incomplete or
+mistyped config.json, bytes prompts, a single image passed as `images`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+from test_runtime import fp32_bundle  # noqa: F401 - shared session fixture
+
+
+def _ckpt_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _poison(ckpt: Path, name: str, nan: int, inf: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = ckpt / index[name]
+    sd = load_file(str(shard))
+    flat = sd[name].view(-1)
+    flat[:nan] = float("nan")
+    flat[nan:nan + inf] = float("inf")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+
+
+def test_nan_weight_is_named_before_gptq(nano_ckpt, tmp_path, capsys, monkeypatch):
+    import quant.gptq
+
+    def boom(*a, **k):
+        raise AssertionError("GPTQ started on a checkpoint with NaN weights")
+
+    monkeypatch.setattr(quant.gptq, "quantize_decoder", boom)
+    ckpt = _ckpt_copy(nano_ckpt, tmp_path / "ckpt")
+    _poison(ckpt, "transformer.h.1.mlp.c_proj.weight", nan=3, inf=1)
+    code = export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--no-demo",
+                        "--n-calib", "2", "--n-val", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "transformer.h.1.mlp.c_proj.weight" in err[0] and "3 NaN and 1 Inf" in err[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_reader_names_non_finite_tensors(nano_ckpt, tmp_path):
+    from models.checkpoint import CheckpointError, CheckpointReader, check_finite, load_model
+
+    ckpt = _ckpt_copy(nano_ckpt, tmp_path / "ckpt")
+    _poison(ckpt, "transformer.wte.weight", nan=0, inf=2)
+    with pytest.raises(CheckpointError, match=r"transformer\.wte\.weight in .* 0 NaN and 2 Inf"):
+        load_model(ckpt)
+    assert torch.isfinite(CheckpointReader(ckpt).get("transformer.ln_f.weight")).all()
+    check_finite("big", torch.full((4,), 3e38))  # the sum overflows, the values are finite
+    check_finite("ids", torch.tensor([1, 2]))
+
+
+def _config_copy(nano_ckpt: Path, dst: Path, edit) -> Path:
+    ckpt = _ckpt_copy(nano_ckpt, dst)
+    d = json.loads((ckpt / "config.json").read_text())
+    edit(d)
+    (ckpt / "config.json").write_text(json.dumps(d))
+    return ckpt
+
+
+CONFIG_CASES = {
+    "missing-heads": (lambda d: d.pop("num_attention_heads"), r"lacks num_attention_heads"),
+    "missing-visual-width": (lambda d: d["visual"].pop("width"), r"lacks visual\.width"),
+    "heads-string": (lambda d: d.update(num_attention_heads="4"),
+                     r"num_attention_heads must be a positive integer, not '4'"),
+    "layers-zero": (lambda d: d.update(num_hidden_layers=0),
+                    r"num_hidden_layers must be a positive integer, not 0"),
+    "eps-string": (lambda d: d.update(layer_norm_epsilon="1e-6"),
+                   r"layer_norm_epsilon must be a number"),
+    "visual-patch-float": (lambda d: d["visual"].update(patch_size=14.0),
+                           r"visual\.patch_size must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_field_is_named(nano_ckpt, tmp_path, capsys, case):
+    edit, pattern = CONFIG_CASES[case]
+    ckpt = _config_copy(nano_ckpt, tmp_path / "ckpt", edit)
+    code = export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--no-demo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    import re
+    assert re.search(pattern, err[0]), err[0]
+
+
+def test_chat_refuses_bytes_prompt_and_single_image(fp32_bundle, tmp_path):
+    from PIL import Image
+
+    from runtime import Pipeline
+    from runtime.prompt import PromptError
+
+    pipe = Pipeline.from_bundle(fp32_bundle, device="cpu", threads=1)
+    with pytest.raises(PromptError, match="prompt is bytes, not text: decode it first"):
+        pipe.chat(b"What is this?")
+    p = tmp_path / "path.png"
+    Image.new("RGB", (8, 8)).save(p)
+    with pytest.raises(PromptError, match=r"images must be a list of images, got one str.*"
+                                          r"images=\['.*path.png'\]"):
+        pipe.chat("What is this?", images=str(p))
+    with pytest.raises(PromptError, match="got one PosixPath|got one WindowsPath"):
+        pipe.chat("What is this?", images=p)
+    with pytest.raises(PromptError, match="got one"):
+        pipe.chat("What is this?", images=Image.new("RGB", (8, 8)))
+    with pytest.raises(PromptError, match="got int"):
+        pipe.chat("What is this?", images=3)
