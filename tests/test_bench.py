@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_runtime import fp32_bundle  # noqa: F401 - shared session fixture
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,11 @@ def test_bench_vision_and_decode_nano() -> None:
     dec = run_bench("bench.decode", "--new-tokens", "8", "--repeats", "1")
     assert dec["new_tokens"] == 8
     assert dec["pipeline_ms_per_token"] > 0 and dec["bare_session_run_ms_per_token"] > 0
+
+
+def test_bench_verify_nano(fp32_bundle, tmp_path) -> None:
+    rec = run_bench("bench.verify", "--bundle", str(fp32_bundle), "--pad-gb", "0.02", "--work",
+                    str(tmp_path / "padded"))
+    assert rec["bench"] == "verify" and rec["bundle_bytes"] > 20_000_000
+    assert rec["first_verify_s"] > 0 and len(rec["repeat_verify_s"]) == 3
+    assert len(rec["repeat_pipeline_start_s"]) == 3
