@@ -145,6 +145,8 @@ def test_tensorrt_plan_selection(fp32_bundle, tmp_path, caplog):
     plan = "engines/GPU-X-trt10.3.0/vision.plan"
     _edit_manifest(b, lambda d: d["engines"].update(tensorrt=[{
         "engine": "vision", "file": plan, "tensorrt_version": "10.3.0", "gpu": "GPU X"}]))
+    # a plan is opened only when the manifest's files (checksums) cover it
+    _edit_manifest(b, lambda d: d["files"].update({plan: {"sha256": "0" * 64, "size": 0}}))
     man = read_manifest(b)
     assert select_trt_plan(man, "vision", "10.3.0", "GPU X") == b / plan
     with caplog.at_level(logging.WARNING, logger="runtime.bundle"):

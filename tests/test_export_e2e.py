@@ -33,6 +33,10 @@ def test_fp32_flow_writes_a_verified_bundle_that_passes(nano_ckpt, tmp_path):
     drift = json.loads((rep.bundle / "report" / "drift.json").read_text())
     assert drift["verdict"] == "PASS"
     assert not list(tmp_path.glob(".b32.tmp-*"))  # no temporary sibling left behind
+    # a rerun from the same checkpoint replaces its own bundle (every stage cached)
+    again = run_export(_opts(nano_ckpt, tmp_path / "b32", plan="fp32"))
+    assert all(s.cached for s in again.stages) and verify_bundle(again.bundle).files == man.files
+    assert not list(tmp_path.glob(".b32.*"))
 
 
 def test_interrupted_run_leaves_no_bundle_and_resumes(nano_ckpt, tmp_path, monkeypatch):
