@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1 if "validation FAILED" in str(e) else 2
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         if args.verbose:
             raise
         print(f"export.py: {e}", file=sys.stderr)

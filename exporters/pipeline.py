@@ -19,7 +19,7 @@ from models.checkpoint import CheckpointReader, sha256_file
 from models.config import QwenVLConfig
 
 from .memory_plan import MemoryPlan, plan_memory
-from .stages import StageResult, run_stage, stage_key
+from .stages import StageResult, run_stage, stage_dir_only, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,14 @@ def check_out(opts: ExportOptions, ckpt: Path) -> None:
     except BundleError as e:
         raise ExportError(str(e)) from None
     if work.is_symlink() or (work.exists() and not work.is_dir()):
-        raise ExportError(f"work directory {work} is a file: move it away or pass --work-dir")
+        raise ExportError(f"work directory {work} is a file: move it away or choose another --out")
+    for name in STAGES:
+        stage = work / name
+        why = (f"{stage} is a file: move it away or choose another --out"
+               if stage.is_symlink() or (stage.exists() and not stage.is_dir())
+               else stage_dir_only(stage) if stage.is_dir() else None)
+        if why:
+            raise ExportError(why)
     clean_leftovers(opts.out.parent, opts.out.name)
     for name in STAGES:
         clean_leftovers(work, name)

@@ -51,7 +51,7 @@ def run_stage(work_dir: Path, name: str, key: str,
             log.info("stage %s: cached (%s)", name, target)
             return StageResult(name, target, key, True, 0.0, meta.get("info", {}))
     t0 = time.perf_counter()
-    with atomic_dir(target, _stage_dir_only) as tmp:
+    with atomic_dir(target, stage_dir_only) as tmp:
         info = build(tmp) or {}
         (tmp / "stage.json").write_text(json.dumps({"key": key, "info": info}, indent=2,
                                                    default=str) + "\n")
@@ -60,9 +60,9 @@ def run_stage(work_dir: Path, name: str, key: str,
     return StageResult(name, target, key, False, dt, info)
 
 
-def _stage_dir_only(target: Path) -> str | None:
+def stage_dir_only(target: Path) -> str | None:
     """A stage folder is replaced only when a stage wrote it (it holds stage.json) or is empty."""
     if (target / "stage.json").is_file() or not any(target.iterdir()):
         return None
     return (f"{target} is not a stage folder of this toolkit (no stage.json): move it away or "
-            "choose another --work-dir")
+            "choose another --out")

@@ -36,6 +36,10 @@ class CheckpointError(ValueError):
     """A checkpoint whose files or tensors do not match what the config describes."""
 
 
+class NonFiniteWeightError(CheckpointError):
+    """A weight holding NaN or Inf (found as the tensor is first read)."""
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -143,7 +147,7 @@ class CheckpointReader:
 
 
 def check_finite(name: str, t: torch.Tensor, where: str = "") -> None:
-    """Raise CheckpointError naming ``name`` and its NaN/Inf counts if any value is not finite.
+    """Raise NonFiniteWeightError naming ``name`` and its NaN/Inf counts if any value is not finite.
 
     One float32-accumulated sum (a read of the tensor, no copy) decides; only a non-finite sum
     pays for the exact counts."""
@@ -155,9 +159,10 @@ def check_finite(name: str, t: torch.Tensor, where: str = "") -> None:
     inf = int(torch.isinf(t).sum())
     if nan == 0 and inf == 0:
         return  # the sum overflowed; every value is finite
-    raise CheckpointError(f"tensor {name}{f' in {where}' if where else ''} has {nan} NaN and "
-                          f"{inf} Inf value(s) of {t.numel()}: the checkpoint is corrupt (or "
-                          "training diverged); re-download it or export another one")
+    raise NonFiniteWeightError(
+        f"tensor {name} contains NaN/Inf ({nan} NaN, {inf} Inf of {t.numel()} values"
+        f"{f' in {where}' if where else ''}): the checkpoint is corrupt (or training diverged); re-download "
+        "it or export another one")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import (IGNORED_SUFFIXES, CheckpointError, CheckpointReader, atomic_dir,
-                               build_model, expected_shapes, only_checkpoint_dirs, parse_dtype,
-                               write_shards)
+from models.checkpoint import (IGNORED_SUFFIXES, CheckpointError, CheckpointReader,
+                               NonFiniteWeightError, atomic_dir, build_model, expected_shapes,
+                               only_checkpoint_dirs, parse_dtype, write_shards)
 from models.config import ConfigError, QwenVLConfig
 
 from .fake_quant import LINEAR_SUFFIXES, quantized_linear_names
@@ -205,7 +205,10 @@ def read_quant_config(path: str | Path, cfg: QwenVLConfig | None = None) -> Quan
 
 
 def _as_np(reader: CheckpointReader, name: str, kinds: tuple[str, ...], what: str) -> np.ndarray:
-    t = reader.get(name)
+    try:
+        t = reader.get(name)
+    except NonFiniteWeightError as e:  # a GPTQ tensor: reported as this layout's error
+        raise GPTQCheckpointError(str(e)) from None
     if kinds == ("int",) and t.dtype in (torch.int32, torch.int64):
         return t.numpy()
     if kinds == ("float",) and t.dtype.is_floating_point:

@@ -57,8 +57,8 @@ def test_write_bundle_is_atomic(tmp_path):
     src.write_bytes(b"abc")
     out = tmp_path / "b"
     fields = {"model": {k: 1 for k in ("vocab_size", "n_queries", "image_size", "hidden",
-                                       "layers", "heads", "head_dim", "max_context",
-                                       "special_ids")}}
+                                       "layers", "heads", "head_dim", "max_context")}}
+    fields["model"]["special_ids"] = {}  # an object of ints (read_manifest checks the types)
     write_bundle(out, {"sub/a.bin": src}, fields)
     assert read_manifest(out).files["sub/a.bin"]["size"] == 3
     before = (out / "manifest.json").read_bytes()

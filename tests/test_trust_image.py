@@ -63,7 +63,7 @@ def test_other_pillow_formats_are_refused_by_content(tmp_path, fmt, mode):
         load_image(data)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF"])
 def test_allowed_formats_decode_like_pil_convert(tmp_path, fmt):
     data = _encoded(fmt)
     want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

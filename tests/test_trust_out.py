@@ -14,8 +14,8 @@ import export
 from exporters import pipeline
 from exporters.pipeline import ExportOptions
 
-MODEL = {"model": {k: 1 for k in ("vocab_size", "n_queries", "image_size", "hidden", "layers",
-                                  "heads", "head_dim", "max_context", "special_ids")}}
+MODEL = {"model": {**{k: 1 for k in ("vocab_size", "n_queries", "image_size", "hidden", "layers",
+                                     "heads", "head_dim", "max_context")}, "special_ids": {}}}
 
 
 @pytest.fixture
@@ -167,3 +167,30 @@ def test_crash_leftovers_are_cleaned_and_nothing_else(tmp_path):
     # an empty work dir left by a failed run is removed too
     pipeline.check_out(opts, pipeline.resolve_checkpoint(None))
     assert not work.exists()
+
+
+def test_foreign_folder_in_the_work_dir_is_refused_before_work(tmp_path, capsys, no_work):
+    work = tmp_path / "b.work"
+    (work / "vision").mkdir(parents=True)
+    (work / "vision" / "mine.txt").write_text("x")
+    err = _refused(capsys, ["--out", str(tmp_path / "b")])
+    assert "vision is not a stage folder" in err
+    (work / "vision" / "mine.txt").unlink()
+    (work / "vision").rmdir()
+    (work / "quant").write_text("x")
+    err = _refused(capsys, ["--out", str(tmp_path / "b")])
+    assert "quant is a file" in err and (work / "quant").read_text() == "x"
+
+
+def test_bundle_written_before_the_toolkit_marker_is_still_ours(tmp_path):
+    from exporters.bundle import check_out_dir
+    from runtime.bundle import BundleError
+
+    one = {"checkpoint": "ckpt-a", "index_sha256": "1" * 64}
+    out = _bundle(tmp_path, tmp_path / "b", one)
+    d = json.loads((out / "manifest.json").read_text())
+    del d["toolkit"]  # the layout of bundles exported before this marker existed
+    (out / "manifest.json").write_text(json.dumps(d))
+    check_out_dir(out, one)
+    with pytest.raises(BundleError, match="another checkpoint"):
+        check_out_dir(out, {"checkpoint": "ckpt-b", "index_sha256": "2" * 64})
