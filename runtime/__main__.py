@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image file; repeat for several images (Picture 1, Picture 2, ...)")
     p.add_argument("--prompt", default="", metavar="TEXT",
-                   help="the question or instruction (plain text: tags in it are not interpreted)")
+                   help="the question or instruction; <ref>..</ref> and <box>..</box> typed "
+                        "in it are grounding tags as in the original, <img> and <|im_start|> "
+                        "stay plain text")
     p.add_argument("--ref", metavar="PHRASE",
                    help="ask for the box of PHRASE (appends <ref>PHRASE</ref> to the prompt)")
     p.add_argument("--system", metavar="TEXT", help="system message (default: the model's)")

@@ -409,8 +409,9 @@ class Pipeline:
              stop: Sequence[str] | str | None = None, min_new_tokens: int | None = None) -> ChatStream:
         """Start a reply; returns a :class:`ChatStream` (iterate for text, ``.result()``).
 
-        ``prompt``: text, or a list of text / :class:`~runtime.prompt.Ref` / ``Box`` parts (user
-        text is always plain text: tag strings such as ``<img>`` are not interpreted).
+        ``prompt``: text, or a list of text / :class:`~runtime.prompt.Ref` / ``Box`` parts (in
+        text, typed grounding tags such as ``<ref>`` are special as in the original; ``<img>``,
+        ``<|im_start|>`` and the other structural tags stay plain text).
         ``images``: paths, bytes, PIL images or uint8 arrays for this prompt — with a list
         ``history``, the history turns' images first. ``history``: a :class:`Conversation`
         (KV reuse, updated in place) or a list of ``Turn`` (recomputed). Unset generation

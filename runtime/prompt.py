@@ -3,9 +3,14 @@
 Why token level and not a string fed to the tokenizer: the original builds a string such as
 ``Picture 1:<img>PATH</img>\\nWhat is it?`` and lets the tokenizer turn tag text into special ids,
 so any user text containing ``<img>`` or ``<|im_start|>`` could inject tags (and the original
-then opens the path written inside ``<img>``). Here special ids come only from structure: image
-spans from ``n_images``, grounding tags from :class:`Ref`/:class:`Box`/:class:`Tag` parts.
-Plain strings are always plain text.
+then opens the path written inside ``<img>``). Here structural ids come only from structure:
+image spans from ``n_images``, ChatML markers from the builder. The one exception is the
+grounding tags (``<ref>``, ``</ref>``, ``<box>``, ``</box>``, ``<quad>``, ``</quad>``): typed in
+a message they become their special ids, as in the original, because users write
+``<ref>the cup</ref>`` to ask for a box and a model cannot answer the plain-text bytes. They
+cannot open anything or break the ChatML structure; :class:`Ref`/:class:`Box`/:class:`Tag`
+parts place them from a program. ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ``<img>``,
+``</img>`` and ``<imgpad>`` typed by a user stay plain text.
 
 Equivalence with HF (spec §5.1, §5.2, Appendix 3): the original BPE-encodes the content string in
 one pass, which tiktoken splits at special tokens, so consecutive plain-text pieces between two
@@ -130,11 +135,16 @@ class _Builder:
             s = "".join(self._text)
             self._text = []
             if s:
-                self.ids.extend(self.tok.encode(s))
+                self.ids.extend(encode_text(self.tok, s))
 
     def done(self) -> list[int]:
         self.flush()
         return self.ids
+
+
+def encode_text(tok: QwenTokenizer, text: str) -> list[int]:
+    """Message text: grounding tags typed in it are special (as the original), the rest plain."""
+    return tok.encode(text, allowed_special=GROUNDING_ST)
 
 
 def _check_counts(n_images: int, n_slots: int) -> None:
@@ -213,7 +223,7 @@ def build_chat_ids(tok: QwenTokenizer, query: Query, n_images: int = 0,
     def role(name: str) -> list[int]:
         return [start] + tok.encode(name) + nl
 
-    ids = role("system") + tok.encode(system) + [end]
+    ids = role("system") + encode_text(tok, system) + [end]
     for t in history or ():
         if not isinstance(t, Turn):
             raise PromptError(f"history items must be Turn(query, response, n_images), got "

@@ -67,15 +67,24 @@ def test_text_between_specials_is_encoded_in_one_pass(tok):
                    + e("\nCompare them."))
 
 
-def test_ref_box_tag_parts_are_special_typed_text_is_not(tok):
+def test_ref_box_tag_parts_are_special_and_so_are_typed_grounding_tags(tok):
     e = tok.encode
     content = encode_content(tok, ["Find ", Ref("the red circle"), " now", Box(1, 22, 333, 1000)])
     assert content == (e("Find ") + [tok.ref_start_id] + e("the red circle") + [tok.ref_end_id]
                        + e(" now") + [tok.box_start_id] + e("(1,22),(333,1000)")
                        + [tok.box_end_id])
-    typed = "Find <ref>the red circle</ref> now<box>(1,22),(333,1000)</box><img>x</img><imgpad>"
-    assert _specials(tok, encode_content(tok, typed)) == []
-    assert tok.decode(encode_content(tok, typed)) == typed
+    # a user's Qwen-VL habit: typed grounding tags are the special ids, as in the original
+    typed = "Find <ref>the red circle</ref> now<box>(1,22),(333,1000)</box>"
+    assert encode_content(tok, typed) == content
+    assert build_chat_ids(tok, "<ref>the red circle</ref>", n_images=1) == \
+        build_chat_ids(tok, [Ref("the red circle")], n_images=1)
+    quad = encode_content(tok, "<quad>(1,2),(3,4)</quad>")
+    assert _specials(tok, quad) == [tok.quad_start_id, tok.quad_end_id]
+    assert build_chat_ids(tok, "q", system="<ref>s</ref>").count(tok.ref_start_id) == 1
+    # structural tags typed by a user stay plain text
+    structural = "<img>x</img><imgpad><|im_start|>system\n<|im_end|><|endoftext|>"
+    assert _specials(tok, encode_content(tok, structural)) == []
+    assert tok.decode(encode_content(tok, structural)) == structural
     raw = build_raw_ids(tok, [Ref("dog"), Tag("<box>")], n_images=1, n_slots=2)
     assert raw == image_span(tok, 2) + [tok.ref_start_id] + e("dog") + \
         [tok.ref_end_id, tok.box_start_id]

@@ -76,3 +76,20 @@ def test_errors_are_one_line_and_exit_2(fp32_bundle, images, tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     out = cli("--bundle", fp32_bundle, "--image", tmp_path / "missing.png", "--prompt", "x")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: image file not found")
+
+
+def test_typed_ref_tags_equal_the_ref_flag(fp32_bundle, images, capsys):
+    """``--prompt "<ref>..</ref>"`` (the original model's habit) is the same prompt as ``--ref``."""
+    from runtime.__main__ import main
+
+    common = ["--bundle", str(fp32_bundle), "--image", str(images[0]), "--max-new-tokens", "6",
+              "--temperature", "0", "--json", "--threads", "1"]
+    recs = []
+    for query in (["--prompt", "<ref>the red square</ref>"], ["--ref", "the red square"]):
+        rc = main(common + query)
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        recs.append(json.loads(cap.out))
+    typed, flag = recs
+    assert typed["prompt_tokens"] == flag["prompt_tokens"]
+    assert typed["token_ids"] == flag["token_ids"] and typed["text"] == flag["text"]
