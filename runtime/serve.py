@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -416,7 +417,9 @@ def create_app(pipe: Any, cfg: ServeConfig | None = None) -> Any:
     @app.get("/health")
     async def health() -> JSONResponse:
         if srv.ready.is_set():
-            return JSONResponse({"status": "ok", "model": srv.cfg.model_name})
+            # pid: which process answered (several replicas sit behind one address on Ray)
+            return JSONResponse({"status": "ok", "model": srv.cfg.model_name,
+                                 "pid": os.getpid()})
         return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "2"})
 
     @app.get("/metrics")

@@ -65,7 +65,8 @@ def start(args: argparse.Namespace, blocking: bool = True) -> str:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+    local = {} if args.address else {"include_dashboard": False}
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, **local)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = deployment(args, args.replicas, args.replica_cpus)
     serve.run(app, name="qwenvl", route_prefix="/", blocking=False)
