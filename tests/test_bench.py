@@ -81,3 +81,22 @@ def test_bench_verify_nano(fp32_bundle, tmp_path) -> None:
     assert rec["bench"] == "verify" and rec["bundle_bytes"] > 20_000_000
     assert rec["first_verify_s"] > 0 and len(rec["repeat_verify_s"]) == 3
     assert len(rec["repeat_pipeline_start_s"]) == 3
+
+
+def test_bench_serve_nano(fp32_bundle) -> None:
+    rec = run_bench("bench.serve", "--bundle", str(fp32_bundle), "--clients", "1", "2",
+                    "--requests", "2", "--iters", "1", "--new-tokens", "4")
+    assert rec["bench"] == "serve" and [r["clients"] for r in rec["loopback"]] == [1, 2]
+    for r in rec["loopback"]:
+        assert r["ok"] == r["requests"] == 2 and r["failed"] == r["rejected_429"] == 0
+        assert r["req_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        _stat_ok(r["total"])
+    _stat_ok(rec["in_process"]["ttft"])
+    assert rec["in_process"]["four_requests"]["batch_speedup"] > 0
+    assert rec["overhead_1_client"]["total_ms"] == pytest.approx(
+        rec["loopback"][0]["total"]["median_ms"] - rec["in_process"]["total"]["median_ms"],
+        abs=1e-2)
+    rss = rec["server_rss_kib"]
+    assert rss["after_warmup"] > 0 and rss["after_runs"] > 0
+    # warm-up (2) + 2 + 2 requests of 4 tokens each reached the server's counters
+    assert rec["server_generated_tokens"] >= 6 * 4
