@@ -270,8 +270,12 @@ class Server:
 
     def warm_up(self) -> None:
         """One tiny generation so the first client does not pay onnxruntime's first run."""
-        if self.cfg.warmup:
-            self.pipe.chat("hi", max_new_tokens=2, temperature=0).result()
+        try:
+            if self.cfg.warmup:
+                self.pipe.chat("hi", max_new_tokens=2, temperature=0).result()
+        except Exception:  # noqa: BLE001 - stays not ready (503), with the reason in the log
+            log.exception("warm-up failed: /health stays 503")
+            return
         self.ready.set()
         log.info("ready: %s", self.cfg.model_name)
 
@@ -367,27 +371,7 @@ def create_app(pipe: Any, cfg: ServeConfig | None = None) -> Any:
 
     app = FastAPI(title="qwenvl-edge", lifespan=lifespan)
     app.state.server = srv
-
-    def error(status: int, message: str, headers: dict[str, str] | None = None,
-              param: str | None = None) -> JSONResponse:
-        if status != 503:
-            srv.metrics.requests.labels(_outcome(status)).inc()
-        return JSONResponse(error_json(message, status, param), status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error(e.status, str(e), e.headers, e.param)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, e: RequestError) -> JSONResponse:
-        return error(e.status, str(e), None, e.param)
-
-    @app.exception_handler(Exception)
-    async def other_error(request: Request, e: Exception) -> JSONResponse:
-        if isinstance(e, srv.bad_input):
-            return error(400, str(e) or type(e).__name__)
-        log.exception("request failed")
-        return error(500, f"internal error: {type(e).__name__}; see the server log")
+    _error_handlers(app, srv)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -428,6 +412,32 @@ def create_app(pipe: Any, cfg: ServeConfig | None = None) -> Any:
         return Response(srv.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _error_handlers(app: Any, srv: Server) -> None:
+    """Every failure as OpenAI's error object with one line; the runtime's input errors: 400."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None,
+              param: str | None = None) -> JSONResponse:
+        srv.metrics.requests.labels(_outcome(status)).inc()
+        return JSONResponse(error_json(message, status, param), status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error(e.status, str(e), e.headers, e.param)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return error(e.status, str(e), None, e.param)
+
+    @app.exception_handler(Exception)
+    async def other_error(request: Request, e: Exception) -> JSONResponse:
+        if isinstance(e, srv.bad_input):
+            return error(400, str(e) or type(e).__name__)
+        log.exception("request failed")
+        return error(500, f"internal error: {type(e).__name__}; see the server log")
 
 
 async def _last(job: Job) -> Any:
