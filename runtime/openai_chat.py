@@ -160,7 +160,7 @@ def _messages(msgs: Any, allow: tuple[str, ...]) -> tuple[str | None, list[Turn]
             text, imgs = _user_content(m.get("content"), allow)
             images.extend(imgs)
             if turns and turns[-1][2] is None:  # consecutive user messages: one turn
-                turns[-1][0] = turns[-1][0] + "\n" + text if turns[-1][0] else text
+                turns[-1][0] = "\n".join(t for t in (turns[-1][0], text) if t)
                 turns[-1][1] += len(imgs)
             else:
                 turns.append([text, len(imgs), None])

@@ -5,9 +5,10 @@
 
 Needs the ``ray`` extra. Every replica loads the bundle from the same path, so on a cluster the
 bundle must be at that path on each node (a shared file system or a copy). Each replica runs
-:func:`runtime.serve.create_app` unchanged: its own slots, queue, 429s and metrics; Ray's proxy
-spreads requests over the replicas (``max_ongoing_requests`` = the replica's slots + queue, so
-the replica, not Ray, answers the 429 when it is full).
+:func:`runtime.serve.create_app` unchanged: its own slots, queue, 429s and metrics. Ray's proxy
+spreads requests over the replicas and sends each at most one request more than it admits
+(``max_ongoing_requests`` = slots + queue + 1), so a full replica answers 429 with
+``Retry-After``; the proxy itself queues at most ``--queue`` requests and answers 503 beyond.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def deployment(args: argparse.Namespace, replicas: int, cpus: float) -> Any:
 
     cfg = config_from_args(args)
 
+    # one more than a replica admits, so its own 429 + Retry-After stays reachable; Ray's proxy
+    # holds at most --queue more per deployment and answers 503 beyond that
     @serve.deployment(name="qwenvl", num_replicas=replicas,
-                      max_ongoing_requests=cfg.parallel + cfg.queue,
+                      max_ongoing_requests=cfg.parallel + cfg.queue + 1,
+                      max_queued_requests=max(cfg.queue, 1),
                       ray_actor_options={"num_cpus": cpus})
     @serve.ingress()
     class QwenVLReplica:
