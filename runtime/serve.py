@@ -449,6 +449,8 @@ async def _last(job: Job) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .__main__ import positive_int
+
     p = argparse.ArgumentParser(
         prog="python -m runtime.serve",
         description="Serve a bundle over HTTP with OpenAI's chat-completions API (needs the "
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
     p.add_argument("--model-name", metavar="NAME",
                    help="model id clients pass (default: the bundle directory's name)")
-    p.add_argument("--parallel", type=int, default=4, metavar="N",
+    p.add_argument("--parallel", type=positive_int, default=4, metavar="N",
                    help="requests generating at once (default 4)")
     p.add_argument("--queue", type=int, default=16, metavar="N",
                    help="requests waiting for a slot before 429s (default 16)")
@@ -474,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let image URLs starting with PREFIX (http://, https:// or file://) be "
                         "fetched or opened; repeatable. Default: only inline data: URLs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=int, metavar="N", help="onnxruntime CPU threads")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="onnxruntime CPU threads (default: all cores)")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 check")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
