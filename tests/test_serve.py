@@ -405,3 +405,11 @@ def test_grounding_extension_boxes_in_original_pixels(small, pipe, images, monke
                           "pixels": [int(0.1 * w), int(0.2 * h), int(0.5 * w), h - 1],
                           "image_index": 0}]
         monkeypatch.undo()
+
+
+def test_cli_bad_bundle_is_one_line_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "runtime.serve", "--bundle", str(tmp_path / "nope"),
+                        "--port", "0"], capture_output=True, text=True, env=env, cwd=str(ROOT),
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
