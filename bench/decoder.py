@@ -1,12 +1,15 @@
 """Batch-1 int4 decode: our engine vs onnxruntime-genai's int4 model of the same decoder vs our
-PyTorch eager reference, same weights, same shapes, same run, each as a fraction of the memory
-bandwidth ceiling measured in the same run. Prints one JSON record.
+PyTorch eager reference, same shapes, same thread count, same run, each as a fraction of the
+memory bandwidth ceiling measured in the same run. Prints one JSON record.
 
     python -m bench.decoder                                   # nano smoke run (seconds)
-    python -m bench.decoder --checkpoint /work/fullsize-qwenvl-chat --layers 8 \\
-        --work /work/bench-decoder --genai-python /work/genai-venv/bin/python --profile
+    python -m bench.decoder --checkpoint <full-size> --work <work> --genai-python <venv>/bin/python \
+        --threads 2 --rounds 3 --profile
 
-What runs, each contender in its own process (so peak memory is its own):
+What runs, each contender in its own process (so peak memory is its own), all with the same
+explicit ``--threads`` (default: every core), recorded with each run's CPU utilisation (process
+CPU time / wall time: about the thread count when every thread works, ~1 when a run silently
+fell back to one thread):
 
 - ``ours``: the int4 decoder ``export.py`` writes for the device (CPU: ``--target cpu``, i.e.
   MatMulNBits int4 g128 symmetric, int8 head, fp32 activations and KV, accuracy level 4; CUDA:
@@ -14,16 +17,22 @@ What runs, each contender in its own process (so peak memory is its own):
   speed), driven exactly as the runtime drives it (``runtime.engines``: preallocated KV, I/O
   binding). Exported into ``--work`` once and reused.
 - ``genai`` (with ``--genai-python``): onnxruntime-genai's builder on the same weights renamed to
-  Qwen2 (``bench.genai_baseline``), asked for the same choices, timed with its own generator.
-- ``eager``: ``models.qwen_vl`` in ``--eager-dtype`` with its KV cache (``--eager-tokens`` steps).
+  Qwen2 (``bench.genai_baseline``), asked for the same choices, at ``--genai-build-layers``
+  layers and ``--genai-build-vocab`` rows (its builder holds the whole model in memory: ~15 GB
+  for two full-width layers), grown to the full depth and vocabulary by ``bench.genai_expand``
+  (the builder's own layer subgraph copied per layer, fresh weights of the same shapes and
+  dtypes, logits checked finite), timed with genai's own generator. Cached in ``--work``.
+- ``eager``: ``models.qwen_vl`` in ``--eager-dtype`` with its KV cache (``--eager-tokens`` steps),
+  once, after the others.
 
-The prompt is ``--prompt-tokens`` long with ``--image-tokens`` image rows (random features);
-genai, text-only, gets the same number of random ids. ``--layers`` keeps the first N decoder
-blocks of the checkpoint for every contender (full width and vocabulary), for machines where a
-contender cannot hold all 32 (the genai builder needs ~15 GB for two full-width layers).
+Ours and genai run alternately, ``--rounds`` times each (A B A B ...); ``ours_over_genai`` is
+genai's decode time / ours per round (> 1: ours is faster) with its median, min and max, and
+``ours``/``genai`` are each contender's median run. The prompt is ``--prompt-tokens`` long with
+``--image-tokens`` image rows (random features); genai, text-only, gets the same number of
+random ids. ``--layers`` keeps the first N decoder blocks of the checkpoint for every contender.
 Bytes read per token = the engine's initializers except the embedding table (gathered, not
 read) + the KV cache at the mean context. ``--profile`` adds onnxruntime's per-operator profile
-of our decode step: where the next millisecond is.
+of our decode step (first round): where the next millisecond is.
 """
 
 from __future__ import annotations
@@ -127,26 +136,37 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
                      (np.random.default_rng(1).standard_normal((len(slots), hidden)) * 0.02)
                      .astype(np.float32)) if slots else None
     cache = eng.new_cache(1, n_prompt + n_new + 1)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     logits = eng.forward(cache, table[None], features=feats)
-    prefill_s = time.perf_counter() - t
+    prefill_s, prefill_cpu = time.perf_counter() - t, time.process_time() - c
     tok = np.argmax(logits, axis=-1)
     steps = []
+    c = time.process_time()
     for _ in range(n_new):
         t = time.perf_counter()
         logits = eng.forward(cache, tok[:, None])
         tok = np.argmax(logits, axis=-1)
         steps.append(time.perf_counter() - t)
     rec = {"engine": "ours", "model": str(onnx_path), "providers": eng.session.get_providers(),
-           "prompt_tokens": n_prompt, "image_rows": len(slots), "new_tokens": len(steps),
-           "session_load_s": round(load_s, 2), "prefill_s": round(prefill_s, 3),
+           "threads": threads, "prompt_tokens": n_prompt, "image_rows": len(slots),
+           "new_tokens": len(steps), "session_load_s": round(load_s, 2),
+           "prefill_s": round(prefill_s, 3),
            "decode": stats(steps[1:] if len(steps) > 1 else steps),
+           "cpu_util": cpu_util(prefill_cpu, prefill_s, time.process_time() - c, sum(steps)),
+           "logits_finite": bool(np.isfinite(logits).all()),
            "kv_bytes_per_token": eng.kv_bytes_per_token, "peak_rss_mib": peak_rss_mib()}
     rec["tok_s"] = round(1000 / rec["decode"]["median_ms"], 3)
     if profile:
         del cache
         rec["profile"] = profile_ours(onnx_path, table, feats, threads, device)
     return rec
+
+
+def cpu_util(prefill_cpu: float, prefill_s: float, decode_cpu: float, decode_s: float) -> dict:
+    """Process CPU time / wall time per phase: about the thread count when every intra-op
+    thread works, ~1 when a run silently fell back to one thread."""
+    return {"prefill": round(prefill_cpu / max(prefill_s, 1e-9), 2),
+            "decode": round(decode_cpu / max(decode_s, 1e-9), 2)}
 
 
 def decoder_facts(onnx_path: Path) -> tuple[int, int]:
@@ -236,11 +256,12 @@ def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n
              * 0.02).to(dev, parse_dtype(dtype)) if n_slots else None
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     with torch.no_grad():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = model(torch.tensor([ids], device=dev), image_embeds=feats)
         sync()
-        prefill_s = time.perf_counter() - t
+        prefill_s, prefill_cpu = time.perf_counter() - t, time.process_time() - c
         steps = []
+        c = time.process_time()
         for _ in range(n_new):
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
@@ -248,10 +269,12 @@ def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n
             out.logits[:, -1].argmax(-1)
             sync()
             steps.append(time.perf_counter() - t)
+        decode_cpu = time.process_time() - c
     rec = {"engine": "pytorch-eager", "torch": torch.__version__, "dtype": dtype, "device": dev,
            "threads": torch.get_num_threads(), "prompt_tokens": n_prompt, "image_rows": n_slots,
            "new_tokens": len(steps), "load_s": round(load_s, 2), "prefill_s": round(prefill_s, 3),
            "decode": stats(steps[1:] if len(steps) > 1 else steps),
+           "cpu_util": cpu_util(prefill_cpu, prefill_s, decode_cpu, sum(steps)),
            "weights_read_per_token": sum(p.numel() * p.element_size() for n, p in
                                          model.named_parameters()
                                          if n.startswith(("transformer.h.", "transformer.ln_f",
@@ -307,7 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-tokens", type=int, default=288)
     ap.add_argument("--image-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads of every contender (0: every core); recorded")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating runs of ours and genai (A B A B ...); the ratio's spread")
+    ap.add_argument("--genai-build-layers", type=int, default=2,
+                    help="layers genai's builder builds before bench.genai_expand grows them")
+    ap.add_argument("--genai-build-vocab", type=int, default=8192,
+                    help="vocabulary rows genai's builder builds before the expansion")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kv-dtype", choices=("fp16", "fp32"),
                     help="KV dtype of the exported engine (default: export.py --target cpu's)")
@@ -317,81 +347,159 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def genai_model(args, ckpt: Path, cfg, work: Path, record: dict) -> Path:
+    """onnxruntime-genai's int4 model of ``cfg``'s shapes in ``work`` (cached): built by its
+    own builder at ``--genai-build-layers`` layers and ``--genai-build-vocab`` rows (the
+    builder cannot hold the full model), then grown to the full depth and vocabulary by
+    ``bench.genai_expand``, whose check runs a prompt and fails on non-finite logits."""
+    n, vocab = cfg.num_hidden_layers, cfg.vocab_size
+    b, bv = min(args.genai_build_layers, n), min(args.genai_build_vocab, vocab)
+    final = work / f"genai-L{n}"
+    built = final if (b, bv) == (n, vocab) else work / f"genai-build-L{b}-V{bv}"
+    record["genai_model"] = {"built_layers": b, "built_vocab": bv, "layers": n, "vocab": vocab,
+                             "expanded": built != final}
+    gpy = [args.genai_python, "-m", "bench.genai_baseline"]
+    if not (built / "genai_config.json").exists() and not (final / "genai_config.json").exists():
+        hf = work / f"qwen2-L{b}-V{bv}"
+        if not hf.exists():
+            _run(gpy + ["convert", "--checkpoint", str(ckpt), "--out", str(hf), "--layers",
+                        str(b), "--vocab", str(bv)], "genai convert")
+        t = time.perf_counter()
+        _run(gpy + ["build", "--hf", str(hf), "--out", str(built), "--cache",
+                    str(work / "genai-cache"), "--ep", args.device], "genai build")
+        record["genai_model"]["build_s"] = round(time.perf_counter() - t, 1)
+    if not (final / "genai_config.json").exists():
+        t = time.perf_counter()
+        _run([sys.executable, "-m", "bench.genai_expand", "--model", str(built), "--out",
+              str(final), "--layers", str(n), "--vocab", str(vocab), "--check"], "genai expand")
+        record["genai_model"]["expand_s"] = round(time.perf_counter() - t, 1)
+    return final
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median decode time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["decode"]["median_ms"])[(len(runs) - 1) // 2]
+
+
+def spread(values: list[float]) -> dict:
+    vs = sorted(values)
+    return {"median": round(float(np.median(vs)), 3), "min": round(vs[0], 3),
+            "max": round(vs[-1], 3), "per_round": [round(v, 3) for v in values]}
+
+
+def summary(rec: dict) -> dict:
+    """One run's line in ``rounds``: what varies between runs of the same contender."""
+    return {"decode_median_ms": rec["decode"]["median_ms"], "prefill_s": rec["prefill_s"],
+            "threads": rec["threads"], "cpu_util": rec["cpu_util"],
+            "peak_rss_mib": rec["peak_rss_mib"]}
+
+
+def warn_idle(name: str, rec: dict, threads: int) -> None:
+    """Say so when a contender kept fewer cores busy than it was given threads."""
+    if threads > 1 and rec["cpu_util"]["decode"] < 0.6 * threads:
+        log.warning("%s decoded at %.2f CPUs busy with %d threads: check its thread setting "
+                    "or the machine's load", name, rec["cpu_util"]["decode"], threads)
+
+
+def alternate(args, decoder: Path, cfg, genai: Path | None, threads: int, record: dict):
+    """``--rounds`` rounds of ours then genai (A B A B ...), each run in its own process;
+    returns the runs of each contender."""
+    shape = ["--prompt-tokens", str(args.prompt_tokens), "--image-tokens", str(args.image_tokens),
+             "--threads", str(threads), "--device", args.device, "--new-tokens",
+             str(args.new_tokens)]
+    ours_cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder", str(decoder),
+                "--image-start-id", str(cfg.image_start_id)] + shape
+    genai_cmd = [args.genai_python or "", "-m", "bench.genai_baseline", "time", "--model",
+                 str(genai), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+                 str(args.new_tokens), "--threads", str(threads)]
+    ours, theirs, rounds = [], [], []
+    for r in range(args.rounds):
+        first = r == 0 and args.profile
+        ours.append(_run(ours_cmd + (["--profile"] if first else []), f"ours {r + 1}",
+                         record=True))
+        rounds.append({"ours": summary(ours[-1])})
+        warn_idle("ours", ours[-1], threads)
+        if genai is not None:
+            theirs.append(_run(genai_cmd, f"genai {r + 1}", record=True))
+            rounds[-1]["genai"] = summary(theirs[-1])
+            rounds[-1]["ours_over_genai"] = round(theirs[-1]["decode"]["median_ms"] /
+                                                  ours[-1]["decode"]["median_ms"], 3)
+            warn_idle("genai", theirs[-1], threads)
+    record["rounds"] = rounds
+    if ours[0].get("profile"):
+        profile = ours[0].pop("profile")
+        median_run(ours)["profile"] = profile
+    return ours, theirs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    threads = args.threads or None
+    threads = args.threads or os.cpu_count() or 1  # explicit for every contender, and recorded
     if args.run == "ours":
-        print(json.dumps(run_ours(args.decoder, args.image_start_id, args.prompt_tokens, args.image_tokens,
-                                  args.new_tokens, threads, args.device, args.profile)))
+        print(json.dumps(run_ours(args.decoder, args.image_start_id, args.prompt_tokens,
+                                  args.image_tokens, args.new_tokens, threads, args.device,
+                                  args.profile)))
         return 0
     if args.run == "eager":
         print(json.dumps(run_eager(args.checkpoint, args.layers or None, args.eager_dtype,
                                    args.prompt_tokens, args.image_tokens, args.eager_tokens,
                                    threads, args.device)))
         return 0
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    return drive(args, threads)
 
+
+def drive(args, threads: int) -> int:
+    """Export (or reuse) the engines, run the contenders, print the record."""
     from models.nano import default_checkpoint
 
     ckpt = (args.checkpoint or default_checkpoint()).resolve()
     tmp = tempfile.TemporaryDirectory(prefix="bench-decoder-") if args.work is None else None
     work = Path(tmp.name) if tmp else args.work
     cfg = layer_config(ckpt, args.layers or None)
-    tag = f"L{cfg.num_hidden_layers}"
     t = time.perf_counter()
     over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
-    ours_dir = work / (f"ours-{tag}" + ("-gpu" if args.device == "cuda" else "") +
-                       (f"-kv{args.kv_dtype}" if args.kv_dtype else ""))
+    ours_dir = work / (f"ours-L{cfg.num_hidden_layers}" + ("-gpu" if args.device == "cuda" else "")
+                       + (f"-kv{args.kv_dtype}" if args.kv_dtype else ""))
     cached = args.decoder is not None or (ours_dir / "decoder.onnx").exists()
     decoder = args.decoder or export_ours(ckpt, ours_dir, args.layers or None, args.device, **over)
     export_s = None if cached else round(time.perf_counter() - t, 1)
-    shape = ["--prompt-tokens", str(args.prompt_tokens), "--image-tokens", str(args.image_tokens),
-             "--threads", str(args.threads), "--device", args.device]
-    me = [sys.executable, "-m", "bench.decoder"]
-    bw = cuda_copy_bandwidth_gbs() if args.device == "cuda" else host_read_bandwidth_gbs()
+    bw = cuda_copy_bandwidth_gbs() if args.device == "cuda" else \
+        host_read_bandwidth_gbs()
     record: dict = {
-        "bench": "decoder", "host": host(), "bandwidth": bw, "checkpoint": str(ckpt),
+        "bench": "decoder", "host": host(), "load_avg": list(os.getloadavg()), "threads": threads,
+        "bandwidth": bw, "checkpoint": str(ckpt),
         "shapes": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                    "heads": cfg.num_attention_heads, "ffn": cfg.ffn_dim, "vocab": cfg.vocab_size,
                    "prompt_tokens": args.prompt_tokens, "image_tokens": args.image_tokens,
                    "new_tokens": args.new_tokens},
         "batch": 1, "export_s": export_s,  # None: the engine was exported by an earlier run
     }
+    genai = genai_model(args, ckpt, cfg, work, record) if args.genai_python else None
+    ours, theirs = alternate(args, decoder, cfg, genai, threads, record)
     mean_ctx = args.prompt_tokens + args.new_tokens / 2
-    ours = _run(me + ["--run", "ours", "--decoder", str(decoder), "--image-start-id",
-                      str(cfg.image_start_id), "--new-tokens",
-                      str(args.new_tokens)] + shape + (["--profile"] if args.profile else []), "ours",
-                record=True)
-    record["ours"] = _with_ceiling(ours, weights_read_per_token(decoder),
-                                   mean_ctx * ours["kv_bytes_per_token"], bw)
+    rep = median_run(ours)
+    record["ours"] = _with_ceiling(rep, weights_read_per_token(decoder),
+                                   mean_ctx * rep["kv_bytes_per_token"], bw)
     kv_bf16 = 2 * cfg.num_hidden_layers * cfg.hidden_size * 2
-    if args.genai_python:
-        g = work / f"genai-{tag}"
-        gpy = [args.genai_python, "-m", "bench.genai_baseline"]
-        if not (g / "genai_config.json").exists():
-            hf = work / f"qwen2-{tag}"
-            if not hf.exists():
-                _run(gpy + ["convert", "--checkpoint", str(ckpt), "--out", str(hf)] +
-                     (["--layers", str(args.layers)] if args.layers else []), "genai convert")
-            t = time.perf_counter()
-            _run(gpy + ["build", "--hf", str(hf), "--out", str(g), "--cache",
-                        str(work / "genai-cache"), "--ep", args.device], "genai build")
-            record["genai_build_s"] = round(time.perf_counter() - t, 1)
-        genai = _run(gpy + ["time", "--model", str(g), "--prompt-tokens", str(args.prompt_tokens),
-                            "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
-                     "genai", record=True)
+    if theirs:
         kv_genai = kv_bf16 * (2 if args.device == "cpu" else 1)  # fp32 KV on CPU
-        record["genai"] = _with_ceiling(genai, weights_read_per_token(g / "model.onnx"),
-                                        mean_ctx * kv_genai, bw)
-        record["ours_over_genai"] = round(ours["tok_s"] / genai["tok_s"], 3)
+        record["genai"] = _with_ceiling(median_run(theirs), weights_read_per_token(
+            genai / "model.onnx"), mean_ctx * kv_genai, bw)
+        record["ours_over_genai"] = spread([r["ours_over_genai"] for r in record["rounds"]])
     if not args.no_eager:
-        eager = _run(me + ["--run", "eager", "--checkpoint", str(ckpt), "--layers",
-                           str(args.layers), "--eager-dtype", args.eager_dtype,
-                           "--new-tokens", "0", "--eager-tokens", str(args.eager_tokens)] + shape,
+        eager = _run([sys.executable, "-m", "bench.decoder", "--run", "eager", "--checkpoint",
+                      str(ckpt), "--layers", str(args.layers), "--eager-dtype", args.eager_dtype,
+                      "--prompt-tokens", str(args.prompt_tokens), "--image-tokens",
+                      str(args.image_tokens), "--threads", str(threads), "--device", args.device,
+                      "--new-tokens", "0", "--eager-tokens", str(args.eager_tokens)],
                      "eager", record=True)
         record["eager"] = _with_ceiling(eager, eager.pop("weights_read_per_token"),
                                         mean_ctx * kv_bf16, bw)
-        record["ours_over_eager"] = round(ours["tok_s"] / eager["tok_s"], 3)
+        record["ours_over_eager"] = round(record["ours"]["tok_s"] / eager["tok_s"], 3)
     print(json.dumps(record))
     if tmp is not None:
         tmp.cleanup()

@@ -10,17 +10,23 @@ own Qwen2 path on the *same weights*, renamed:
     ln_1/ln_2/ln_f -> input_layernorm/post_attention_layernorm/norm   wte -> embed_tokens
 
 Runs in a side virtual environment (``onnxruntime-genai``, ``transformers``, ``torch``; none of
-them is a project dependency)::
+them is a project dependency; the 0.18 builder also imports ``onnx_ir``)::
 
-    python -m venv /work/genai-venv
-    /work/genai-venv/bin/pip install -c constraints.txt torch onnxruntime-genai transformers onnx-ir onnxscript safetensors
-    G=/work/genai-venv/bin/python
-    $G -m bench.genai_baseline convert --checkpoint CKPT --out /work/qwen2-shaped
-    $G -m bench.genai_baseline build --hf /work/qwen2-shaped --out /work/genai-int4
-    $G -m bench.genai_baseline time --model /work/genai-int4 --prompt-tokens 288 --new-tokens 128
+    python -m venv <venv>
+    <venv>/bin/pip install -c constraints.txt torch onnxruntime-genai==0.18.0 transformers onnx-ir onnxscript safetensors
+    G=<venv>/bin/python
+    $G -m bench.genai_baseline convert --checkpoint <checkpoint> --out <qwen2> --layers 2 --vocab 8192
+    $G -m bench.genai_baseline build --hf <qwen2> --out <genai-L2>
+    $G -m bench.genai_expand --model <genai-L2> --out <genai-L32> --layers 32 --vocab 151936 --check
+    $G -m bench.genai_baseline time --model <genai-L32> --threads 2 --prompt-tokens 288 --new-tokens 128
 
-``build`` asks the builder for what our int4 plan does: int4 block 128 symmetric, int8 LM head,
-accuracy level 4 on CPU. ``time`` prints one JSON record (prefill, per-token decode, peak RSS).
+The builder loads the whole model through transformers (15 GB for two full-width layers), so it
+builds a few layers and a small vocabulary and ``bench.genai_expand`` grows its graph to the
+full depth and vocabulary (``bench.decoder --genai-python`` does all of this). ``build`` asks the
+builder for what our int4 plan does: int4 block 128 symmetric, int8 LM head, accuracy level 4
+on CPU. ``time`` writes the thread count into ``genai_config.json`` (onnxruntime-genai 0.18 runs
+on one thread when it finds none there) and prints one JSON record: prefill, per-token decode,
+threads, CPU utilisation (process CPU time / wall time), peak RSS.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -57,15 +64,16 @@ def qwen2_name(name: str) -> list[tuple[str, slice | None]]:
     return [(pre + simple[rest], None)]
 
 
-def qwen2_config(cfg: dict, layers: int | None = None) -> dict:
-    """Qwen2 ``config.json`` of a Qwen-VL ``config.json``."""
-    eos = min(151643, cfg["vocab_size"] - 1)  # <|endoftext|> (nano vocabularies are smaller)
+def qwen2_config(cfg: dict, layers: int | None = None, vocab: int | None = None) -> dict:
+    """Qwen2 ``config.json`` of a Qwen-VL ``config.json`` (``vocab``: keep the first rows)."""
+    vocab = min(vocab or cfg["vocab_size"], cfg["vocab_size"])
+    eos = min(151643, vocab - 1)  # <|endoftext|> (nano vocabularies are smaller)
     return {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"] // 2,
         "num_hidden_layers": layers or cfg["num_hidden_layers"],
         "num_attention_heads": cfg["num_attention_heads"],
-        "num_key_value_heads": cfg["num_attention_heads"], "vocab_size": cfg["vocab_size"],
+        "num_key_value_heads": cfg["num_attention_heads"], "vocab_size": vocab,
         "max_position_embeddings": cfg.get("max_position_embeddings", 8192),
         "rms_norm_eps": cfg.get("layer_norm_epsilon", 1e-6),
         "rope_theta": cfg.get("rotary_emb_base", 10000.0), "tie_word_embeddings": False,
@@ -86,9 +94,11 @@ def write_tokenizer(out: Path) -> None:
         "unk_token": "<unk>", "model_max_length": 8192}))
 
 
-def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
+def convert(checkpoint: Path, out: Path, layers: int | None = None,
+            vocab: int | None = None) -> Path:
     """Write the decoder of a Qwen-VL checkpoint as a Qwen2 checkpoint (bf16, one shard per
-    source shard); ``layers`` keeps only the first N blocks."""
+    source shard); ``layers`` keeps only the first N blocks, ``vocab`` the first rows of the
+    embedding and LM head (``bench.genai_expand`` grows both back after the build)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -110,6 +120,8 @@ def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
                                    int(name.split(".")[2]) >= keep):
                     continue
                 t = f.get_tensor(name).to(torch.bfloat16)
+                if vocab and name in ("transformer.wte.weight", "lm_head.weight"):
+                    t = t[:vocab].contiguous()
                 if len(targets) == 3:
                     for (tn, _), piece in zip(targets, t.chunk(3, dim=0)):
                         part[tn] = piece.contiguous()
@@ -123,9 +135,9 @@ def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(qwen2_config(cfg, layers), indent=1))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": qwen2_config(cfg)["eos_token_id"]}))
+    qcfg = qwen2_config(cfg, layers, vocab)
+    (tmp / "config.json").write_text(json.dumps(qcfg, indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": qcfg["eos_token_id"]}))
     write_tokenizer(tmp)
     tmp.rename(out)
     return out
@@ -145,44 +157,57 @@ def build(hf: Path, out: Path, cache: Path, ep: str = "cpu") -> Path:
     return out
 
 
-def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int | None,
+def set_threads(model: Path, threads: int) -> None:
+    """Write ``threads`` into the model's ``genai_config.json`` (atomically): with no
+    ``intra_op_num_threads`` there, onnxruntime-genai 0.18 runs on one thread."""
+    cfg_path = model / "genai_config.json"
+    gcfg = json.loads(cfg_path.read_text())
+    opts = gcfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(json.dumps(gcfg, indent=4))
+    os.replace(tmp, cfg_path)
+
+
+def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int,
                seed: int = 0) -> dict:
-    """Prefill ``prompt_tokens`` random ids, then greedily decode ``new_tokens``; per-step wall
-    times as the generator loop sees them."""
+    """Prefill ``prompt_tokens`` random ids, then greedily decode ``new_tokens`` on ``threads``
+    intra-op threads; per-step wall times as the generator loop sees them, and CPU time / wall
+    time of each phase (about ``threads`` when every thread is busy)."""
     import numpy as np
     import onnxruntime_genai as og
 
     from bench.common import peak_rss_mib, stats
 
-    cfg_path = model / "genai_config.json"
-    gcfg = json.loads(cfg_path.read_text())
-    if threads:
-        opts = gcfg["model"]["decoder"].setdefault("session_options", {})
-        opts["intra_op_num_threads"] = threads
-        cfg_path.write_text(json.dumps(gcfg, indent=1))
+    set_threads(model, threads)
     t = time.perf_counter()
     m = og.Model(str(model))
     load_s = time.perf_counter() - t
-    vocab = gcfg["model"]["vocab_size"]
+    vocab = json.loads((model / "genai_config.json").read_text())["model"]["vocab_size"]
     ids = np.random.default_rng(seed).integers(2, min(vocab, 151643), prompt_tokens)
     params = og.GeneratorParams(m)
     params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False,
                               min_length=prompt_tokens + new_tokens)
     gen = og.Generator(m, params)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     gen.append_tokens(ids.astype(np.int32))
-    prefill_s = time.perf_counter() - t
+    prefill_s, prefill_cpu = time.perf_counter() - t, time.process_time() - c
     steps = []
+    c0 = time.process_time()
     while not gen.is_done() and len(steps) < new_tokens:
         t = time.perf_counter()
         gen.generate_next_token()
         steps.append(time.perf_counter() - t)
+    decode_cpu = time.process_time() - c0
+    finite = bool(np.isfinite(gen.get_logits()).all())
     decode = stats(steps[1:] if len(steps) > 1 else steps)
     return {"engine": "onnxruntime-genai", "version": og.__version__, "model": str(model),
-            "prompt_tokens": prompt_tokens, "new_tokens": len(steps),
+            "threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": len(steps),
             "session_load_s": round(load_s, 2), "prefill_s": round(prefill_s, 3),
             "decode": decode, "tok_s": round(1000 / decode["median_ms"], 3),
-            "peak_rss_mib": peak_rss_mib()}
+            "cpu_util": {"prefill": round(prefill_cpu / prefill_s, 2),
+                         "decode": round(decode_cpu / max(sum(steps), 1e-9), 2)},
+            "logits_finite": finite, "peak_rss_mib": peak_rss_mib()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--checkpoint", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--layers", type=int, help="keep only the first N decoder blocks")
+    c.add_argument("--vocab", type=int, help="keep only the first N rows of embedding and head")
     b = sub.add_parser("build", help="run onnxruntime-genai's builder (int4) on it")
     b.add_argument("--hf", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
@@ -202,16 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", type=Path, required=True)
     t.add_argument("--prompt-tokens", type=int, default=288)
     t.add_argument("--new-tokens", type=int, default=128)
-    t.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the default)")
+    t.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads, written into genai_config.json (0: every core)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "convert":
-        convert(args.checkpoint, args.out, args.layers)
+        convert(args.checkpoint, args.out, args.layers, args.vocab)
     elif args.cmd == "build":
         build(args.hf, args.out, args.cache, args.ep)
     else:
         print(json.dumps(time_model(args.model, args.prompt_tokens, args.new_tokens,
-                                    args.threads or None)))
+                                    args.threads or os.cpu_count() or 1)))
     return 0
 
 

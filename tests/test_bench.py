@@ -32,8 +32,16 @@ def _stat_ok(s: dict) -> None:
 
 def test_bench_decoder_nano(tmp_path: Path) -> None:
     rec = run_bench("bench.decoder", "--threads", "1", "--new-tokens", "12", "--eager-tokens", "3",
-                    "--profile", "--work", str(tmp_path))
+                    "--rounds", "2", "--profile", "--work", str(tmp_path))
     ours, eager = rec["ours"], rec["eager"]
+    # the thread count is explicit and recorded for every contender, with its CPU utilisation
+    assert rec["threads"] == ours["threads"] == eager["threads"] == 1
+    assert [r["ours"]["threads"] for r in rec["rounds"]] == [1, 1]
+    for r in [*rec["rounds"], {"ours": eager}]:
+        assert r["ours"]["cpu_util"]["prefill"] > 0 and r["ours"]["cpu_util"]["decode"] > 0
+    # ours is the median of its alternating runs (the lower middle one of two)
+    assert ours["decode"]["median_ms"] == min(r["ours"]["decode_median_ms"] for r in rec["rounds"])
+    assert ours["logits_finite"] and "genai" not in rec["rounds"][0]
     assert rec["bandwidth"]["read_gbs"] > 0
     assert ours["new_tokens"] == 12 and ours["image_rows"] == 256
     assert ours["prompt_tokens"] == rec["shapes"]["prompt_tokens"] == 288
