@@ -394,8 +394,11 @@ def summary(rec: dict) -> dict:
             "peak_rss_mib": rec["peak_rss_mib"]}
 
 
-def warn_idle(name: str, rec: dict, threads: int) -> None:
-    """Say so when a contender kept fewer cores busy than it was given threads."""
+def check_run(name: str, rec: dict, threads: int) -> None:
+    """Stop on non-finite logits; say so when a contender kept fewer cores busy than it was
+    given threads (a one-thread run must not hide again)."""
+    if not rec["logits_finite"]:
+        raise SystemExit(f"{name} produced non-finite logits: its figures would be meaningless")
     if threads > 1 and rec["cpu_util"]["decode"] < 0.6 * threads:
         log.warning("%s decoded at %.2f CPUs busy with %d threads: check its thread setting "
                     "or the machine's load", name, rec["cpu_util"]["decode"], threads)
@@ -404,27 +407,26 @@ def warn_idle(name: str, rec: dict, threads: int) -> None:
 def alternate(args, decoder: Path, cfg, genai: Path | None, threads: int, record: dict):
     """``--rounds`` rounds of ours then genai (A B A B ...), each run in its own process;
     returns the runs of each contender."""
-    shape = ["--prompt-tokens", str(args.prompt_tokens), "--image-tokens", str(args.image_tokens),
-             "--threads", str(threads), "--device", args.device, "--new-tokens",
-             str(args.new_tokens)]
+    sizes = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+             "--threads", str(threads)]
     ours_cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder", str(decoder),
-                "--image-start-id", str(cfg.image_start_id)] + shape
-    genai_cmd = [args.genai_python or "", "-m", "bench.genai_baseline", "time", "--model",
-                 str(genai), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-                 str(args.new_tokens), "--threads", str(threads)]
+                "--image-start-id", str(cfg.image_start_id), "--image-tokens",
+                str(args.image_tokens), "--device", args.device] + sizes
+    genai_cmd = [str(args.genai_python), "-m", "bench.genai_baseline", "time", "--model",
+                 str(genai)] + sizes
     ours, theirs, rounds = [], [], []
     for r in range(args.rounds):
         first = r == 0 and args.profile
         ours.append(_run(ours_cmd + (["--profile"] if first else []), f"ours {r + 1}",
                          record=True))
+        check_run("ours", ours[-1], threads)
         rounds.append({"ours": summary(ours[-1])})
-        warn_idle("ours", ours[-1], threads)
         if genai is not None:
             theirs.append(_run(genai_cmd, f"genai {r + 1}", record=True))
+            check_run("genai", theirs[-1], threads)
             rounds[-1]["genai"] = summary(theirs[-1])
             rounds[-1]["ours_over_genai"] = round(theirs[-1]["decode"]["median_ms"] /
                                                   ours[-1]["decode"]["median_ms"], 3)
-            warn_idle("genai", theirs[-1], threads)
     record["rounds"] = rounds
     if ours[0].get("profile"):
         profile = ours[0].pop("profile")

@@ -25,6 +25,7 @@ import logging
 import re
 import shutil
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,14 +227,13 @@ def write(model: onnx.ModelProto, sources, src_dir: Path, out_dir: Path, seed: i
 
 
 def expand(src: Path, out: Path, layers: int, vocab: int | None = None, seed: int = 0) -> Path:
-    """Expand the genai model folder ``src`` into ``out`` (written next to it, then renamed)."""
+    """Expand the genai model folder ``src`` into ``out`` (written in a new folder next to it,
+    then renamed, so ``out`` is whole or absent)."""
     cfg = json.loads((src / "genai_config.json").read_text())
     model = onnx.load(str(src / cfg["model"]["decoder"]["filename"]), load_external_data=False)
     new, sources, plan = expand_graph(model, layers, vocab)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover of an interrupted run
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     for p in src.iterdir():
         if p.is_file() and p.name not in (DATA, "model.onnx", "genai_config.json"):
             shutil.copy2(p, tmp / p.name)

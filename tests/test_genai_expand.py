@@ -101,3 +101,24 @@ def test_cli_checks_logits(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["finite"] and res["shape"] == [1, 8, 300]
+
+
+def test_genai_threads_written_explicitly(tmp_path: Path) -> None:
+    """onnxruntime-genai 0.18 runs on one thread when genai_config.json names none."""
+    from bench.genai_baseline import set_threads
+
+    (tmp_path / "genai_config.json").write_bytes((GOLDEN / "L2" / "genai_config.json").read_bytes())
+    assert "intra_op_num_threads" not in (tmp_path / "genai_config.json").read_text()
+    set_threads(tmp_path, 2)
+    cfg = json.loads((tmp_path / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
+    assert cfg["model"]["decoder"]["session_options"]["log_id"] == "onnxruntime-genai"
+
+
+def test_ratio_spread_and_median_run() -> None:
+    from bench.decoder import median_run, spread
+
+    assert spread([1.2, 0.9, 1.0]) == {"median": 1.0, "min": 0.9, "max": 1.2,
+                                       "per_round": [1.2, 0.9, 1.0]}
+    runs = [{"decode": {"median_ms": m}, "i": i} for i, m in enumerate([30.0, 10.0, 20.0, 40.0])]
+    assert median_run(runs)["i"] == 2 and median_run(runs[:3])["i"] == 2
