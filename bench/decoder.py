@@ -3,7 +3,7 @@ PyTorch eager reference, same shapes, same thread count, same run, each as a fra
 memory bandwidth ceiling measured in the same run. Prints one JSON record.
 
     python -m bench.decoder                                   # nano smoke run (seconds)
-    python -m bench.decoder --checkpoint <full-size> --work <work> --genai-python <venv>/bin/python \
+    python -m bench.decoder --checkpoint <full-size> --work <work> --genai-python <venv>/bin/python \\
         --threads 2 --rounds 3 --profile
 
 What runs, each contender in its own process (so peak memory is its own), all with the same

@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, required=True, help="decoder layers of the result")
     ap.add_argument("--vocab", type=int, help="rows of the embedding and LM head (default: same)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", action="store_true", help="run a prompt; exit 1 on non-finite logits")
+    ap.add_argument("--check", action="store_true",
+                    help="run a prompt; exit 1 on non-finite logits")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out.exists():

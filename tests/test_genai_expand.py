@@ -1,6 +1,6 @@
-"""bench.genai_expand on onnxruntime-genai 0.18 builder output at nano size (tests/golden/genai_nano,
-built from the nano checkpoint; see its README). The builder itself is not needed: its output is
-committed, and the expanded model runs on plain onnxruntime."""
+"""bench.genai_expand on onnxruntime-genai 0.18 builder output at nano size
+(tests/golden/genai_nano, built from the nano checkpoint; see its README). The builder itself is
+not needed: its output is committed, and the expanded model runs on plain onnxruntime."""
 
 from __future__ import annotations
 
@@ -28,11 +28,17 @@ def _tensors(model_dir: Path) -> dict[str, tuple[list[int], int, bytes]]:
 
 def test_renamer_maps_all_indices_at_once() -> None:
     rn = renamer({1: 5, 0: 4})
-    assert rn("/model/layers.1/attn/GroupQueryAttention") == "/model/layers.5/attn/GroupQueryAttention"
-    assert rn("/model/layers.0/mlp/down_proj/MatMul/output_0") == "/model/layers.4/mlp/down_proj/MatMul/output_0"
-    assert rn("model.layers.1.attn.qkv_proj.MatMul.weight_Q4") == "model.layers.5.attn.qkv_proj.MatMul.weight_Q4"
-    assert rn("past_key_values.1.key") == "past_key_values.5.key" and rn("present.0.value") == "present.4.value"
-    assert rn("cos_cache") == "cos_cache" and rn("/model/layers.12/x") == "/model/layers.12/x"
+    for name, want in [
+            ("/model/layers.1/attn/GroupQueryAttention",
+             "/model/layers.5/attn/GroupQueryAttention"),
+            ("/model/layers.0/mlp/down_proj/MatMul/output_0",
+             "/model/layers.4/mlp/down_proj/MatMul/output_0"),
+            ("model.layers.1.attn.qkv_proj.MatMul.weight_Q4",
+             "model.layers.5.attn.qkv_proj.MatMul.weight_Q4"),
+            ("past_key_values.1.key", "past_key_values.5.key"),
+            ("present.0.value", "present.4.value"),
+            ("cos_cache", "cos_cache"), ("/model/layers.12/x", "/model/layers.12/x")]:
+        assert rn(name) == want
 
 
 def test_expanded_graph_is_the_builders_graph(tmp_path: Path) -> None:
@@ -75,7 +81,8 @@ def test_expand_depth_and_vocab(tmp_path: Path) -> None:
             assert data != tdata
             assert set(np.frombuffer(data, np.uint8)) <= set(np.frombuffer(tdata, np.uint8))
     assert new["model.embed_tokens.weight"][0] == [1000, 128]
-    assert new["lm_head.MatMul.weight_Q8"][0][0] == new["lm_head.MatMul.weight_scales"][0][0] == 1000
+    assert new["lm_head.MatMul.weight_Q8"][0][0] == 1000
+    assert new["lm_head.MatMul.weight_scales"][0][0] == 1000
     cfg = json.loads((out / "genai_config.json").read_text())["model"]
     assert (cfg["vocab_size"], cfg["decoder"]["num_hidden_layers"]) == (1000, 5)
     res = check_logits(out, tokens=6, threads=1)
