@@ -31,41 +31,20 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, Manifest, read_manifest,
-                            sha256_file, verify_bundle)
+from runtime.bundle import (FORMAT_VERSION, MANIFEST, TOOLKIT, BundleError, Manifest,
+                            read_manifest, sha256_file, verify_bundle, versions)
 
 __all__ = ["BundleError", "Manifest", "check_out_dir", "engine_io", "manifest_fields",
            "model_facts", "read_manifest", "replace_reason", "verify_bundle", "versions",
            "write_bundle"]
 
-TOOLKIT = "qwenvl-edge"
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
                 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
-
-
-def toolkit_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version(TOOLKIT)
-    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
-        return "0.1.0"
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the tools used to export (recorded in the manifest)."""
-    out: dict[str, str | None] = {"toolkit": toolkit_version(), "python": platform.python_version()}
-    for mod in ("torch", "onnx", "onnxruntime", "numpy", "tiktoken"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
-            out[mod] = None
-    return out
 
 
 def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -> dict[str, Any]:
