@@ -615,15 +615,18 @@ class VisionExportResult:
         }
 
 
-def resolve_visual(model_or_checkpoint: Any) -> tuple[nn.Module, bool]:
-    """(fp32 ``VisionTransformer``, whether this call owns it) from a path or a module."""
+def resolve_visual(model_or_checkpoint: Any, cfg: Any = None) -> tuple[nn.Module, bool]:
+    """(fp32 ``VisionTransformer``, whether this call owns it) from a path or a module.
+
+    ``cfg``: the checkpoint's ``QwenVLConfig`` when the caller parsed it already."""
     from models.qwen_vl import VisionTransformer
 
     if isinstance(model_or_checkpoint, (str, Path)):
         from models.checkpoint import load_model
 
         t = time.perf_counter()
-        model = load_model(model_or_checkpoint, torch.float32, prefixes=["transformer.visual."])
+        model = load_model(model_or_checkpoint, torch.float32, prefixes=["transformer.visual."],
+                           cfg=cfg)
         log.info("loaded the vision tower of %s in %.1f s", model_or_checkpoint,
                  time.perf_counter() - t)
         return model.transformer.visual, True
@@ -745,11 +748,13 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
                   tolerances: VisionTolerances | None = None,
                   providers: Sequence[str] | None = None, reference: nn.Module | None = None,
                   fp32_islands: bool = True, max_batch: int = 64,
-                  write_trt_script: bool = True, trt_max_batch: int = 4) -> VisionExportResult:
+                  write_trt_script: bool = True, trt_max_batch: int = 4,
+                  config: Any = None) -> VisionExportResult:
     """Export the vision engine to ``out_path`` (``.../vision.onnx``), checked before writing.
 
     ``model_or_checkpoint``: a checkpoint directory (only ``transformer.visual.*`` is read), a
-    ``QWenLMHeadModel`` or its ``transformer.visual``. ``reference``: the fp32 module to check
+    ``QWenLMHeadModel`` or its ``transformer.visual``; ``config``: the checkpoint's parsed
+    ``QwenVLConfig`` (else read from the directory). ``reference``: the fp32 module to check
     against (default: the model itself, in fp32). ``check_images`` default to three
     ``skimage.data`` photographs. The check runs all images as one batch and the first alone
     (dynamic batch), on ``providers`` (default CUDA when present, else CPU). On failure nothing
@@ -770,7 +775,7 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    visual, owned = resolve_visual(model_or_checkpoint)
+    visual, owned = resolve_visual(model_or_checkpoint, config)
     cfg = visual.cfg
     visual.freeze_position_tables()
     ref_model = reference if reference is not None else visual
