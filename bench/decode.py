@@ -29,7 +29,7 @@ from bench.common import host_read_bandwidth_gbs
 
 
 def build_nano_bundle(out: Path, plan: str, seed: int = 0) -> Path:
-    from exporters.bundle import build_bundle
+    from exporters.pipeline import build_bundle
     from models.nano import make_nano_checkpoint
 
     ckpt = make_nano_checkpoint(out.parent / f"nano-ckpt-{seed}", seed=seed)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bundle = args.bundle
         if bundle is None:
-            from exporters.bundle import build_bundle
+            from exporters.pipeline import build_bundle
             from models.nano import default_checkpoint
 
             tmp = tempfile.TemporaryDirectory(prefix="bench-ttft-")

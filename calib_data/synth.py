@@ -3,7 +3,7 @@ and caption, and a sign with a rendered word or number to read (OCR).
 
 Every scene holds both: 1-3 shapes *and* one sign, so a single image (one vision-tower pass)
 carries grounding, caption and OCR questions. The trained nano checkpoint
-(``models/train_nano.py``) learns from these scenes, and the calibration/validation manifests of
+(``training/train_nano.py``) learns from these scenes, and the calibration/validation manifests of
 ``calib_data/`` are built on top of them, so this API is kept stable:
 
 - ``draw_scene(seed, size=None, n_objects=None, sign=True) -> Scene(image, objects, text, ...)``

@@ -31,41 +31,20 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, Manifest, read_manifest,
-                            sha256_file, verify_bundle)
+from runtime.bundle import (FORMAT_VERSION, MANIFEST, TOOLKIT, BundleError, Manifest,
+                            read_manifest, sha256_file, verify_bundle, versions)
 
 __all__ = ["BundleError", "Manifest", "check_out_dir", "engine_io", "manifest_fields",
            "model_facts", "read_manifest", "replace_reason", "verify_bundle", "versions",
            "write_bundle"]
 
-TOOLKIT = "qwenvl-edge"
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
                 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
-
-
-def toolkit_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version(TOOLKIT)
-    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
-        return "0.1.0"
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the tools used to export (recorded in the manifest)."""
-    out: dict[str, str | None] = {"toolkit": toolkit_version(), "python": platform.python_version()}
-    for mod in ("torch", "onnx", "onnxruntime", "numpy", "tiktoken"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
-            out[mod] = None
-    return out
 
 
 def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -> dict[str, Any]:
@@ -91,13 +70,16 @@ def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -
 
 
 def manifest_fields(checkpoint: str | Path, precision: str, checkpoint_id: str | None = None,
-                    engines: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """Manifest fields for a bundle exported from ``checkpoint`` (a HF checkpoint directory)."""
+                    engines: Mapping[str, Any] | None = None, cfg: Any = None,
+                    **extra: Any) -> dict[str, Any]:
+    """Manifest fields for a bundle exported from ``checkpoint`` (a HF checkpoint directory).
+
+    ``cfg``: its ``QwenVLConfig`` when the caller parsed it already (else read here)."""
     from models.checkpoint import CheckpointReader
     from models.config import QwenVLConfig
 
     ckpt = Path(checkpoint)
-    cfg = QwenVLConfig.from_pretrained(ckpt)
+    cfg = cfg or QwenVLConfig.from_pretrained(ckpt)
     gen_file = ckpt / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     generation = {k: gen[k] for k in ("do_sample", "top_p", "top_k", "temperature",
@@ -299,54 +281,3 @@ def check_out_dir(out: Path, source: Mapping[str, Any] | None = None,
     except OSError as e:
         raise BundleError(f"--out {out} cannot be written ({anc}: {e.strerror}): choose a "
                           "writable directory") from None
-
-
-def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32",
-                 model: Any = None, quant_tensors: Mapping[str, Any] | None = None,
-                 vision_precision: str = "fp32", vision_onnx: str | Path | None = None,
-                 checkpoint_id: str | None = None,
-                 decoder_kwargs: Mapping[str, Any] | None = None) -> Path:
-    """Export both engines of ``checkpoint`` and write a bundle (tests, benchmarks, nano runs).
-
-    ``model``: the already loaded fp32 reference (else loaded from ``checkpoint``).
-    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
-    the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
-    engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
-    (``act_dtype``, ``kv_dtype``, ``lm_head``, ...). The full export flow with validation is
-    ``exporters/pipeline.py``; this one skips validation.
-    """
-    import tempfile
-
-    from exporters.decoder import export_decoder
-    from models.checkpoint import load_model
-
-    ckpt = Path(checkpoint)
-    out = Path(out_dir)
-    model = model if model is not None else load_model(ckpt, "fp32")
-    with tempfile.TemporaryDirectory(prefix=".bundle-src-", dir=out.parent if out.parent.exists()
-                                     else None) as tmp:
-        t = Path(tmp)
-        kwargs: dict[str, Any] = {}
-        if plan == "int4":
-            group = 128
-            while model.cfg.hidden_size % group or model.cfg.ffn_dim % group:
-                group //= 2
-            if quant_tensors is not None:
-                t0 = quant_tensors["transformer.h.0.attn.c_attn"]
-                group = t0.in_features // t0.n_groups
-            else:
-                from quant.fake_quant import rtn_gptq_tensors
-                quant_tensors = rtn_gptq_tensors(model, group_size=group)
-            kwargs = {"quant_tensors": quant_tensors, "group_size": group}
-        kwargs.update(decoder_kwargs or {})
-        export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
-        if vision_onnx is None:
-            from exporters.vision import export_vision
-            export_vision(model, t / "vision.onnx", precision=vision_precision,
-                          write_trt_script=False)
-            vision_onnx = t / "vision.onnx"
-        files = {"vision.onnx": Path(vision_onnx), "decoder.onnx": t / "decoder.onnx",
-                 "tokenizer/qwen.tiktoken": ckpt / "qwen.tiktoken"}
-        fields = manifest_fields(ckpt, plan, checkpoint_id,
-                                 vision_precision=vision_precision)
-        return write_bundle(out, files, fields)

@@ -106,11 +106,12 @@ class WeightSource:
         return cls(model.cfg, lambda n: params[n].detach(), lambda n: n in params)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "WeightSource":
+    def from_checkpoint(cls, path: str | Path, cfg: QwenVLConfig | None = None) -> "WeightSource":
+        """Tensors read lazily from ``path``; ``cfg``: its config, when already parsed."""
         from models.checkpoint import CheckpointReader
 
         reader = CheckpointReader(path)
-        return cls(QwenVLConfig.from_pretrained(path), reader.get, reader.__contains__)
+        return cls(cfg or QwenVLConfig.from_pretrained(path), reader.get, reader.__contains__)
 
 
 def _as_source(model: nn.Module | WeightSource | str | Path) -> WeightSource:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,35 @@ def resolve_checkpoint(path: Path | None) -> Path:
     return Path(path)
 
 
-def _checkpoint_digest(ckpt: Path) -> str:
-    reader = CheckpointReader(ckpt)
-    return reader.fingerprint() + ":" + sha256_file(ckpt / "config.json")
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint directory with its ``config.json`` parsed once; the stages get this, not a
+    path, so nothing below re-reads the config."""
+
+    path: Path
+    cfg: QwenVLConfig
+
+    @classmethod
+    def open(cls, path: Path | None) -> "LoadedCheckpoint":
+        ckpt = resolve_checkpoint(path)
+        return cls(ckpt, QwenVLConfig.from_pretrained(ckpt))
+
+    @property
+    def quantized(self) -> bool:
+        """An already GPTQ-quantised checkpoint (e.g. Qwen-VL-Chat-Int4)."""
+        return bool(self.cfg.quantization_config)
+
+    def digest(self) -> str:
+        """Weights fingerprint + config hash: the stage keys' identity of this checkpoint."""
+        return CheckpointReader(self.path).fingerprint() + ":" + sha256_file(self.path /
+                                                                             "config.json")
+
+    def tokenizer_file(self) -> dict[str, Path]:
+        tok = self.path / "qwen.tiktoken"
+        if not tok.is_file():
+            raise ExportError(f"{self.path} has no qwen.tiktoken: copy the tokenizer file from the "
+                              "Hugging Face repo into the checkpoint directory")
+        return {"tokenizer/qwen.tiktoken": tok}
 
 
 def _source(ckpt: Path) -> dict[str, Any]:
@@ -136,21 +163,36 @@ def _drop_if_empty(work: Path) -> None:
 
 def run_export(opts: ExportOptions) -> ExportReport:
     """Run every stage; returns the report (raises ExportError with an actionable message)."""
-    ckpt = resolve_checkpoint(opts.checkpoint)
-    cfg = QwenVLConfig.from_pretrained(ckpt)
-    check_out(opts, ckpt)
+    ckpt = LoadedCheckpoint.open(opts.checkpoint)
+    check_out(opts, ckpt.path)
     try:
-        return _run(opts, ckpt, cfg)
+        return _run(opts, ckpt)
     finally:
         _drop_if_empty(opts.resolved_work_dir())
 
 
-def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
+def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
     from tqdm import tqdm
 
-    quantized = bool(cfg.quantization_config)
-    if quantized and opts.plan != "int4":
-        raise ExportError(f"{ckpt} is already GPTQ-quantised: only --plan int4 can use it")
+    if ckpt.quantized and opts.plan != "int4":
+        raise ExportError(f"{ckpt.path} is already GPTQ-quantised: only --plan int4 can use it")
+    report = ExportReport(bundle=None, memory=_memory_plan(ckpt.cfg, opts))
+    work = opts.resolved_work_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(STAGES), desc="export", unit="stage", disable=None) as bar:
+        flow = _Flow(opts, ckpt, ckpt.digest(), work, report, bar)
+        calib_items, val_items, data_key = flow.data()
+        gptq_dir = flow.quant(calib_items, data_key)
+        files = flow.engines(calib_items, gptq_dir)
+        candidate = flow.candidate(files)
+        report_files = flow.validate(candidate, val_items, data_key)
+        report.bundle = flow.bundle(files, report_files)
+    if opts.demo:
+        report.demo = run_demo(report.bundle, opts.demo_prompt)
+    return report
+
+
+def _memory_plan(cfg: QwenVLConfig, opts: ExportOptions) -> MemoryPlan:
     mem = plan_memory(cfg, opts.plan if opts.plan in ("fp32", "fp16", "int4") else "int4",
                       opts.device_profile, opts.context,
                       kv_bits=32 if opts.cpu and opts.plan == "int4" else None)
@@ -160,99 +202,104 @@ def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
         raise ExportError(f"plan '{opts.plan}' does not fit {opts.device_profile} "
                           f"({mem.usable_bytes / 1e9:.1f} GB usable): choose a smaller plan or "
                           "profile, or pass --force to build anyway")
-    report = ExportReport(bundle=None, memory=mem)
-    work = opts.resolved_work_dir()
-    work.mkdir(parents=True, exist_ok=True)
-    digest = _checkpoint_digest(ckpt)
-    bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=None)
+    return mem
 
-    def done(res: StageResult | None = None) -> None:
+
+@dataclass
+class _Flow:
+    """The stages of one export, in order; each cached in ``work`` (exporters/stages.py)."""
+
+    opts: ExportOptions
+    ckpt: LoadedCheckpoint
+    digest: str
+    work: Path
+    report: ExportReport
+    bar: Any
+    engine_keys: tuple[str, str] = ("", "")  # vision, decoder stage keys
+
+    def _done(self, res: StageResult | None = None) -> None:
         if res is not None:
-            report.stages.append(res)
-        bar.update(1)
+            self.report.stages.append(res)
+        self.bar.update(1)
 
-    # ---- data -----------------------------------------------------------------------------
-    items = _load_items(opts)
-    calib_items = [it for it in items if it.split == "calib"][: opts.n_calib]
-    val_items = [it for it in items if it.split == "validation"][: opts.n_val]
-    data_key = stage_key(ids=[(it.id, it.sha256) for it in calib_items + val_items])
-    done()
+    def data(self) -> tuple[list, list, str]:
+        items = _load_items(self.opts)
+        calib = [it for it in items if it.split == "calib"][: self.opts.n_calib]
+        val = [it for it in items if it.split == "validation"][: self.opts.n_val]
+        self._done()
+        return calib, val, stage_key(ids=[(it.id, it.sha256) for it in calib + val])
 
-    # ---- quant ----------------------------------------------------------------------------
-    gptq_dir: Path | None = None
-    if opts.plan == "int4":
-        if quantized:
-            gptq_dir = ckpt
-            log.info("checkpoint is GPTQ-quantised already: GPTQ skipped")
-            done()
-        else:
-            qkey = stage_key(ckpt=digest, data=data_key, g=opts.group_size, act=opts.desc_act,
-                             damp=opts.damp_percent)
-            res = run_stage(work, "quant", qkey,
-                            lambda tmp: _quantize(ckpt, calib_items, opts, tmp))
-            gptq_dir = res.path / "gptq"
-            done(res)
-    else:
-        done()
+    def quant(self, calib_items: list, data_key: str) -> Path | None:
+        opts = self.opts
+        if opts.plan != "int4" or self.ckpt.quantized:
+            if opts.plan == "int4":
+                log.info("checkpoint is GPTQ-quantised already: GPTQ skipped")
+            self._done()
+            return self.ckpt.path if opts.plan == "int4" else None
+        qkey = stage_key(ckpt=self.digest, data=data_key, g=opts.group_size, act=opts.desc_act,
+                         damp=opts.damp_percent)
+        res = run_stage(self.work, "quant", qkey,
+                        lambda tmp: _quantize(self.ckpt, calib_items, opts, tmp))
+        self._done(res)
+        return res.path / "gptq"
 
-    # ---- engines --------------------------------------------------------------------------
-    vprec = VISION_PRECISION[opts.plan]
-    vres = run_stage(work, "vision", stage_key(ckpt=digest, precision=vprec),
-                     lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
-    done(vres)
-    qkey = next((s.key for s in report.stages if s.name == "quant"), "")
-    dkey = stage_key(ckpt=digest, plan=opts.plan, quant=qkey, lm_head=opts.lm_head, cpu=opts.cpu)
-    dres = run_stage(work, "decoder", dkey,
-                     lambda tmp: _export_decoder(ckpt, gptq_dir, opts, tmp))
-    done(dres)
+    def engines(self, calib_items: list, gptq_dir: Path | None) -> dict[str, Path]:
+        opts, ckpt = self.opts, self.ckpt
+        vprec = VISION_PRECISION[opts.plan]
+        vres = run_stage(self.work, "vision", stage_key(ckpt=self.digest, precision=vprec),
+                         lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
+        self._done(vres)
+        qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
+        dkey = stage_key(ckpt=self.digest, plan=opts.plan, quant=qkey, lm_head=opts.lm_head,
+                         cpu=opts.cpu)
+        dres = run_stage(self.work, "decoder", dkey,
+                         lambda tmp: _export_decoder(ckpt, gptq_dir, opts, tmp))
+        self._done(dres)
+        self.engine_keys = (vres.key, dres.key)
+        return {**_engine_files(vres.path, "vision.onnx"),
+                **_engine_files(dres.path, "decoder.onnx"), **ckpt.tokenizer_file()}
 
-    # ---- candidate bundle, validation, final bundle -----------------------------------------
-    files = {**_engine_files(vres.path, "vision.onnx"), **_engine_files(dres.path, "decoder.onnx"),
-             "tokenizer/qwen.tiktoken": ckpt / "qwen.tiktoken"}
-    if not (ckpt / "qwen.tiktoken").is_file():
-        raise ExportError(f"{ckpt} has no qwen.tiktoken: copy the tokenizer file from the "
-                          "Hugging Face repo into the checkpoint directory")
-    cres = run_stage(work, "candidate", stage_key(v=vres.key, d=dres.key),
-                     lambda tmp: _write_candidate(tmp, files, ckpt, opts))
-    done(cres)
-    candidate = cres.path / "bundle"
+    def candidate(self, files: dict[str, Path]) -> Path:
+        cres = run_stage(self.work, "candidate",
+                         stage_key(v=self.engine_keys[0], d=self.engine_keys[1]),
+                         lambda tmp: _write_candidate(tmp, files, self.ckpt, self.opts))
+        self._done(cres)
+        return cres.path / "bundle"
 
-    validation: dict[str, Any] | None = None
-    report_files: dict[str, Path] = {}
-    if not opts.skip_validation:
-        vkey = stage_key(c=cres.key, data=data_key, plan=opts.plan)
-        valres = run_stage(work, "validate", vkey,
-                           lambda tmp: _validate(candidate, ckpt, val_items, opts, tmp))
-        validation = valres.info
-        report.validation = validation
-        report.verdict = validation.get("verdict", "n/a")
-        report_files = {f"report/{p.name}": p for p in sorted((valres.path / "report").glob("*"))
-                        if p.is_file()}
-        done(valres)
-    else:
-        done()
-    if report.verdict == "FAIL" and not opts.allow_drift:
-        bar.close()
-        raise ExportError(
-            f"validation FAILED ({', '.join(validation.get('failed', [])[:4]) if validation else ''}):"
-            f" see {work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
-            "(pass --allow-drift to write it anyway)")
-    from .bundle import BundleError, manifest_fields, write_bundle
+    def validate(self, candidate: Path, val_items: list, data_key: str) -> dict[str, Path]:
+        """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift``."""
+        opts, report = self.opts, self.report
+        if opts.skip_validation:
+            self._done()
+            return {}
+        ckey = next(s.key for s in report.stages if s.name == "candidate")
+        valres = run_stage(self.work, "validate", stage_key(c=ckey, data=data_key, plan=opts.plan),
+                           lambda tmp: _validate(candidate, self.ckpt, val_items, opts, tmp))
+        report.validation = valres.info
+        report.verdict = valres.info.get("verdict", "n/a")
+        self._done(valres)
+        if report.verdict == "FAIL" and not opts.allow_drift:
+            raise ExportError(
+                f"validation FAILED ({', '.join(valres.info.get('failed', [])[:4])}): see "
+                f"{self.work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
+                "(pass --allow-drift to write it anyway)")
+        return {f"report/{p.name}": p for p in sorted((valres.path / "report").glob("*"))
+                if p.is_file()}
 
-    fields = manifest_fields(ckpt, opts.plan, checkpoint_id=str(ckpt),
-                             validation=_validation_summary(validation),
-                             memory_plan={k: v for k, v in asdict(mem).items()})
-    try:
-        bundle = write_bundle(opts.out, {**files, **report_files}, fields,
-                              overwrite=opts.overwrite)
-    except BundleError as e:  # --out changed while we worked
-        raise ExportError(str(e)) from None
-    report.bundle = bundle
-    done()
-    bar.close()
-    if opts.demo:
-        report.demo = run_demo(bundle, opts.demo_prompt)
-    return report
+    def bundle(self, files: dict[str, Path], report_files: dict[str, Path]) -> Path:
+        from .bundle import BundleError, manifest_fields, write_bundle
+
+        ckpt, opts = self.ckpt, self.opts
+        fields = manifest_fields(ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
+                                 validation=_validation_summary(self.report.validation),
+                                 memory_plan={k: v for k, v in asdict(self.report.memory).items()})
+        try:
+            bundle = write_bundle(opts.out, {**files, **report_files}, fields,
+                                  overwrite=opts.overwrite)
+        except BundleError as e:  # --out changed while we worked
+            raise ExportError(str(e)) from None
+        self._done()
+        return bundle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,17 +326,18 @@ def _materialise(items: list, cache: Path) -> list:
     return [materialise(it, cache) for it in items]
 
 
-def _quantize(ckpt: Path, items: list, opts: ExportOptions, tmp: Path) -> dict[str, Any]:
+def _quantize(ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
+              tmp: Path) -> dict[str, Any]:
     from models.checkpoint import load_model
     from quant.calibration import CalibItem, build_calibration
     from quant.checkpoint import save_gptq_checkpoint
     from quant.gptq import QuantConfig, quantize_decoder
 
-    model = load_model(ckpt, "fp32")
+    model = load_model(ckpt.path, "fp32", cfg=ckpt.cfg)
     images = _materialise(items, tmp.parent / "images")
     calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
              for it, img in zip(items, images)]
-    batches = build_calibration(model, calib, ckpt)
+    batches = build_calibration(model, calib, ckpt.path)
     qcfg = QuantConfig(bits=4, group_size=opts.group_size, sym=True, desc_act=opts.desc_act,
                        damp_percent=opts.damp_percent)
     result = quantize_decoder(model, batches, qcfg)
@@ -298,22 +346,32 @@ def _quantize(ckpt: Path, items: list, opts: ExportOptions, tmp: Path) -> dict[s
             "mean_rel_loss": sum(l.rel_loss for l in result.losses) / max(1, len(result.losses))}
 
 
-def _export_vision(ckpt: Path, precision: str, items: list, tmp: Path) -> dict[str, Any]:
-    from .vision import export_vision
-
-    source: Any = ckpt
-    if QwenVLConfig.from_pretrained(ckpt).quantization_config:
+def _reference_model(ckpt: LoadedCheckpoint, prefixes: list[str] | None = None) -> Any:
+    """The fp32 PyTorch reference; for an official Int4 checkpoint (no fp weights) its
+    fake-quant model (its vision tower is stored in fp16, unquantised)."""
+    if ckpt.quantized:
         from quant.checkpoint import load_gptq_model
 
-        # GPTQ checkpoints keep the vision tower in fp16, unquantised.
-        source = load_gptq_model(ckpt, "fp32", prefixes=["transformer.visual."])
+        return load_gptq_model(ckpt.path, "fp32", prefixes=prefixes, cfg=ckpt.cfg)
+    from models.checkpoint import load_model
+
+    return load_model(ckpt.path, "fp32", prefixes=prefixes, cfg=ckpt.cfg)
+
+
+def _export_vision(ckpt: LoadedCheckpoint, precision: str, items: list,
+                   tmp: Path) -> dict[str, Any]:
+    from .vision import export_vision
+
+    # A path lets export_vision load (and free while exporting) the tower itself.
+    source: Any = _reference_model(ckpt, ["transformer.visual."]) if ckpt.quantized else ckpt.path
     photos = [it for it in items if it.task in ("caption", "vqa")][:3] or items[:3]
     res = export_vision(source, tmp / "vision.onnx", precision=precision,
-                        check_images=_materialise(photos, tmp.parent / "images"))
+                        check_images=_materialise(photos, tmp.parent / "images"),
+                        config=ckpt.cfg)
     return res.to_dict()
 
 
-def _export_decoder(ckpt: Path, gptq_dir: Path | None, opts: ExportOptions,
+def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportOptions,
                     tmp: Path) -> dict[str, Any]:
     from .decoder import WeightSource, export_decoder
 
@@ -322,13 +380,14 @@ def _export_decoder(ckpt: Path, gptq_dir: Path | None, opts: ExportOptions,
 
         # Everything comes from the GPTQ checkpoint (fp16 embeddings/norms as stored there), so
         # the engine equals the fake-quant reference load_gptq_model() builds from the same files.
-        _, tensors, _ = load_gptq_checkpoint(gptq_dir)
-        res = export_decoder(WeightSource.from_checkpoint(gptq_dir), tmp / "decoder.onnx",
+        gcfg, tensors, _ = load_gptq_checkpoint(gptq_dir,
+                                                ckpt.cfg if gptq_dir == ckpt.path else None)
+        res = export_decoder(WeightSource.from_checkpoint(gptq_dir, gcfg), tmp / "decoder.onnx",
                              plan="int4", quant_tensors=tensors, group_size=opts.group_size,
                              lm_head=opts.lm_head, **CPU_FAST if opts.cpu else {})
     else:
-        res = export_decoder(WeightSource.from_checkpoint(ckpt), tmp / "decoder.onnx",
-                             plan=opts.plan)
+        res = export_decoder(WeightSource.from_checkpoint(ckpt.path, ckpt.cfg),
+                             tmp / "decoder.onnx", plan=opts.plan)
     return res.to_dict()
 
 
@@ -345,29 +404,81 @@ def _engine_files(stage_dir: Path, name: str) -> dict[str, Path]:
     return out
 
 
-def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: Path,
+def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
                      opts: ExportOptions) -> dict[str, Any]:
     from .bundle import manifest_fields, write_bundle
 
-    write_bundle(tmp / "bundle", files, manifest_fields(ckpt, opts.plan, checkpoint_id=str(ckpt)))
+    write_bundle(tmp / "bundle", files, manifest_fields(ckpt.path, opts.plan,
+                                                        checkpoint_id=str(ckpt.path), cfg=ckpt.cfg))
     return {}
 
 
-def _validate(bundle: Path, ckpt: Path, items: list, opts: ExportOptions,
+def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
               tmp: Path) -> dict[str, Any]:
-    from models.checkpoint import load_model
     from validate.stages import run_validation
 
-    if QwenVLConfig.from_pretrained(ckpt).quantization_config:
-        from quant.checkpoint import load_gptq_model
-
-        # An official Int4 checkpoint has no fp weights: its fake-quant model is the reference.
-        reference = load_gptq_model(ckpt, "fp32")
-    else:
-        reference = load_model(ckpt, "fp32")
-    rep = run_validation(bundle, reference, items, opts.plan, tmp / "report",
+    rep = run_validation(bundle, _reference_model(ckpt), items, opts.plan, tmp / "report",
                          cache_dir=tmp.parent / "images")
     return rep.summary() if hasattr(rep, "summary") else dict(rep)
+
+
+def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32",
+                 model: Any = None, quant_tensors: Mapping[str, Any] | None = None,
+                 vision_precision: str = "fp32", vision_onnx: str | Path | None = None,
+                 checkpoint_id: str | None = None,
+                 decoder_kwargs: Mapping[str, Any] | None = None) -> Path:
+    """Both engines of an in-memory model and a bundle, without GPTQ calibration or the drift
+    report: the quick path for tests and benchmarks (``run_export`` is the checked one).
+
+    ``model``: the already loaded fp32 reference (else loaded from ``checkpoint``).
+    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
+    the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
+    engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
+    (``act_dtype``, ``kv_dtype``, ``lm_head``, ...).
+    """
+    import tempfile
+
+    from .bundle import manifest_fields, write_bundle
+    from .decoder import export_decoder
+
+    ckpt = LoadedCheckpoint.open(Path(checkpoint))
+    out = Path(out_dir)
+    if model is None:
+        from models.checkpoint import load_model
+
+        model = load_model(ckpt.path, "fp32", cfg=ckpt.cfg)
+    with tempfile.TemporaryDirectory(prefix=".bundle-src-", dir=out.parent if out.parent.exists()
+                                     else None) as tmp:
+        t = Path(tmp)
+        kwargs: dict[str, Any] = {}
+        if plan == "int4":
+            kwargs = _rtn_quant(model, quant_tensors)
+        kwargs.update(decoder_kwargs or {})
+        export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
+        if vision_onnx is None:
+            from .vision import export_vision
+            export_vision(model, t / "vision.onnx", precision=vision_precision,
+                          write_trt_script=False)
+            vision_onnx = t / "vision.onnx"
+        files = {"vision.onnx": Path(vision_onnx), "decoder.onnx": t / "decoder.onnx",
+                 **ckpt.tokenizer_file()}
+        fields = manifest_fields(ckpt.path, plan, checkpoint_id, cfg=ckpt.cfg,
+                                 vision_precision=vision_precision)
+        return write_bundle(out, files, fields)
+
+
+def _rtn_quant(model: Any, quant_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``export_decoder`` int4 arguments: the given GPTQ tensors, else round-to-nearest ones."""
+    group = 128
+    while model.cfg.hidden_size % group or model.cfg.ffn_dim % group:
+        group //= 2
+    if quant_tensors is not None:
+        t0 = quant_tensors["transformer.h.0.attn.c_attn"]
+        group = t0.in_features // t0.n_groups
+    else:
+        from quant.fake_quant import rtn_gptq_tensors
+        quant_tensors = rtn_gptq_tensors(model, group_size=group)
+    return {"quant_tensors": quant_tensors, "group_size": group}
 
 
 def _validation_summary(v: dict[str, Any] | None) -> dict[str, Any] | None:

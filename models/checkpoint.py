@@ -221,10 +221,13 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
-               prefixes: Iterable[str] | None = None) -> nn.Module:
-    """Load a Qwen-VL checkpoint directory into the PyTorch reference (eval mode)."""
+               prefixes: Iterable[str] | None = None,
+               cfg: QwenVLConfig | None = None) -> nn.Module:
+    """Load a Qwen-VL checkpoint directory into the PyTorch reference (eval mode).
+
+    ``cfg``: the checkpoint's config when the caller parsed it already (export.py parses it once)."""
     dtype = parse_dtype(dtype)
-    cfg = QwenVLConfig.from_pretrained(path)
+    cfg = cfg or QwenVLConfig.from_pretrained(path)
     if cfg.quantization_config:
         raise CheckpointError(
             f"{path} is a {cfg.quantization_config.get('quant_method', 'quantized')} checkpoint: "

@@ -264,12 +264,14 @@ def read_gptq_linear(reader: CheckpointReader, name: str, n_out: int, k_in: int,
                        bias=None if bias is None else bias.astype(np.float16), bits=qc.bits)
 
 
-def load_gptq_checkpoint(path: str | Path) -> tuple[QwenVLConfig, dict[str, GPTQTensors],
-                                                     CheckpointReader]:
-    """-> (config, ``{"transformer.h.{i}.attn.c_attn": GPTQTensors, ...}``, reader for the rest)."""
+def load_gptq_checkpoint(path: str | Path, cfg: QwenVLConfig | None = None
+                         ) -> tuple[QwenVLConfig, dict[str, GPTQTensors], CheckpointReader]:
+    """-> (config, ``{"transformer.h.{i}.attn.c_attn": GPTQTensors, ...}``, reader for the rest).
+
+    ``cfg``: the checkpoint's config when the caller parsed it already."""
     path = Path(path)
     try:
-        cfg = QwenVLConfig.from_pretrained(path)
+        cfg = cfg or QwenVLConfig.from_pretrained(path)
     except ConfigError as e:
         raise GPTQCheckpointError(str(e)) from None
     qc = read_quant_config(path, cfg)
@@ -284,7 +286,8 @@ def load_gptq_checkpoint(path: str | Path) -> tuple[QwenVLConfig, dict[str, GPTQ
 
 
 def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
-                    lm_head: str = "fp16", prefixes=None) -> nn.Module:
+                    lm_head: str = "fp16", prefixes=None,
+                    cfg: QwenVLConfig | None = None) -> nn.Module:
     """The fake-quant reference: a ``QWenLMHeadModel`` holding the dequantised GPTQ weights.
 
     ``lm_head``: ``fp16`` (as stored), or ``int8`` (the per-channel int8 head the default ``int4``
@@ -294,7 +297,7 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     from .lm_head import quantize_lm_head
 
     dtype = parse_dtype(dtype)
-    cfg, tensors, reader = load_gptq_checkpoint(path)
+    cfg, tensors, reader = load_gptq_checkpoint(path, cfg)
     shapes = expected_shapes(cfg)
     quant = set(tensors)
     names = set(reader.names())

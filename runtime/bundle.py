@@ -28,8 +28,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,9 @@ MODEL_KEYS = ("vocab_size", "n_queries", "image_size", "hidden", "layers", "head
               "max_context", "special_ids")
 
 
+TOOLKIT = "qwenvl-edge"
+
+
 class BundleError(ValueError):
     """A bundle that cannot be loaded; the message names the file and the fix."""
 
@@ -55,6 +60,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version(TOOLKIT)
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
+        return "0.1.0"
+
+
+def _module_version(mod: str) -> str | None:
+    """``mod.__version__`` if the process already imported it, else the installed distribution's
+    version: reading the version must not import torch or onnx into the runtime."""
+    loaded = sys.modules.get(mod)
+    if loaded is not None:
+        return getattr(loaded, "__version__", None)
+    try:
+        from importlib.metadata import version
+        return version(mod)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the tools used to export or validate (recorded in the manifest and the drift
+    report). Here, beside the reader, so validation records them without importing the exporters."""
+    out: dict[str, str | None] = {"toolkit": toolkit_version(), "python": platform.python_version()}
+    for mod in ("torch", "onnx", "onnxruntime", "numpy", "tiktoken"):
+        out[mod] = _module_version(mod)
+    return out
 
 
 @dataclass

@@ -22,7 +22,7 @@ def trained():
     import torch
 
     from models.checkpoint import load_model
-    from models.evaluate_nano import load_tokenizer
+    from training.evaluate_nano import load_tokenizer
 
     torch.set_num_threads(2)
     return load_model(SHIPPED, "fp32"), load_tokenizer(SHIPPED)
@@ -55,7 +55,7 @@ GROUNDING_MEAN_IOU_FLOOR = 0.6
 
 
 def test_heldout_reading_and_grounding_floors(trained):
-    from models.evaluate_nano import evaluate
+    from training.evaluate_nano import evaluate
 
     model, tok = trained
     res = evaluate(model, tok, n=20, start=0)
@@ -70,7 +70,7 @@ def test_answer_format_round_trips(trained):
     """A grounding answer is `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` that the runtime
     parses, with the phrase of the question."""
     from calib_data import synth
-    from models.evaluate_nano import answer
+    from training.evaluate_nano import answer
     from runtime.grounding import parse_grounding
 
     model, tok = trained
@@ -85,7 +85,7 @@ def test_bundle_evaluation_asks_the_same_questions(trained, tmp_path):
     gives the reference's greedy answers on the same held-out questions (so int4-vs-fp32 task
     drift measured this way is the quantization, not a different prompt)."""
     from exporters.pipeline import ExportOptions, run_export
-    from models.evaluate_nano import bundle_answerer, evaluate, evaluate_with, main
+    from training.evaluate_nano import bundle_answerer, evaluate, evaluate_with, main
 
     model, tok = trained
     rep = run_export(ExportOptions(checkpoint=SHIPPED, out=tmp_path / "b", plan="fp32",
@@ -100,14 +100,14 @@ def test_bundle_evaluation_asks_the_same_questions(trained, tmp_path):
     # export.py's demo: sampled (top-p 0.3) but seeded, so a rerun prints the same answer, and
     # the shipped model's box lands on the object it names
     from exporters.pipeline import run_demo
-    from models.evaluate_nano import iou
+    from training.evaluate_nano import iou
     first, again = run_demo(rep.bundle), run_demo(rep.bundle)
     assert first["answer"] == again["answer"] and first["boxes"], first
     assert iou(first["boxes"][0]["pixels"], first["truth"]) >= 0.5, first
 
 
 def test_metrics():
-    from models.evaluate_nano import cer, iou
+    from training.evaluate_nano import cer, iou
 
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
@@ -120,7 +120,7 @@ def test_metrics():
 
 
 def test_training_script_runs_and_resumes(tmp_path):
-    """``python -m models.train_nano`` end to end at toy size: the curriculum, a resumable state,
+    """``python -m training.train_nano`` end to end at toy size: the curriculum, a resumable state,
     the resume, and a checkpoint in the real layout that the reference loads."""
     import subprocess
     import sys
@@ -128,7 +128,7 @@ def test_training_script_runs_and_resumes(tmp_path):
     from models.checkpoint import load_model
 
     out, state = tmp_path / "ckpt", tmp_path / "state"
-    base = [sys.executable, "-m", "models.train_nano", "--out", str(out), "--state-dir", str(state),
+    base = [sys.executable, "-m", "training.train_nano", "--out", str(out), "--state-dir", str(state),
             "--layers", "1", "--vis-layers", "1", "--vis-width", "32", "--images-per-step", "1",
             "--workers", "0", "--threads", "1", "--eval-n", "0", "--val-steps", "1",
             "--eval-every", "2", "--ckpt-every", "2", "--single-object-steps", "1", "--warmup", "1"]
@@ -148,7 +148,7 @@ def test_training_script_runs_and_resumes(tmp_path):
     import torch
 
     from models.qwen_vl import QWenLMHeadModel
-    from models.train_nano import init_weights
+    from training.train_nano import init_weights
 
     fresh = QWenLMHeadModel(model.cfg)
     init_weights(fresh, 0)
@@ -182,7 +182,7 @@ def test_training_script_runs_and_resumes(tmp_path):
 def test_box_digit_labels():
     """The per-cell digit probe's targets are the hundreds and tens digits the answer writes."""
     from calib_data import synth
-    from models.train_nano import box_digits, slot_labels
+    from training.train_nano import box_digits, slot_labels
 
     assert box_digits((123, 45, 999, 0)) == [1, 2, 0, 4, 9, 9, 0, 0]
     ex = synth.make_example(synth.split_seed("val", 3), "grounding", index=0)
@@ -205,7 +205,7 @@ def test_deepen_warm_start_keeps_the_function(tmp_path):
 
     from models.nano import nano_config
     from models.qwen_vl import QWenLMHeadModel
-    from models import train_nano as T
+    from training import train_nano as T
 
     torch.manual_seed(0)
     tok, ranks = T.make_tokenizer(T.TRAINED_SPEC.n_merges)

@@ -29,7 +29,7 @@ N_NEW = 24
 # ---------------------------------------------------------------------------------------------
 
 def shared_bundle(tmp_path_factory, name, nano_ckpt, nano_model, **kwargs) -> Path:
-    from exporters.bundle import build_bundle
+    from exporters.pipeline import build_bundle
 
     base = tmp_path_factory.getbasetemp() / "runtime-bundles"
     out = base / name

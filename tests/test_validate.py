@@ -41,6 +41,37 @@ def test_tensor_metrics():
     assert d["nonfinite"] == 2 and math.isnan(d["max_abs"])
 
 
+def test_row_cosine_and_the_export_check_share_the_edge_convention():
+    """``row_cosine`` applies ``cosine``'s edge rules per row, and the export-time vision check
+    (exporters/vision_check.py) reports exactly these functions' numbers."""
+    from exporters.vision_check import feature_metrics
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    b = a.copy()
+    b[1] = -b[1]
+    np.testing.assert_allclose(M.row_cosine(a, b), [1.0, -1.0, 1.0], rtol=1e-12)
+    z = np.zeros_like(a)
+    assert list(M.row_cosine(z, z)) == [1.0, 1.0, 1.0]  # all-zero agrees with all-zero only
+    assert list(M.row_cosine(z, a)) == [0.0, 0.0, 0.0]
+    c = a.copy()
+    c[2, 0] = np.nan
+    r = M.row_cosine(a, c)
+    assert r[0] == pytest.approx(1.0) and math.isnan(r[2])
+    m = feature_metrics("x", b, a)
+    assert (m.cosine, m.rel_l2, m.max_abs, m.max_abs_rel) == (
+        M.cosine(a, b), M.rel_l2(a, b), M.max_abs(a, b), M.max_abs_rel(a, b))
+    assert m.min_token_cosine == pytest.approx(-1.0) and m.nan == m.inf == 0
+    assert feature_metrics("zero", z, z).check(_tolerances()) == []
+    bad = feature_metrics("nan", c, a)
+    assert bad.nan == 1 and math.isnan(bad.cosine) and bad.check(_tolerances())
+
+
+def _tolerances():
+    from exporters.vision_check import VisionTolerances
+
+    return VisionTolerances.for_precision("fp32")
+
+
 def test_kl_topk_perplexity():
     rng = np.random.default_rng(0)
     p = rng.normal(size=(5, 50)) * 3

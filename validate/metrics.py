@@ -4,6 +4,12 @@ Conventions (each metric's docstring repeats the one it uses):
 
 * ``ref`` is always the reference (PyTorch) side, ``eng`` the exported engine; relative metrics are
   normalised by the reference.
+* Vision features are ``[n_queries, hidden]`` per image, compared in float64. Edges: a
+  non-finite value on either side makes cosine / rel-L2 / max-abs NaN (the count is
+  ``nonfinite_count``); an all-zero vector has cosine 1 with another all-zero one and 0 with
+  anything else, an all-zero reference gives rel-L2 / max-abs-rel 0 when the engine matches it and
+  inf otherwise. The export-time vision check (``exporters/vision_check.py``) uses these same
+  functions, so its figures and the drift report's agree.
 * Logits are ``[S, V]`` (one row per position); distributions are computed in float64 with a
   max-shifted log-softmax, so fp16 logits of +-6e4 or a -inf mask never overflow.
 * Text metrics work on Python strings; OCR comparison normalises whitespace only (case and
@@ -42,6 +48,21 @@ def cosine(ref, eng) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def row_cosine(ref, eng) -> np.ndarray:
+    """Cosine of each row (last axis), with :func:`cosine`'s edge rules applied per row."""
+    a, b = _f64(ref), _f64(eng)
+    if a.shape != b.shape:
+        raise ValueError(f"row_cosine: shapes differ {np.shape(ref)} vs {np.shape(eng)}")
+    a, b = a.reshape(-1, a.shape[-1] if a.ndim else 1), b.reshape(-1, b.shape[-1] if b.ndim else 1)
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    with np.errstate(all="ignore"):
+        cos = np.sum(b * a, -1) / (nb * na)
+    zero = (na == 0.0) | (nb == 0.0)
+    cos = np.where(zero, np.where(na == nb, 1.0, 0.0), cos)
+    finite = np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
+    return np.where(finite, cos, np.nan)
 
 
 def rel_l2(ref, eng) -> float:

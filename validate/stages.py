@@ -760,7 +760,7 @@ def _run(bundle_dir, model, val, plan, out_dir, tokenizer, fake_quant_model, sta
         "seconds": round(time.perf_counter() - t_all, 3), "python": platform.python_version(),
     }
     try:
-        from exporters.bundle import versions
+        from runtime.bundle import versions
         meta["versions"] = versions()
     except Exception:  # noqa: BLE001
         pass

@@ -7,7 +7,7 @@ hidden 128 x 4 layers. The data are
 drawn on the fly by ``calib_data/synth.py`` from integer seeds: step ``s`` uses the training
 seeds ``s*n .. s*n+n-1`` of ``[0, 1e9)``; the held-out validation split is ``[1e9, 2e9)``, which
 training never sees (validation losses use its first scenes, the final greedy evaluation
-``models/evaluate_nano.py`` the next ones).
+``training/evaluate_nano.py`` the next ones).
 
 Each training sequence is exactly what the runtime builds at inference (``runtime.prompt``: ChatML
 of Qwen-VL-Chat with the default system prompt, ``Picture 1:<img>`` + 256 slots + ``</img>\n`` +
@@ -25,31 +25,32 @@ probes are discarded; the saved model is plain Qwen-VL. The resampler's routing 
 ``ln_q``/``ln_kv``, q/k projections) stays at its local-pooling init (``freeze_pool_routing``).
 
 The shipped checkpoint, in eight phases (recorded under ``provenance`` in its
-``training_report.json``; S, S3 ... S8 are state directories):
+``training_report.json``, as run, under this module's earlier name ``models.train_nano``;
+S, S3 ... S8 are state directories):
 
-    python -m models.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
+    python -m training.train_nano --out run6 --state-dir S --steps 7000 --minutes 62 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100     # stopped after step 1750
-    python -m models.train_nano --out run7 --state-dir S --resume --steps 7000 --minutes 84 \
+    python -m training.train_nano --out run7 --state-dir S --resume --steps 7000 --minutes 84 \
         --single-object-steps 2750 --eval-every 250 --val-steps 3 --ckpt-every 250 --eval-n 100
-    python -m models.train_nano --out run10 --state-dir S3 \
+    python -m training.train_nano --out run10 --state-dir S3 \
         --init-from S/state.pt --lr 1e-3 --warmup 50 --steps 6000 --minutes 52 \
         --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
-    python -m models.train_nano --out run11 --state-dir S4 \
+    python -m training.train_nano --out run11 --state-dir S4 \
         --init-from S3/state.pt --freeze-vision --aux-weight 0 --lr 5e-4 --warmup 50 \
         --steps 5000 --minutes 24 --eval-every 500 --val-steps 3 --ckpt-every 250 --eval-n 100
-    python -m models.train_nano --out run12 --state-dir S5 \
+    python -m training.train_nano --out run12 --state-dir S5 \
         --init-from S4/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 10000 \
         --lr 5e-4 --warmup 50 --steps 20000 --minutes 85 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 1
-    python -m models.train_nano --out run14 --state-dir S6 \
+    python -m training.train_nano --out run14 --state-dir S6 \
         --init-from S5/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 40000 \
         --lr 3e-4 --warmup 50 --steps 30000 --minutes 110 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 1
-    python -m models.train_nano --out run16 --state-dir S7 \
+    python -m training.train_nano --out run16 --state-dir S7 \
         --init-from S6/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 60000 \
         --lr 1.5e-4 --warmup 20 --steps 30000 --minutes 21 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 2
-    python -m models.train_nano --out models/nano/qwen-vl-nano --state-dir S8 \
+    python -m training.train_nano --out models/nano/qwen-vl-nano --state-dir S8 \
         --init-from S7/state.pt --freeze-vision --aux-weight 0 --layers 4 --data-offset 120000 \
         --lr 3e-4 --warmup 50 --steps 30000 --minutes 88 --eval-every 1000 --val-steps 3 \
         --ckpt-every 250 --eval-n 100 --threads 1
@@ -92,17 +93,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from calib_data import synth
 
-from .checkpoint import save_checkpoint
-from .config import QwenVLConfig
-from .nano import NanoSpec, nano_config, side_files
-from .qwen_vl import QWenLMHeadModel, rotary_cos_sin, sincos_pos_embed_2d
+from models.checkpoint import save_checkpoint
+from models.config import QwenVLConfig
+from models.nano import NanoSpec, nano_config, side_files
+from models.qwen_vl import QWenLMHeadModel, rotary_cos_sin, sincos_pos_embed_2d
+
+from .common import SYSTEM, pixels_of, prompt_ids
 
 #: Dimensions of the shipped trained checkpoint.
 TRAINED_SPEC = NanoSpec(
@@ -110,7 +112,6 @@ TRAINED_SPEC = NanoSpec(
     vis_width=64, vis_layers=3, vis_heads=2, vis_mlp_ratio=2.0,
     image_size=448, patch_size=14, n_queries=256, n_merges=600, seq_length=2048)
 
-SYSTEM = "You are a helpful assistant."
 IGNORE = -100
 
 
@@ -132,7 +133,7 @@ def vocab_corpus() -> str:
     lines.append("(0,1),(2,3) 456789, and ")
     text = "\n".join(lines)
     try:
-        from .nano_vocab import NANO_CORPUS
+        from models.nano_vocab import NANO_CORPUS
         text = NANO_CORPUS + "\n" + text
     except ImportError:  # pragma: no cover
         pass
@@ -143,16 +144,9 @@ def vocab_corpus() -> str:
 def make_tokenizer(n_merges: int):
     from runtime.tokenizer import QwenTokenizer
 
-    from .nano_vocab import train_bpe
+    from models.nano_vocab import train_bpe
     ranks = train_bpe(vocab_corpus(), n_merges)
     return QwenTokenizer.from_ranks(ranks), ranks
-
-
-def prompt_ids(tok, ex: synth.Example, n_slots: int = 256) -> list[int]:
-    """The runtime's prompt for an example (``runtime.prompt.build_chat_ids``)."""
-    from runtime.prompt import build_chat_ids
-    return build_chat_ids(tok, synth.prompt_parts(ex.prompt), n_images=1, history=None,
-                          system=SYSTEM, n_slots=n_slots)
 
 
 def answer_ids(tok, ex: synth.Example) -> list[int]:
@@ -169,11 +163,6 @@ def encode_example(tok, ex: synth.Example, n_slots: int = 256) -> tuple[list[int
     a = answer_ids(tok, ex)
     ids = p + a
     return ids, [IGNORE] * (len(p) - 1) + a + [IGNORE]
-
-
-def pixels_of(img, image_size: int) -> torch.Tensor:
-    from runtime.image import preprocess
-    return torch.from_numpy(np.ascontiguousarray(preprocess(img, image_size)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,14 +412,14 @@ class fast_attention:
     """Context manager: swap the reference's explicit attention for SDPA (training only)."""
 
     def __enter__(self):
-        from . import qwen_vl as Q
+        from models import qwen_vl as Q
         self._saved = (Q.VisualAttention.forward, Q.Resampler._mha)
         Q.VisualAttention.forward = _vit_attn
         Q.Resampler._mha = _pool_mha
         return self
 
     def __exit__(self, *exc):
-        from . import qwen_vl as Q
+        from models import qwen_vl as Q
         Q.VisualAttention.forward, Q.Resampler._mha = self._saved
 
 
@@ -680,7 +669,7 @@ def val_loss(model, tok, dc: DataConfig, cfg, n_steps: int) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m models.train_nano",
+        prog="python -m training.train_nano",
         description="Train the nano Qwen-VL (real architecture, toy size) on synthetic grounding, "
                     "caption and OCR scenes on CPU, then save it in the Hugging Face layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -830,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     final_val = val_loss(model, tok, dc, cfg, args.val_steps)
     report = {
-        "command": "python -m models.train_nano " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m training.train_nano " + " ".join(argv if argv is not None else sys.argv[1:]),
         "spec": asdict(spec), "parameters": n_params, "vocab_bpe": len(ranks),
         "steps": step + 1, "steps_requested": args.steps, "minutes_budget": args.minutes,
         "images_seen": (step + 1) * dc.images_per_step, "images_per_step": dc.images_per_step,

@@ -14,8 +14,8 @@ the two results side by side are the bundle's task drift on 2 x n items):
 Each held-out scene gives one grounding question (shape chosen by the seed, prompt forms
 alternating) and the OCR question, so ``--n 200`` scores 200 boxes and 200 readings.
 
-    python -m models.evaluate_nano [--ckpt DIR] [--n 200] [--dtype fp32]
-    python -m models.evaluate_nano --bundle out/bundle [--n 200]   # the same questions, int4 engines
+    python -m training.evaluate_nano [--ckpt DIR] [--n 200] [--dtype fp32]
+    python -m training.evaluate_nano --bundle out/bundle [--n 200]   # the same questions, int4 engines
 
 prints one JSON object. ``iou`` and ``cer`` are small and importable (the validation stage reuses
 them).
@@ -33,6 +33,8 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from validate.metrics import levenshtein
+
+from .common import pixels_of, prompt_ids
 
 Box = tuple[float, float, float, float]
 
@@ -60,7 +62,6 @@ def image_features(model, img):
     """Vision features [1, n_queries, hidden] of one PIL image (reference preprocessing)."""
     import torch
 
-    from .train_nano import pixels_of
     pix = pixels_of(img, model.cfg.visual.image_size)[None].to(model.dtype)
     with torch.no_grad():
         return model.encode_images(pix)
@@ -70,8 +71,6 @@ def answer(model, tok, ex, max_new_tokens: int = 32, image_embeds=None) -> str:
     """Greedy answer of the reference model to one synthetic example (special tags kept).
 
     Stops at ``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>`` as the Chat model does."""
-    from .train_nano import prompt_ids
-
     if image_embeds is None:
         image_embeds = image_features(model, ex.image)
     ids = prompt_ids(tok, ex, model.cfg.visual.n_queries)
@@ -174,7 +173,7 @@ def load_tokenizer(ckpt: str | Path):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m models.evaluate_nano",
+        prog="python -m training.evaluate_nano",
         description="Greedy grounding/OCR evaluation of a nano Qwen-VL on the held-out synthetic "
                     "validation split, with the PyTorch reference (--ckpt) or an exported bundle "
                     "through the runtime (--bundle); prints JSON.")
@@ -203,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from .checkpoint import load_model
-        from .nano import default_checkpoint
+        from models.checkpoint import load_model
+        from models.nano import default_checkpoint
 
         torch.set_num_threads(args.threads)
         ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()

@@ -1,0 +1,14 @@
+"""The vision exporter's errors, in one place for the graph, the check and the orchestration."""
+
+from __future__ import annotations
+
+class VisionExportError(RuntimeError):
+    """The vision tower could not be exported."""
+
+
+class VisionCheckError(VisionExportError):
+    """The exported graph disagrees with PyTorch fp32 beyond tolerance; nothing was written."""
+
+    def __init__(self, message: str, metrics: list["VisionMetrics"]):
+        super().__init__(message)
+        self.metrics = metrics
