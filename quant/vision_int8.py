@@ -343,7 +343,7 @@ def quantize_vision(fp32_onnx: str | Path, out_path: str | Path, calib: SplitIma
 
 class _DropPreprocessAdvice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Please consider to run pre-processing")
+        return "pre-processing before quantization" not in str(record.msg)
 
 
 @contextlib.contextmanager

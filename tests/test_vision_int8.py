@@ -19,9 +19,10 @@ from quant.vision_int8 import (CALIB_SPLIT, Int8Config, PixelReader, VisionQuant
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "calib_data" / "manifest.jsonl"
 N_CALIB = 8  # calib pictures: enough for the floor below, a few seconds of calibration
-# Measured with these settings on the shipped nano model: worst validation photo 0.9969
-# (rocket; the others >= 0.9993). Floor below it, not at it: ranges differ slightly by CPU.
-MIN_COSINE = 0.99
+# Measured with these settings on the shipped nano model (AMD EPYC, onnxruntime 1.32): worst
+# validation photo 0.99963 (page), the others >= 0.9998; per-tensor weights alike. The floor
+# sits below, not at it: calibrated ranges differ in the last bits from CPU to CPU.
+MIN_COSINE = 0.999
 
 
 @pytest.fixture(scope="module")
