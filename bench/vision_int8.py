@@ -148,6 +148,36 @@ def _fp32_onnx(args, tmp: Path) -> tuple[str, int]:
     return str(res.onnx_path), res.image_size
 
 
+def _measure_all(run: Runner, args, pcs: list[bool], int8: Path) -> dict[str, Any]:
+    """Sensitivity rows and ladder (unless ``--no-sensitivity``), the method x per-channel
+    variants with the ladder's (or ``--exclude``'s) float layers, and the best of them written
+    to ``int8`` for the speed run."""
+    import onnx
+
+    from quant.vision_int8 import Int8Config, matches, quantize_vision, select_nodes
+
+    rec: dict[str, Any] = {}
+    base = Int8Config(method=args.sensitivity_method, per_channel=pcs[0],
+                      exclude=tuple(args.exclude or ()))  # not the default: measured here
+    if not args.no_sensitivity:
+        model = onnx.load(run.fp32, load_external_data=False)
+        labels = sorted(set(select_nodes(model, base)[0].values()),
+                        key=lambda s: [int(t) if t.isdigit() else t for t in s.split(".")])
+        if args.labels:
+            labels = [lab for lab in labels if matches(lab, args.labels)]
+        rows, ladder, picked = _sensitivity(run, base, labels, args.target)
+        rec["sensitivity"], rec["ladder"] = rows, ladder
+        if args.exclude is None:
+            base = _replace(base, exclude=tuple(picked))
+    rec["variants"] = _variants(run, base, args.methods, pcs)
+    best = max(rec["variants"], key=lambda r: r["min_cosine"])
+    chosen = _replace(base, method=best["method"], per_channel=best["per_channel"])
+    res = quantize_vision(run.fp32, int8, run.calib, chosen, cache_dir=run.work / "ranges")
+    rec["chosen"] = {"config": chosen.to_dict(), **{k: best[k] for k in (
+        "min_cosine", "mean_cosine", "per_image")}, "int8_nodes": len(res.quantized)}
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vision_int8",
                                  description=__doc__.split("\n")[0])
@@ -174,10 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import onnx
+    if args.onnx and not Path(args.onnx).is_file():
+        ap.error(f"--onnx {args.onnx}: no such file; export one with exporters.vision or omit it")
+    if not Path(args.manifest).exists():
+        ap.error(f"--manifest {args.manifest}: not found")
+    from calib_data.manifest import ManifestError
+    from quant.vision_int8 import VisionQuantError
 
-    from quant.vision_int8 import (Int8Config, calibration_images, matches, quantize_vision,
-                                   select_nodes, split_images)
+    try:
+        rec = _run(args)
+    except (ManifestError, VisionQuantError) as e:
+        print(f"bench.vision_int8: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rec))
+    return 0
+
+
+def _run(args) -> dict[str, Any]:
+    from quant.vision_int8 import calibration_images, split_images
 
     threads = args.threads or None
     with tempfile.TemporaryDirectory(prefix="bench-vision-int8-") as tmp_name:
@@ -192,25 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                "calib": {"split": calib.split, "pictures": len(calib.names),
                                          "items": len(calib.all_item_ids())},
                                "eval": {"split": evals.split, "pictures": evals.names}}
-        base = Int8Config(method=args.sensitivity_method, per_channel=pcs[0],
-                          exclude=tuple(args.exclude or ()))  # not the default: measured here
-        if not args.no_sensitivity:
-            model = onnx.load(fp32, load_external_data=False)
-            labels = sorted(set(select_nodes(model, base)[0].values()),
-                            key=lambda s: [int(t) if t.isdigit() else t for t in s.split(".")])
-            if args.labels:
-                labels = [lab for lab in labels if matches(lab, args.labels)]
-            rows, ladder, picked = _sensitivity(run, base, labels, args.target)
-            rec["sensitivity"], rec["ladder"] = rows, ladder
-            if args.exclude is None:
-                base = _replace(base, exclude=tuple(picked))
-        rec["variants"] = _variants(run, base, args.methods, pcs)
-        best = max(rec["variants"], key=lambda r: r["min_cosine"])
-        chosen_cfg = _replace(base, method=best["method"], per_channel=best["per_channel"])
         int8 = tmp / "chosen" / "vision.onnx"
-        res = quantize_vision(fp32, int8, calib, chosen_cfg, cache_dir=tmp / "ranges")
-        rec["chosen"] = {"config": chosen_cfg.to_dict(), **{k: best[k] for k in (
-            "min_cosine", "mean_cosine", "per_image")}, "int8_nodes": len(res.quantized)}
+        rec.update(_measure_all(run, args, pcs, int8))
         pixels = np.repeat(evals.pixels[:1], args.batch, axis=0)
         load_before = os.getloadavg()
         rec["speed"] = _speed(fp32, str(int8), pixels, args.warmup, args.iters, threads)
@@ -219,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["files_mib"] = {k: round(Path(p).stat().st_size / 2**20, 2)
                             for k, p in (("fp32", fp32), ("int8", int8))}
         rec["peak_rss_mib"] = peak_rss_mib()
-    print(json.dumps(rec))
-    return 0
+    return rec
 
 
 if __name__ == "__main__":

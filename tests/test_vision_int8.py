@@ -207,3 +207,11 @@ def test_bench_vision_int8_nano(fp32_onnx):
     sp = rec["speed"]
     assert sp["int8_speedup"] == pytest.approx(
         sp["fp32"]["median_ms"] / sp["int8"]["median_ms"], rel=1e-2)
+
+
+def test_bench_bad_onnx_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.vision_int8", "--onnx",
+                        str(tmp_path / "missing.onnx")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and not r.stdout
+    assert "missing.onnx: no such file" in r.stderr.splitlines()[-1]
