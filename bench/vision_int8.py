@@ -7,10 +7,11 @@ the same run; prints one JSON record.
 Calibration uses the manifest's calib split only (``quant.vision_int8.calibration_images``); the
 cosines are measured on the validation split's photographs (never calibrated on). Rows:
 
-* ``variants``: every layer int8, per calibration method x per-channel on/off;
 * ``sensitivity``: only one layer (label, see quant/vision_int8.py) int8, the rest fp32, for
-  each label; then ``ladder``: everything int8 except the k most sensitive labels, k = 0, 1, ...
-  until every photo's cosine reaches ``--target``: that exclusion set is the ``chosen`` one;
+  each label; then ``ladder``: everything int8 except ``--exclude`` and the k most sensitive
+  labels, k = 0, 1, ... until every photo's cosine reaches ``--target``: those stay float in
+  the variants and the ``chosen`` engine;
+* ``variants``: per calibration method x per-channel on/off, the rest int8; the best is timed;
 * ``speed``: fp32 vs the chosen int8 engine on the CPU, runs interleaved (a busy machine slows
   both alike), with the load average before and after. Figures only: nothing is asserted.
 """
@@ -45,11 +46,13 @@ def _cosines(out: np.ndarray, ref: np.ndarray, names: list[str]) -> dict[str, An
 class Runner:
     """Quantize a variant into a scratch folder and measure it against the fp32 features."""
 
-    def __init__(self, fp32: str, calib, evals, work: Path, threads: int | None):
+    def __init__(self, fp32: str, calib, evals, work: Path, threads: int | None,
+                 cache_dir: str | None = None):
         from exporters.vision import make_session, run_session
 
         self.fp32, self.calib, self.evals = fp32, calib, evals
         self.work, self.threads = work, threads
+        self.ranges = Path(cache_dir) if cache_dir else work / "ranges"
         self.ref = run_session(make_session(fp32, ["CPUExecutionProvider"], threads=threads),
                                evals.pixels, 1)
         self.n = 0
@@ -61,7 +64,7 @@ class Runner:
         self.n += 1
         path = self.work / f"v{self.n}" / "vision.onnx"
         t = time.perf_counter()
-        res = quantize_vision(self.fp32, path, self.calib, config, cache_dir=self.work / "ranges")
+        res = quantize_vision(self.fp32, path, self.calib, config, cache_dir=self.ranges)
         sess = make_session(path, ["CPUExecutionProvider"], threads=self.threads)
         rec = _cosines(run_session(sess, self.evals.pixels, 1), self.ref, self.evals.names)
         rec.update(int8_nodes=len(res.quantized), seconds=round(time.perf_counter() - t, 1))
@@ -95,14 +98,15 @@ def _sensitivity(run: Runner, base, labels: list[str], target: float) -> tuple[l
     order = [r["label"] for r in sorted(rows, key=lambda r: r["min_cosine"])]
     ladder, chosen = [], None
     for k in range(len(order) + 1):
+        floats = list(base.exclude) + order[:k]
         try:
-            rec = run.measure(_replace(base, exclude=base.exclude + tuple(order[:k])))
+            rec = run.measure(_replace(base, exclude=tuple(floats)))
         except VisionQuantError:  # nothing left to quantize
             break
-        ladder.append({"float_labels": order[:k], **rec})
-        logging.info("int8 except %s: %s", order[:k], rec["min_cosine"])
+        ladder.append({"float_labels": floats, **rec})
+        logging.info("int8 except %s: %s", floats, rec["min_cosine"])
         if rec["min_cosine"] >= target:
-            chosen = order[:k]
+            chosen = floats
             break
     return rows, ladder, chosen if chosen is not None else ladder[-1]["float_labels"]
 
@@ -167,12 +171,11 @@ def _measure_all(run: Runner, args, pcs: list[bool], int8: Path) -> dict[str, An
             labels = [lab for lab in labels if matches(lab, args.labels)]
         rows, ladder, picked = _sensitivity(run, base, labels, args.target)
         rec["sensitivity"], rec["ladder"] = rows, ladder
-        if args.exclude is None:
-            base = _replace(base, exclude=tuple(picked))
+        base = _replace(base, exclude=tuple(picked))
     rec["variants"] = _variants(run, base, args.methods, pcs)
     best = max(rec["variants"], key=lambda r: r["min_cosine"])
     chosen = _replace(base, method=best["method"], per_channel=best["per_channel"])
-    res = quantize_vision(run.fp32, int8, run.calib, chosen, cache_dir=run.work / "ranges")
+    res = quantize_vision(run.fp32, int8, run.calib, chosen, cache_dir=run.ranges)
     rec["chosen"] = {"config": chosen.to_dict(), **{k: best[k] for k in (
         "min_cosine", "mean_cosine", "per_image")}, "int8_nodes": len(res.quantized)}
     return rec
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", nargs="+", help="sensitivity rows only for these labels / globs")
     ap.add_argument("--exclude", nargs="*", help="labels kept float in every all-int8 variant "
                                                  "(default: the ladder's choice, else none)")
+    ap.add_argument("--cache-dir", help="keep the calibrated ranges here, for later runs (they "
+                                        "are keyed by the graph and the calibration pixels)")
     ap.add_argument("--eval-limit", type=int, help="at most this many validation photographs")
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--iters", type=int, default=5)
@@ -230,7 +235,7 @@ def _run(args) -> dict[str, Any]:
         calib = calibration_images(args.manifest, size, args.max_calib)
         evals = split_images(args.manifest, "validation", size, args.eval_limit,
                              kinds=("skimage", "file"))
-        run = Runner(fp32, calib, evals, tmp, threads)
+        run = Runner(fp32, calib, evals, tmp, threads, args.cache_dir)
         pcs = {"on": [True], "off": [False], "both": [True, False]}[args.per_channel]
         rec: dict[str, Any] = {"bench": "vision_int8", "host": host(), "fp32_onnx": fp32,
                                "calib": {"split": calib.split, "pictures": len(calib.names),
