@@ -47,8 +47,8 @@ META_PREFIX = "qwenvl_edge."
 CALIB_SPLIT = "calib"
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "MatMul")
-# softmax(q k^T) v: the probabilities through symmetric int8 lose every weight below 1/254 of
-# the row's peak (the single-layer sensitivity table's worst rows, bench/RESULTS.md)
+# softmax(q k^T) v: symmetric int8 over the probabilities' range [-1, 1] rounds every attention
+# weight under 1/254 to 0 (the worst rows of the sensitivity table, bench/RESULTS.md)
 DEFAULT_EXCLUDE = ("blocks.*.attn_v",)
 LARGE_MODEL_BYTES = 2 << 30  # protobuf limit: above it weights go to <name>.data
 RESAMPLER = ("kv_proj", "k_proj", "v_proj", "resampler.attn_qk", "resampler.attn_v", "pool_out")
