@@ -43,6 +43,7 @@ import numpy as np
 
 from bench.common import (ceiling, cuda_copy_bandwidth_gbs, host, host_read_bandwidth_gbs,
                           peak_rss_mib, stats)
+from runtime.errors import cli_main
 
 log = logging.getLogger("bench.decoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,11 +74,12 @@ def export_ours(checkpoint: Path, out: Path, layers: int | None, device: str = "
     from exporters.pipeline import CPU_FAST
     from models.checkpoint import CheckpointReader
     from quant.fake_quant import RTNTensors
+    from quant.plans import PLANS
 
     cfg = layer_config(checkpoint, layers)
     reader = CheckpointReader(checkpoint)
     src = WeightSource(cfg, reader.get, reader.__contains__)
-    qt = RTNTensors(src.get, cfg.num_hidden_layers, group_size=128, sym=True)
+    qt = RTNTensors(src.get, cfg.num_hidden_layers, group_size=PLANS["int4"].group_size, sym=True)
     out.mkdir(parents=True, exist_ok=True)
     base = CPU_FAST if device == "cpu" else {}
     export_decoder(src, onnx_path, plan="int4", quant_tensors=qt, **{**base, **overrides})
@@ -317,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

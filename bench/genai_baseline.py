@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.errors import cli_main
+
 log = logging.getLogger("bench.genai_baseline")
 
 
@@ -185,6 +187,7 @@ def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int | 
             "peak_rss_mib": peak_rss_mib()}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.genai_baseline",
                                  description=__doc__.split("\n")[0])

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import host, peak_rss_mib, stats
+from runtime.errors import cli_main
 
 
 def split_stats(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -75,6 +76,7 @@ def engine_runs(vision: Path, decoder: Path, device: str, threads: int | None, i
                   "prompt_tokens": int(len(table))}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

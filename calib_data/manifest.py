@@ -47,6 +47,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "qwenvl-edge-calib"
@@ -65,7 +67,7 @@ _SPECIAL_RE = re.compile(r"<\|?/?(img|imgpad|ref|box|quad|im_start|im_end|endoft
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ManifestError(ValueError):
+class ManifestError(EdgeError, ValueError):
     """A manifest that cannot be used; one line per bad entry, each saying what to do."""
 
 

@@ -309,7 +309,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
     """Export both engines of ``checkpoint`` and write a bundle (tests, benchmarks, nano runs).
 
     ``model``: the already loaded fp32 reference (else loaded from ``checkpoint``).
-    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
+    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, the plan's group or
     the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
     engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
     (``act_dtype``, ``kv_dtype``, ``lm_head``, ...). The full export flow with validation is
@@ -319,6 +319,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
 
     from exporters.decoder import export_decoder
     from models.checkpoint import load_model
+    from quant.plans import DEFAULT_GROUP_SIZE, PLANS
 
     ckpt = Path(checkpoint)
     out = Path(out_dir)
@@ -328,7 +329,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         t = Path(tmp)
         kwargs: dict[str, Any] = {}
         if plan == "int4":
-            group = 128
+            group = PLANS[plan].group_size or DEFAULT_GROUP_SIZE
             while model.cfg.hidden_size % group or model.cfg.ffn_dim % group:
                 group //= 2
             if quant_tensors is not None:

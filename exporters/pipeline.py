@@ -17,6 +17,8 @@ from typing import Any
 
 from models.checkpoint import CheckpointReader, sha256_file
 from models.config import QwenVLConfig
+from quant.plans import DEFAULT_GROUP_SIZE, PLANS, exportable_plans
+from runtime.errors import EXIT_FAILED_CHECK, EdgeError
 
 from .memory_plan import MemoryPlan, plan_memory
 from .stages import StageResult, run_stage, stage_dir_only, stage_key
@@ -24,18 +26,12 @@ from .stages import StageResult, run_stage, stage_dir_only, stage_key
 log = logging.getLogger(__name__)
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "calib_data" / "manifest.jsonl"
-VISION_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}
-# ORT CPU has fast int4/int8 MatMulNBits kernels only with int8 activations (accuracy_level 4) and
-# fp32 activations; measured on the full-size decoder: 0.82 s/token vs 2.9 s/token with the exact
-# fp16 settings (level 0), whose int8 LM head alone is ~50x slower on CPU.
-#: The int4 decoder for onnxruntime on CPU (``export.py --target cpu``), measured in
-#: bench/RESULTS.md: fp32 activations + accuracy level 4 (int8 activations inside MatMulNBits)
-#: make decode 3.6x faster than the exact fp16 settings; an fp32 KV cache removes the per-step
-#: Cast of the whole past (11 % of a step) and is 24 % faster again at 8 full-size layers.
-CPU_FAST = {"act_dtype": "fp32", "accuracy_level": 4, "kv_dtype": "fp32"}
+#: The int4 decoder for onnxruntime on CPU (``export.py --target cpu``): the int4 plan's ``cpu``
+#: target in quant/plans.py, where the measurements behind it are cited.
+CPU_FAST = PLANS["int4"].target("cpu").decoder_kwargs()
 
 
-class ExportError(RuntimeError):
+class ExportError(EdgeError, RuntimeError):
     """A failure the user can act on; export.py prints it as one line."""
 
 
@@ -54,13 +50,17 @@ class ExportOptions:
     skip_validation: bool = False
     n_calib: int | None = None
     n_val: int | None = None
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     desc_act: bool = False
     damp_percent: float = 0.01
     lm_head: str = "int8"  # int8 | fp16 (int4 plan)
-    cpu: bool = False  # int4 decoder tuned for onnxruntime on CPU (see CPU_FAST)
+    cpu: bool = False  # decoder tuned for onnxruntime on CPU (the plan's "cpu" target)
     demo: bool = True
     demo_prompt: str | None = None
+
+    @property
+    def target(self) -> str:
+        return "cpu" if self.cpu else "gpu"
 
     def resolved_work_dir(self) -> Path:
         return self.work_dir or self.out.parent / f"{self.out.name}.work"
@@ -149,11 +149,12 @@ def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
     from tqdm import tqdm
 
     quantized = bool(cfg.quantization_config)
-    if quantized and opts.plan != "int4":
+    if opts.plan not in exportable_plans():
+        raise ExportError(f"plan '{opts.plan}' cannot be exported: use one of "
+                          f"{', '.join(exportable_plans())}")
+    if quantized and not PLANS[opts.plan].quantized:
         raise ExportError(f"{ckpt} is already GPTQ-quantised: only --plan int4 can use it")
-    mem = plan_memory(cfg, opts.plan if opts.plan in ("fp32", "fp16", "int4") else "int4",
-                      opts.device_profile, opts.context,
-                      kv_bits=32 if opts.cpu and opts.plan == "int4" else None)
+    mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target)
     for line in mem.lines():
         log.info("%s", line)
     if not mem.fits and not opts.force:
@@ -180,7 +181,7 @@ def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
 
     # ---- quant ----------------------------------------------------------------------------
     gptq_dir: Path | None = None
-    if opts.plan == "int4":
+    if PLANS[opts.plan].quantized:
         if quantized:
             gptq_dir = ckpt
             log.info("checkpoint is GPTQ-quantised already: GPTQ skipped")
@@ -196,7 +197,7 @@ def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
         done()
 
     # ---- engines --------------------------------------------------------------------------
-    vprec = VISION_PRECISION[opts.plan]
+    vprec = PLANS[opts.plan].vision
     vres = run_stage(work, "vision", stage_key(ckpt=digest, precision=vprec),
                      lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
     done(vres)
@@ -236,7 +237,7 @@ def _run(opts: ExportOptions, ckpt: Path, cfg: QwenVLConfig) -> ExportReport:
         raise ExportError(
             f"validation FAILED ({', '.join(validation.get('failed', [])[:4]) if validation else ''}):"
             f" see {work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
-            "(pass --allow-drift to write it anyway)")
+            "(pass --allow-drift to write it anyway)", exit_code=EXIT_FAILED_CHECK)
     from .bundle import BundleError, manifest_fields, write_bundle
 
     fields = manifest_fields(ckpt, opts.plan, checkpoint_id=str(ckpt),
@@ -317,15 +318,16 @@ def _export_decoder(ckpt: Path, gptq_dir: Path | None, opts: ExportOptions,
                     tmp: Path) -> dict[str, Any]:
     from .decoder import WeightSource, export_decoder
 
-    if opts.plan == "int4":
+    plan = PLANS[opts.plan]
+    if plan.quantized:
         from quant.checkpoint import load_gptq_checkpoint
 
         # Everything comes from the GPTQ checkpoint (fp16 embeddings/norms as stored there), so
         # the engine equals the fake-quant reference load_gptq_model() builds from the same files.
         _, tensors, _ = load_gptq_checkpoint(gptq_dir)
         res = export_decoder(WeightSource.from_checkpoint(gptq_dir), tmp / "decoder.onnx",
-                             plan="int4", quant_tensors=tensors, group_size=opts.group_size,
-                             lm_head=opts.lm_head, **CPU_FAST if opts.cpu else {})
+                             plan=opts.plan, quant_tensors=tensors, group_size=opts.group_size,
+                             lm_head=opts.lm_head, **plan.target(opts.target).decoder_kwargs())
     else:
         res = export_decoder(WeightSource.from_checkpoint(ckpt), tmp / "decoder.onnx",
                              plan=opts.plan)

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 PIXELS = "pixel_values"
@@ -51,7 +53,7 @@ CHECK_REFERENCE = "vision_reference_outputs.json"  # polygraphy --load-outputs f
 POLYGRAPHY_VERSION = "0.53.6"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(EdgeError, RuntimeError):
     """``tensorrt`` is not importable here."""
 
 

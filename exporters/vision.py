@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.plans import vision_precisions
+from runtime.errors import EXIT_FAILED_CHECK, EdgeError
+
 log = logging.getLogger(__name__)
 
 PIXELS = "pixel_values"
@@ -53,7 +56,7 @@ EMBEDS = "image_embeds"
 DEFAULT_OPSET = 18  # lowest the dynamo exporter writes; LayerNormalization (17+) is native
 MAX_IR_VERSION = 10  # onnxruntime 1.31 (GPU machine) rejects the newer IR onnx 1.23 writes
 LARGE_MODEL_BYTES = 2 << 30  # protobuf limit: above it the weights go to <stem>.onnx.data
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = vision_precisions()  # ("fp32", "fp16"): those of the exportable plans
 DEFAULT_CHECK_IMAGES = ("astronaut", "chelsea", "coffee")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,12 +64,14 @@ META_PREFIX = "qwenvl_edge."
 KV_PRESCALE = 32.0  # power of two: see VisionGraph.kv_prescale
 
 
-class VisionExportError(RuntimeError):
+class VisionExportError(EdgeError, RuntimeError):
     """The vision tower could not be exported."""
 
 
 class VisionCheckError(VisionExportError):
     """The exported graph disagrees with PyTorch fp32 beyond tolerance; nothing was written."""
+
+    exit_code = EXIT_FAILED_CHECK
 
     def __init__(self, message: str, metrics: list["VisionMetrics"]):
         super().__init__(message)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtime.errors import EdgeError
+
 from .config import QwenVLConfig
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgeError, ValueError):
     """A checkpoint whose files or tensors do not match what the config describes."""
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import EdgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(EdgeError, ValueError):
     """A config.json that is missing, unreadable or not a Qwen-VL config."""
 
 

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib_data import synth
+from runtime.errors import cli_main
 
 from .checkpoint import save_checkpoint
 from .config import QwenVLConfig
@@ -738,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -45,7 +47,7 @@ MODEL_KEYS = ("vocab_size", "n_queries", "image_size", "hidden", "layers", "head
               "max_context", "special_ids")
 
 
-class BundleError(ValueError):
+class BundleError(EdgeError, ValueError):
     """A bundle that cannot be loaded; the message names the file and the fix."""
 
 

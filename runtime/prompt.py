@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .tokenizer import GROUNDING_ST, QwenTokenizer
+from .errors import EdgeError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 GRID = 1000  # grounding coordinates live on a 0..1000 grid
 
 
-class PromptError(ValueError):
+class PromptError(EdgeError, ValueError):
     """A prompt that cannot be built; the message says what to fix."""
 
 

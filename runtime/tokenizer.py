@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 TIKTOKEN_FILE = "qwen.tiktoken"
@@ -47,7 +49,7 @@ GROUNDING_ST: frozenset[str] = frozenset(("<ref>", "</ref>", "<box>", "</box>", 
                                           "</quad>"))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(EdgeError, ValueError):
     """A tokenizer file or call that cannot work; the message says what to do."""
 
 
