@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import cli_main
+from runtime.files import atomic_dir
 
 log = logging.getLogger("bench.genai_baseline")
 
@@ -88,21 +89,13 @@ def write_tokenizer(out: Path) -> None:
         "unk_token": "<unk>", "model_max_length": 8192}))
 
 
-def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
-    """Write the decoder of a Qwen-VL checkpoint as a Qwen2 checkpoint (bf16, one shard per
-    source shard); ``layers`` keeps only the first N blocks."""
+def _convert_shards(checkpoint: Path, shards: list[str], keep: int, dest: Path) -> dict[str, str]:
+    """Qwen2 shards of the first ``keep`` blocks in ``dest``; returns the weight map."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    index = checkpoint / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
-    keep = layers or cfg["num_hidden_layers"]
     for k, shard in enumerate(shards):
         part: dict[str, torch.Tensor] = {}
         with safe_open(str(checkpoint / shard), "pt") as f:
@@ -119,17 +112,28 @@ def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
                     part[targets[0][0]] = t
         if part:
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(part, str(tmp / fname), metadata={"format": "pt"})
+            save_file(part, str(dest / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in part})
         log.info("converted %s (%d tensors)", shard, len(part))
-    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(qwen2_config(cfg, layers), indent=1))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": qwen2_config(cfg)["eos_token_id"]}))
-    write_tokenizer(tmp)
-    tmp.rename(out)
+    return weight_map
+
+
+def convert(checkpoint: Path, out: Path, layers: int | None = None) -> Path:
+    """Write the decoder of a Qwen-VL checkpoint as a Qwen2 checkpoint (bf16, one shard per
+    source shard), atomically; ``layers`` keeps only the first N blocks."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    index = checkpoint / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    with atomic_dir(out) as tmp:
+        weight_map = _convert_shards(checkpoint, shards, layers or cfg["num_hidden_layers"], tmp)
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (tmp / "config.json").write_text(json.dumps(qwen2_config(cfg, layers), indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": qwen2_config(cfg)["eos_token_id"]}))
+        write_tokenizer(tmp)
     return out
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle import (FORMAT_VERSION, MANIFEST, BundleError, Manifest, read_manifest,
-                            sha256_file, verify_bundle)
+                            verify_bundle)
+from runtime.files import atomic_dir, atomic_write_text, sha256_file
 
 __all__ = ["BundleError", "Manifest", "check_out_dir", "engine_io", "manifest_fields",
            "model_facts", "read_manifest", "replace_reason", "verify_bundle", "versions",
@@ -169,8 +170,6 @@ def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
     ``manifest_fields``: merged into the manifest (``model`` facts are required by the runtime);
     ``engines`` I/O is filled from the ONNX files when not given. ``move`` moves instead of copying.
     """
-    from models.checkpoint import atomic_dir
-
     out = Path(out_dir)
     plan: dict[str, Path] = {}
     for name, src in files.items():
@@ -224,11 +223,7 @@ def _fill(tmp: Path, plan: Mapping[str, Path], fields: Mapping[str, Any],
         "engines": engines,
         "files": dict(sorted(listed.items())),
     }
-    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +304,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
     """Export both engines of ``checkpoint`` and write a bundle (tests, benchmarks, nano runs).
 
     ``model``: the already loaded fp32 reference (else loaded from ``checkpoint``).
-    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, the plan's group or
+    ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
     the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
     engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
     (``act_dtype``, ``kv_dtype``, ``lm_head``, ...). The full export flow with validation is

@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -73,6 +71,7 @@ from quant.plans import DEFAULT_GROUP_SIZE
 from quant.plans import PLANS as PRECISION_PLANS
 from quant.plans import exportable_plans
 from runtime.errors import EdgeError
+from runtime.files import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -599,17 +598,12 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
                      attention, int(max_positions))
 
 
-def _atomic_pair(out_path: Path):
-    """Temporary directory beside ``out_path`` holding the .onnx and its .data before renaming."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-
-
 def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
                    plan: str = "fp32", quant_tensors: Mapping[str, GPTQTensors] | None = None,
-                   group_size: int = DEFAULT_GROUP_SIZE, lm_head: str | None = None, act_dtype: str | None = None,
-                   kv_dtype: str | None = None, accuracy_level: int = 0,
-                   lm_head_accuracy_level: int | None = None, attention: str = "mha",
+                   group_size: int = DEFAULT_GROUP_SIZE, lm_head: str | None = None,
+                   act_dtype: str | None = None, kv_dtype: str | None = None,
+                   accuracy_level: int = 0, lm_head_accuracy_level: int | None = None,
+                   attention: str = "mha",
                    max_positions: int | None = None, check: bool = True) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
@@ -640,8 +634,9 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                                      f"first {missing[0]}")
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
-    tmp = _atomic_pair(out_path)
-    try:
+    # .onnx and .data are written beside out_path, then moved into place: data first, the
+    # .onnx last (its presence means the pair is complete)
+    with staging_dir(out_path) as tmp:
         with open(tmp / data_name, "wb") as f:
             gw = _GraphWriter(f, data_name)
             dg = _DecoderGraph(src, s, gw, quant_tensors)
@@ -665,8 +660,6 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
             _check(m, tmp)
         os.replace(tmp / data_name, out_path.parent / data_name)
         os.replace(tmp / out_path.name, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     op_counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in gw.nodes)
     wb = dict(gw.bytes)

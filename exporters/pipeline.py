@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import CheckpointReader, sha256_file
+from models.checkpoint import CheckpointReader
 from models.config import QwenVLConfig
 from quant.plans import DEFAULT_GROUP_SIZE, PLANS, exportable_plans
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
+from runtime.files import sha256_file
 
 from .memory_plan import MemoryPlan, plan_memory
 from .stages import StageResult, run_stage, stage_dir_only, stage_key
@@ -103,7 +104,7 @@ STAGES = ("data", "quant", "vision", "decoder", "candidate", "validate", "bundle
 def check_out(opts: ExportOptions, ckpt: Path) -> None:
     """Refuse an --out (or work dir) that must not or cannot be written, before any work, and
     remove what killed runs left behind there (only names this toolkit creates)."""
-    from models.checkpoint import clean_leftovers
+    from runtime.files import clean_leftovers
 
     from .bundle import BundleError, check_out_dir
 

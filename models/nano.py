@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (atomic_dir, expected_shapes, only_checkpoint_dirs, parse_dtype,
-                         write_shards)
+from runtime.files import atomic_dir
+
+from .checkpoint import expected_shapes, only_checkpoint_dirs, parse_dtype, write_shards
 from .config import QwenVLConfig, VisualConfig, qwen_vl_chat_config
 
 log = logging.getLogger(__name__)

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -99,6 +100,7 @@ from torch import nn
 
 from calib_data import synth
 from runtime.errors import cli_main
+from runtime.files import atomic_write_bytes
 
 from .checkpoint import save_checkpoint
 from .config import QwenVLConfig
@@ -819,11 +821,12 @@ def main(argv: list[str] | None = None) -> int:
                 pbar.write(json.dumps(rec))
                 history.append(rec)
             if done % args.ckpt_every == 0 and done < args.steps:
-                tmp = state_dir / "state.pt.tmp"
+                buf = io.BytesIO()
                 torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
                             "opt": opt.state_dict(), "step": done,
-                            "history": history, "elapsed": time.time() - t0, "args": vars(args)}, tmp)
-                os.replace(tmp, state_dir / "state.pt")
+                            "history": history, "elapsed": time.time() - t0,
+                            "args": vars(args)}, buf)
+                atomic_write_bytes(state_dir / "state.pt", buf.getvalue())
             if budget and time.time() - t0 >= budget:
                 pbar.write(f"stopping at step {done}: the {args.minutes:g}-minute budget is spent")
                 break

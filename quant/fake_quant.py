@@ -94,8 +94,8 @@ def fake_quant_model(model: nn.Module, quant_tensors: Mapping[str, GPTQTensors],
     return fq
 
 
-def rtn_gptq(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True, act_order: bool = False,
-             bias: np.ndarray | None = None, seed: int = 0) -> GPTQTensors:
+def rtn_gptq(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True,
+             act_order: bool = False, bias: np.ndarray | None = None, seed: int = 0) -> GPTQTensors:
     """Round-to-nearest GPTQ-v1 tensors for one weight [N, K].
 
     ``act_order``: a random column permutation defines the groups (g_idx non-trivial), as

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: GPTQ / MatMulNBits block size of the int4 plans (GPTQ ``QuantConfig``, ``export.py --group-size``,
-#: round-to-nearest stand-ins and the memory planner default to it).
+#: GPTQ / MatMulNBits block size of the int4 plans (GPTQ ``QuantConfig``, ``export.py
+#: --group-size``, round-to-nearest stand-ins and the memory planner default to it).
 DEFAULT_GROUP_SIZE = 128
 
 #: Bits per element of each storage dtype named in the table.

@@ -41,7 +41,8 @@ def test_edge_can_still_be_planned():
     from models.config import qwen_vl_chat_config
 
     cfg = qwen_vl_chat_config()
-    edge, int4 = plan_memory(cfg, "edge", "agx-orin-32gb"), plan_memory(cfg, "int4", "agx-orin-32gb")
+    edge = plan_memory(cfg, "edge", "agx-orin-32gb")
+    int4 = plan_memory(cfg, "int4", "agx-orin-32gb")
     assert edge.kv_bytes_per_token == int4.kv_bytes_per_token / 2  # int8 KV
     assert edge.decoder_linear_bytes == int4.decoder_linear_bytes
 

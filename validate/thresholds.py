@@ -188,7 +188,7 @@ _ROWS: dict[str, list[Threshold]] = {
     "edge": _plan((0.99, 0.15, 0.15), (0.15, 0.6, 0.8, 0.93, 1.08), None,
                   (None, 0.65, 0.8, 0.08, 0.15, 0.08)),
 }
-# One table per precision plan of quant/plans.py, in its order: a plan without thresholds fails here.
+# One table per plan of quant/plans.py, in its order: a plan without thresholds fails here.
 _missing = [n for n in PRECISION_PLANS if n not in _ROWS]
 if _missing:
     raise ImportError(f"validate/thresholds.py has no drift thresholds for plan(s) {_missing}")
