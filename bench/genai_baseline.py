@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from models.config import QwenVLConfig
 from runtime.errors import cli_main
 from runtime.files import atomic_dir
 
@@ -62,7 +63,7 @@ def qwen2_name(name: str) -> list[tuple[str, slice | None]]:
 
 def qwen2_config(cfg: dict, layers: int | None = None) -> dict:
     """Qwen2 ``config.json`` of a Qwen-VL ``config.json``."""
-    eos = min(151643, cfg["vocab_size"] - 1)  # <|endoftext|> (nano vocabularies are smaller)
+    eos = QwenVLConfig.from_dict(cfg).eod_id  # <|endoftext|>
     return {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"] // 2,
@@ -75,6 +76,11 @@ def qwen2_config(cfg: dict, layers: int | None = None) -> dict:
         "hidden_act": "silu", "use_sliding_window": False, "attention_dropout": 0.0,
         "torch_dtype": "bfloat16", "bos_token_id": eos, "eos_token_id": eos,
     }
+
+
+def _eos_id(gcfg: dict) -> int:
+    eos = gcfg["model"].get("eos_token_id", QwenVLConfig().eod_id)
+    return int(min(eos) if isinstance(eos, list) else eos)
 
 
 def write_tokenizer(out: Path) -> None:
@@ -170,7 +176,8 @@ def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int | 
     m = og.Model(str(model))
     load_s = time.perf_counter() - t
     vocab = gcfg["model"]["vocab_size"]
-    ids = np.random.default_rng(seed).integers(2, min(vocab, 151643), prompt_tokens)
+    # text ids below <|endoftext|> (the converted model's eos, as qwen2_config writes it)
+    ids = np.random.default_rng(seed).integers(2, min(vocab, _eos_id(gcfg)), prompt_tokens)
     params = og.GeneratorParams(m)
     params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False,
                               min_length=prompt_tokens + new_tokens)

@@ -71,15 +71,14 @@ def versions() -> dict[str, str | None]:
 
 def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The facts the runtime needs, from a ``models.config.QwenVLConfig``."""
-    img_start = cfg.image_start_id
-    eod = img_start - 214  # <|endoftext|> is the first special token, <img> the 215th
+    img_start, eod = cfg.image_start_id, cfg.eod_id
     special = {"eod": eod, "im_start": eod + 1, "im_end": eod + 2, "img_start": img_start,
                "img_end": img_start + 1, "img_pad": img_start + 2, "ref_start": img_start - 6,
                "ref_end": img_start - 5, "box_start": img_start - 4, "box_end": img_start - 3}
     special.update(dict(tokenizer_specials or {}))
     return {
         "vocab_size": cfg.vocab_size,
-        "n_vocab": img_start + 3,  # real tokens; rows above are padding
+        "n_vocab": cfg.n_vocab,  # real tokens; rows above are padding
         "n_queries": cfg.visual.n_queries,
         "image_size": cfg.visual.image_size,
         "hidden": cfg.hidden_size,

@@ -101,6 +101,7 @@ from torch import nn
 from calib_data import synth
 from runtime.errors import cli_main
 from runtime.files import atomic_write_bytes
+from runtime.prompt import N_SLOTS
 
 from .checkpoint import save_checkpoint
 from .config import QwenVLConfig
@@ -151,7 +152,7 @@ def make_tokenizer(n_merges: int):
     return QwenTokenizer.from_ranks(ranks), ranks
 
 
-def prompt_ids(tok, ex: synth.Example, n_slots: int = 256) -> list[int]:
+def prompt_ids(tok, ex: synth.Example, n_slots: int = N_SLOTS) -> list[int]:
     """The runtime's prompt for an example (``runtime.prompt.build_chat_ids``)."""
     from runtime.prompt import build_chat_ids
     return build_chat_ids(tok, synth.prompt_parts(ex.prompt), n_images=1, history=None,
@@ -165,7 +166,7 @@ def answer_ids(tok, ex: synth.Example) -> list[int]:
     return tok.encode(ex.answer, allowed_special=GROUNDING_ST) + [tok.im_end_id]
 
 
-def encode_example(tok, ex: synth.Example, n_slots: int = 256) -> tuple[list[int], list[int]]:
+def encode_example(tok, ex: synth.Example, n_slots: int = N_SLOTS) -> tuple[list[int], list[int]]:
     """(input ids, next-token targets) of one example: targets are IGNORE except where the next
     token belongs to the answer (answer tokens and the final ``<|im_end|>``)."""
     p = prompt_ids(tok, ex, n_slots)
