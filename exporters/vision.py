@@ -32,8 +32,6 @@ import gc
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -48,6 +46,7 @@ from torch import nn
 
 from quant.plans import vision_precisions
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
+from runtime.files import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -790,9 +789,7 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
         raise VisionExportError(f"reference output {ref.shape} is not [N, {cfg.n_queries}, "
                                 f"{cfg.output_dim}]")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    with staging_dir(out_path) as tmp_dir:
         # 2. Export.
         t = time.perf_counter()
         graph = VisionGraph(visual, precision, fp32_islands, consume=owned).eval()
@@ -850,8 +847,6 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
             out_path.with_name(data_name).unlink()  # stale weights of an earlier, larger export
         os.replace(tmp_onnx, out_path)
         files.insert(0, out_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     if write_trt_script:
         from .tensorrt import trt_command_files, write_trt_commands
