@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
 
     from calib_data.manifest import load_manifest
-    from runtime.errors import EdgeError, report
+    from runtime.errors import EdgeError
+    from runtime.errors import report as report_error
 
     try:
         items = load_manifest(a.manifest)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EdgeError, FileNotFoundError, KeyError, ValueError) as e:
         if a.verbose:
             raise
-        return report(e)
+        return report_error(e)
     for st in report.stages.values():
         for m in st.metrics:
             if m.verdict != "INFO":
