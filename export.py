@@ -31,6 +31,7 @@ exit codes: 0 ok, 1 validation FAILED (bundle not written unless --allow-drift),
 
 def build_parser() -> argparse.ArgumentParser:
     from exporters.memory_plan import PROFILES
+    from quant.plans import DEFAULT_GROUP_SIZE, exportable_plans
 
     p = argparse.ArgumentParser(
         prog="export.py", description=__doc__.split("\n\n")[0] + ".",
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="Hugging Face checkpoint directory (Qwen/Qwen-VL, Qwen-VL-Chat or "
                         "Qwen-VL-Chat-Int4). Default: the bundled nano checkpoint")
-    p.add_argument("--plan", choices=["fp32", "fp16", "int4"], default="int4",
+    p.add_argument("--plan", choices=exportable_plans(), default="int4",
                    help="precision plan (default int4: GPTQ int4 decoder, int8 LM head, fp16 vision "
                         "with fp32 norms)")
     p.add_argument("--calib", type=Path, default=None,
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-validation", action="store_true", help="do not run the drift report")
     p.add_argument("--n-calib", type=int, default=None, help="use at most N calibration items")
     p.add_argument("--n-val", type=int, default=None, help="use at most N validation items")
-    p.add_argument("--group-size", type=int, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"GPTQ group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
     p.add_argument("--lm-head", choices=["int8", "fp16"], default="int8",
                    help="LM head precision in the int4 plan (default int8)")
@@ -81,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname).1s %(name)s: %(message)s")
-    from exporters.pipeline import ExportError, ExportOptions, report_json, run_export
-    from models.checkpoint import CheckpointError
-    from models.config import ConfigError
+    from exporters.pipeline import ExportOptions, report_json, run_export
+    from runtime.errors import EdgeError, report
 
     try:
         if args.plan_only:
@@ -105,14 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             demo=not args.no_demo,
             demo_prompt=args.demo_prompt)
         rep = run_export(opts)
-    except ExportError as e:
-        print(f"export.py: {e}", file=sys.stderr)
-        return 1 if "validation FAILED" in str(e) else 2
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (EdgeError, ValueError, FileNotFoundError, FileExistsError) as e:
         if args.verbose:
             raise
-        print(f"export.py: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     except KeyboardInterrupt:
         print("export.py: interrupted; finished stages are cached, rerun to resume",
               file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import host_read_bandwidth_gbs
+from runtime.errors import cli_main
 
 
 def build_nano_bundle(out: Path, plan: str, seed: int = 0) -> Path:
@@ -77,6 +78,7 @@ def pipeline_loop(pipe, prompt: str, image, n: int) -> tuple[list[float], list[f
     return r.timings["decode_s"], r.timings["decode_engine_s"]
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: build a nano one)")

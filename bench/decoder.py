@@ -52,6 +52,7 @@ import numpy as np
 
 from bench.common import (ceiling, cuda_copy_bandwidth_gbs, host, host_read_bandwidth_gbs,
                           peak_rss_mib, stats)
+from runtime.errors import cli_main
 
 log = logging.getLogger("bench.decoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +83,12 @@ def export_ours(checkpoint: Path, out: Path, layers: int | None, device: str = "
     from exporters.pipeline import CPU_FAST
     from models.checkpoint import CheckpointReader
     from quant.fake_quant import RTNTensors
+    from quant.plans import PLANS
 
     cfg = layer_config(checkpoint, layers)
     reader = CheckpointReader(checkpoint)
     src = WeightSource(cfg, reader.get, reader.__contains__)
-    qt = RTNTensors(src.get, cfg.num_hidden_layers, group_size=128, sym=True)
+    qt = RTNTensors(src.get, cfg.num_hidden_layers, group_size=PLANS["int4"].group_size, sym=True)
     out.mkdir(parents=True, exist_ok=True)
     base = CPU_FAST if device == "cpu" else {}
     export_decoder(src, onnx_path, plan="int4", quant_tensors=qt, **{**base, **overrides})
@@ -113,8 +115,12 @@ def weights_read_per_token(onnx_path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _prompt(vocab: int, start_id: int, n: int, n_img: int, seed: int = 0) -> list[int]:
+    """Random text ids (below ``<|endoftext|>``, the first special) around ``n_img`` slots."""
+    from models.config import IMG_START_INDEX
+
     rng = np.random.default_rng(seed)
-    text = [int(t) for t in rng.integers(0, min(vocab, 151643), n - n_img - (2 if n_img else 0))]
+    text_ids = min(vocab, start_id - IMG_START_INDEX)
+    text = [int(t) for t in rng.integers(0, text_ids, n - n_img - (2 if n_img else 0))]
     if not n_img:
         return text
     return text[:5] + [start_id] + [-1] * n_img + [start_id + 1] + text[5:]
@@ -314,6 +320,8 @@ def _with_ceiling(rec: dict, weights: float, kv: float, bw: dict) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.config import QwenVLConfig
+
     ap = argparse.ArgumentParser(prog="python -m bench.decoder", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", type=Path,
@@ -328,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eager-dtype", default="bf16", help="PyTorch reference dtype")
     ap.add_argument("--eager-tokens", type=int, default=8, help="decode steps of the eager baseline")
     ap.add_argument("--prompt-tokens", type=int, default=288)
-    ap.add_argument("--image-tokens", type=int, default=256)
+    ap.add_argument("--image-tokens", type=int, default=None,
+                    help="image rows in the prompt (default: the checkpoint's n_queries)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0,
                     help="intra-op threads of every contender (0: every core); recorded")
@@ -343,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV dtype of the exported engine (default: export.py --target cpu's)")
     ap.add_argument("--profile", action="store_true", help="per-operator profile of our decode step")
     ap.add_argument("--run", choices=("ours", "eager"), help=argparse.SUPPRESS)
-    ap.add_argument("--image-start-id", type=int, default=151857, help=argparse.SUPPRESS)
+    ap.add_argument("--image-start-id", type=int, default=QwenVLConfig().image_start_id,
+                    help=argparse.SUPPRESS)
     return ap
 
 
@@ -434,6 +444,7 @@ def alternate(args, decoder: Path, cfg, genai: Path | None, threads: int, record
     return ours, theirs
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -462,6 +473,8 @@ def drive(args, threads: int) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench-decoder-") if args.work is None else None
     work = Path(tmp.name) if tmp else args.work
     cfg = layer_config(ckpt, args.layers or None)
+    if args.image_tokens is None:
+        args.image_tokens = cfg.visual.n_queries
     t = time.perf_counter()
     over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
     ours_dir = work / (f"ours-L{cfg.num_hidden_layers}" + ("-gpu" if args.device == "cuda" else "")

@@ -40,6 +40,10 @@ import sys
 import time
 from pathlib import Path
 
+from models.config import QwenVLConfig
+from runtime.errors import cli_main
+from runtime.files import atomic_dir
+
 log = logging.getLogger("bench.genai_baseline")
 
 
@@ -67,7 +71,8 @@ def qwen2_name(name: str) -> list[tuple[str, slice | None]]:
 def qwen2_config(cfg: dict, layers: int | None = None, vocab: int | None = None) -> dict:
     """Qwen2 ``config.json`` of a Qwen-VL ``config.json`` (``vocab``: keep the first rows)."""
     vocab = min(vocab or cfg["vocab_size"], cfg["vocab_size"])
-    eos = min(151643, vocab - 1)  # <|endoftext|> (nano vocabularies are smaller)
+    # <|endoftext|>, or the last kept row when the build keeps fewer rows than that id
+    eos = min(QwenVLConfig.from_dict(cfg).eod_id, vocab - 1)
     return {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"] // 2,
@@ -94,23 +99,15 @@ def write_tokenizer(out: Path) -> None:
         "unk_token": "<unk>", "model_max_length": 8192}))
 
 
-def convert(checkpoint: Path, out: Path, layers: int | None = None,
-            vocab: int | None = None) -> Path:
-    """Write the decoder of a Qwen-VL checkpoint as a Qwen2 checkpoint (bf16, one shard per
-    source shard); ``layers`` keeps only the first N blocks, ``vocab`` the first rows of the
-    embedding and LM head (``bench.genai_expand`` grows both back after the build)."""
+def _convert_shards(checkpoint: Path, shards: list[str], keep: int, vocab: int | None,
+                    dest: Path) -> dict[str, str]:
+    """Qwen2 shards of the first ``keep`` blocks (and ``vocab`` rows) in ``dest``; returns the
+    weight map."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    index = checkpoint / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
-    keep = layers or cfg["num_hidden_layers"]
     for k, shard in enumerate(shards):
         part: dict[str, torch.Tensor] = {}
         with safe_open(str(checkpoint / shard), "pt") as f:
@@ -129,17 +126,32 @@ def convert(checkpoint: Path, out: Path, layers: int | None = None,
                     part[targets[0][0]] = t
         if part:
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(part, str(tmp / fname), metadata={"format": "pt"})
+            save_file(part, str(dest / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in part})
         log.info("converted %s (%d tensors)", shard, len(part))
-    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    qcfg = qwen2_config(cfg, layers, vocab)
-    (tmp / "config.json").write_text(json.dumps(qcfg, indent=1))
-    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": qcfg["eos_token_id"]}))
-    write_tokenizer(tmp)
-    tmp.rename(out)
+    return weight_map
+
+
+def convert(checkpoint: Path, out: Path, layers: int | None = None,
+            vocab: int | None = None) -> Path:
+    """Write the decoder of a Qwen-VL checkpoint as a Qwen2 checkpoint (bf16, one shard per
+    source shard), atomically; ``layers`` keeps only the first N blocks, ``vocab`` the first rows
+    of the embedding and LM head (``bench.genai_expand`` grows both back after the build)."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    index = checkpoint / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    with atomic_dir(out) as tmp:
+        weight_map = _convert_shards(checkpoint, shards, layers or cfg["num_hidden_layers"], vocab,
+                                     tmp)
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}))
+        qcfg = qwen2_config(cfg, layers, vocab)
+        (tmp / "config.json").write_text(json.dumps(qcfg, indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": qcfg["eos_token_id"]}))
+        write_tokenizer(tmp)
     return out
 
 
@@ -184,7 +196,8 @@ def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int,
     m = og.Model(str(model))
     load_s = time.perf_counter() - t
     vocab = json.loads((model / "genai_config.json").read_text())["model"]["vocab_size"]
-    ids = np.random.default_rng(seed).integers(2, min(vocab, 151643), prompt_tokens)
+    # text ids below <|endoftext|> of the full vocabulary
+    ids = np.random.default_rng(seed).integers(2, min(vocab, QwenVLConfig().eod_id), prompt_tokens)
     params = og.GeneratorParams(m)
     params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False,
                               min_length=prompt_tokens + new_tokens)
@@ -210,6 +223,7 @@ def time_model(model: Path, prompt_tokens: int, new_tokens: int, threads: int,
             "logits_finite": finite, "peak_rss_mib": peak_rss_mib()}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.genai_baseline",
                                  description=__doc__.split("\n")[0])

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import host, peak_rss_mib, stats
+from runtime.errors import cli_main
 
 
 def split_stats(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -48,6 +49,7 @@ def bundle_runs(bundle: Path, device: str, threads: int | None, image, prompt: s
 def engine_runs(vision: Path, decoder: Path, device: str, threads: int | None, image,
                 prompt_tokens: int, iters: int) -> tuple[list[dict[str, float]], dict]:
     from bench.decoder import decoder_facts
+    from models.config import QwenVLConfig
     from runtime.engines import DecoderEngine, VisionEngine, pick_providers
     from runtime.image import load_image, preprocess
 
@@ -55,9 +57,10 @@ def engine_runs(vision: Path, decoder: Path, device: str, threads: int | None, i
     ve = VisionEngine(vision, providers, threads)
     vocab, _ = decoder_facts(decoder)
     de = DecoderEngine(decoder, providers, threads, vocab)
-    n_rows = ve.n_queries or 256
+    full = QwenVLConfig()  # engines without a bundle: the published Qwen-VL's facts
+    n_rows = ve.n_queries or full.visual.n_queries
     size = int(ve.session.get_inputs()[0].shape[-1])
-    text = np.random.default_rng(0).integers(0, min(vocab, 151643), prompt_tokens - n_rows)
+    text = np.random.default_rng(0).integers(0, min(vocab, full.eod_id), prompt_tokens - n_rows)
     table = np.concatenate([text[:5], vocab + np.arange(n_rows), text[5:]]).astype(np.int64)
     runs = []
     for _ in range(iters + 1):
@@ -75,6 +78,7 @@ def engine_runs(vision: Path, decoder: Path, device: str, threads: int | None, i
                   "prompt_tokens": int(len(table))}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import cpu_name, peak_rss_mib, stats, timed
+from runtime.errors import cli_main
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vision", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the nano checkpoint)")

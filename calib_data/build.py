@@ -25,7 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .manifest import (CalibItem, ManifestError, check_disjoint, file_sha256, load_manifest,
+from runtime.errors import cli_main
+
+from .manifest import (CalibItem, check_disjoint, file_sha256, load_manifest,
                        pixel_sha256, render_versions, skimage_data_dir, write_manifest)
 
 log = logging.getLogger(__name__)
@@ -177,6 +179,7 @@ def build_items(n_calib: int = 64, n_val: int = 72, seed: int = 0,
     return items
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m calib_data.build",
@@ -197,15 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--n-calib must be >= 0 and --n-val >= 1")
     if not 0 <= a.seed < 10_000:
         ap.error("--seed must be in 0..9999")
-    try:
-        items = build_items(a.n_calib, a.n_val, a.seed, photos=not a.no_photos)
-        write_manifest(a.out, items, seed_block=a.seed,
-                       note="recipes and hashes only; images are generated or read from the "
-                            "scikit-image wheel by calib_data.manifest.materialise")
-        loaded = load_manifest(a.out)  # round trip: parses, hashes match, splits disjoint
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # a ManifestError (bad recipe, hash mismatch on the round trip) ends in cli_main: one line
+    items = build_items(a.n_calib, a.n_val, a.seed, photos=not a.no_photos)
+    write_manifest(a.out, items, seed_block=a.seed,
+                   note="recipes and hashes only; images are generated or read from the "
+                        "scikit-image wheel by calib_data.manifest.materialise")
+    loaded = load_manifest(a.out)  # round trip: parses, hashes match, splits disjoint
     counts = loaded.counts()
     v = render_versions()
     print(f"wrote {a.out}: {len(loaded)} items "

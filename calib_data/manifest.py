@@ -40,12 +40,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from runtime.errors import EdgeError
+from runtime.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ _SPECIAL_RE = re.compile(r"<\|?/?(img|imgpad|ref|box|quad|im_start|im_end|endoft
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ManifestError(ValueError):
+class ManifestError(EdgeError, ValueError):
     """A manifest that cannot be used; one line per bad entry, each saying what to do."""
 
 
@@ -150,12 +151,7 @@ def pixel_sha256(img) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the name the manifest code and its callers use
 
 
 def skimage_data_dir() -> Path:
@@ -244,10 +240,9 @@ def materialise(item: CalibItem, cache_dir: str | Path | None = None, verify: bo
     if verify and item.sha256 and pixel_sha256(img) != item.sha256:
         raise ManifestError(_changed(item, None))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.png")
-        img.save(tmp)
-        os.replace(tmp, cached)
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        atomic_write_bytes(cached, png.getvalue())
     return img
 
 
@@ -619,17 +614,4 @@ def write_manifest(path: str | Path, items: Sequence[CalibItem], **header: Any) 
     buf.write(json.dumps(manifest_header(items, **header), ensure_ascii=False) + "\n")
     for it in items:
         buf.write(json.dumps(it.to_dict(), ensure_ascii=False) + "\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a manifest is an ordinary file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, buf.getvalue())

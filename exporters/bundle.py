@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle import (FORMAT_VERSION, MANIFEST, TOOLKIT, BundleError, Manifest,
-                            read_manifest, sha256_file, verify_bundle, versions)
+                            read_manifest, verify_bundle, versions)
+from runtime.files import atomic_dir, atomic_write_text, sha256_file
 
 __all__ = ["BundleError", "Manifest", "check_out_dir", "engine_io", "manifest_fields",
            "model_facts", "read_manifest", "replace_reason", "verify_bundle", "versions",
@@ -49,15 +50,14 @@ _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: 
 
 def model_facts(cfg: Any, tokenizer_specials: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The facts the runtime needs, from a ``models.config.QwenVLConfig``."""
-    img_start = cfg.image_start_id
-    eod = img_start - 214  # <|endoftext|> is the first special token, <img> the 215th
+    img_start, eod = cfg.image_start_id, cfg.eod_id
     special = {"eod": eod, "im_start": eod + 1, "im_end": eod + 2, "img_start": img_start,
                "img_end": img_start + 1, "img_pad": img_start + 2, "ref_start": img_start - 6,
                "ref_end": img_start - 5, "box_start": img_start - 4, "box_end": img_start - 3}
     special.update(dict(tokenizer_specials or {}))
     return {
         "vocab_size": cfg.vocab_size,
-        "n_vocab": img_start + 3,  # real tokens; rows above are padding
+        "n_vocab": cfg.n_vocab,  # real tokens; rows above are padding
         "n_queries": cfg.visual.n_queries,
         "image_size": cfg.visual.image_size,
         "hidden": cfg.hidden_size,
@@ -151,8 +151,6 @@ def write_bundle(out_dir: str | Path, files: Mapping[str, str | Path],
     ``manifest_fields``: merged into the manifest (``model`` facts are required by the runtime);
     ``engines`` I/O is filled from the ONNX files when not given. ``move`` moves instead of copying.
     """
-    from models.checkpoint import atomic_dir
-
     out = Path(out_dir)
     plan: dict[str, Path] = {}
     for name, src in files.items():
@@ -206,11 +204,7 @@ def _fill(tmp: Path, plan: Mapping[str, Path], fields: Mapping[str, Any],
         "engines": engines,
         "files": dict(sorted(listed.items())),
     }
-    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -69,10 +67,15 @@ from models.qwen_vl import rotary_cos_sin
 from quant.fake_quant import LINEAR_SUFFIXES, check_gptq_shape
 from quant.packing import (GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits,
                            quantize_int8_per_channel)
+from quant.plans import DEFAULT_GROUP_SIZE
+from quant.plans import PLANS as PRECISION_PLANS
+from quant.plans import exportable_plans
+from runtime.errors import EdgeError
+from runtime.files import staging_dir
 
 log = logging.getLogger(__name__)
 
-PLANS = ("fp32", "fp16", "int4")
+PLANS = exportable_plans()  # the precision plans this exporter builds (quant/plans.py)
 OPSET = 21
 IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
@@ -84,7 +87,7 @@ _ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorPr
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class DecoderExportError(ValueError):
+class DecoderExportError(EdgeError, ValueError):
     """Arguments or weights the decoder exporter cannot turn into a graph."""
 
 
@@ -291,8 +294,8 @@ class _DecoderGraph:
         self.A = _NP[s.act_dtype]
         self.KV = _NP[s.kv_dtype]
         self.tA, self.tKV = _ONNX[np.dtype(self.A)], _ONNX[np.dtype(self.KV)]
-        # fp32 plan keeps fp32 small tensors; the fp16/int4 plans store them in fp16
-        self.small_dtype = np.float32 if s.plan == "fp32" else np.float16
+        # norms and biases in the plan's small-tensor dtype (fp32 plan: fp32, else fp16)
+        self.small_dtype = _NP[PRECISION_PLANS[s.plan].small]
         from models.checkpoint import expected_shapes
 
         self.shapes = expected_shapes(cfg)
@@ -347,7 +350,7 @@ class _DecoderGraph:
                                     else accuracy_level))
 
     def linear(self, x: str, name: str, scope: str) -> str:
-        if self.s.plan != "int4":
+        if not PRECISION_PLANS[self.s.plan].quantized:
             return self.fp_linear(x, name, self.A, scope)
         t = self.quant[name]
         k_in = self.hid if not name.endswith("mlp.c_proj") else self.F
@@ -563,18 +566,19 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
               accuracy_level, lm_head_accuracy_level, attention, max_positions) -> _Settings:
     if plan not in PLANS:
         raise DecoderExportError(f"unknown decoder plan '{plan}': use one of {', '.join(PLANS)}")
-    act = act_dtype or {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}[plan]
-    kv = kv_dtype or {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}[plan]
-    head = lm_head or {"fp32": "fp32", "fp16": "fp16", "int4": "int8"}[plan]
+    spec = PRECISION_PLANS[plan]
+    act = act_dtype or spec.act_dtype
+    kv = kv_dtype or spec.kv_dtype
+    head = lm_head or spec.lm_head
     for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _NP),
                           ("lm_head", head, ("int8", "fp16", "fp32")),
                           ("attention", attention, ("mha", "plain"))):
         if val not in ok:
             raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
-    if plan == "fp32" and act != "fp32":
-        raise DecoderExportError("the fp32 plan has fp32 activations; use plan='fp16' for fp16")
-    if plan == "fp16" and act != "fp16":
-        raise DecoderExportError("the fp16 plan has fp16 activations; use plan='fp32' for fp32")
+    if act not in spec.act_dtypes:
+        other = next((n for n in PLANS if PRECISION_PLANS[n].act_dtypes == (act,)), None)
+        raise DecoderExportError(f"the {plan} plan has {'/'.join(spec.act_dtypes)} activations"
+                                 + (f"; use plan='{other}' for {act}" if other else ""))
     if group_size < 16 or group_size & (group_size - 1):
         raise DecoderExportError(f"group_size {group_size}: MatMulNBits needs a power of two >= 16")
     if lm_head_accuracy_level is None:
@@ -595,17 +599,12 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
                      attention, int(max_positions))
 
 
-def _atomic_pair(out_path: Path):
-    """Temporary directory beside ``out_path`` holding the .onnx and its .data before renaming."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-
-
 def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
                    plan: str = "fp32", quant_tensors: Mapping[str, GPTQTensors] | None = None,
-                   group_size: int = 128, lm_head: str | None = None, act_dtype: str | None = None,
-                   kv_dtype: str | None = None, accuracy_level: int = 0,
-                   lm_head_accuracy_level: int | None = None, attention: str = "mha",
+                   group_size: int = DEFAULT_GROUP_SIZE, lm_head: str | None = None,
+                   act_dtype: str | None = None, kv_dtype: str | None = None,
+                   accuracy_level: int = 0, lm_head_accuracy_level: int | None = None,
+                   attention: str = "mha",
                    max_positions: int | None = None, check: bool = True) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
@@ -624,7 +623,7 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     cfg = src.cfg
     s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level,
                   lm_head_accuracy_level, attention, max_positions)
-    if plan == "int4":
+    if PRECISION_PLANS[plan].quantized:
         if quant_tensors is None:
             raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
                                      "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
@@ -636,8 +635,9 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                                      f"first {missing[0]}")
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
-    tmp = _atomic_pair(out_path)
-    try:
+    # .onnx and .data are written beside out_path, then moved into place: data first, the
+    # .onnx last (its presence means the pair is complete)
+    with staging_dir(out_path) as tmp:
         with open(tmp / data_name, "wb") as f:
             gw = _GraphWriter(f, data_name)
             dg = _DecoderGraph(src, s, gw, quant_tensors)
@@ -661,8 +661,6 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
             _check(m, tmp)
         os.replace(tmp / data_name, out_path.parent / data_name)
         os.replace(tmp / out_path.name, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     op_counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in gw.nodes)
     wb = dict(gw.bytes)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from models.checkpoint import expected_shapes
 from models.config import QwenVLConfig
+from quant.plans import DTYPE_BITS, PLANS, PrecisionPlan
 
 GB = 1e9
 
@@ -36,13 +37,6 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile("desktop", 22.0 * GB, "desktop GPU with 24 GB (RTX 4090 class)"),
 )}
 
-# bits per weight of each engine part, per plan (DESIGN.md §5)
-PLANS: dict[str, dict[str, int]] = {
-    "fp32": {"vision": 32, "linear": 32, "lm_head": 32, "embed": 32, "kv": 32},
-    "fp16": {"vision": 16, "linear": 16, "lm_head": 16, "embed": 16, "kv": 16},
-    "int4": {"vision": 16, "linear": 4, "lm_head": 8, "embed": 16, "kv": 16},
-    "edge": {"vision": 8, "linear": 4, "lm_head": 8, "embed": 16, "kv": 8},
-}
 QUANT_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.w1.weight", ".mlp.w2.weight",
                   ".mlp.c_proj.weight")
 RUNTIME_OVERHEAD = 0.6 * GB  # CUDA context + ORT arenas + activations at batch 1
@@ -94,15 +88,25 @@ class MemoryPlan:
         return out
 
 
+def plan_bits(plan: PrecisionPlan, target: str = "gpu") -> dict[str, int]:
+    """Bits per weight of each engine part (and of the KV cache) of ``plan`` on ``target``."""
+    return {"vision": DTYPE_BITS[plan.vision], "linear": plan.linear_bits,
+            "lm_head": DTYPE_BITS[plan.lm_head], "embed": DTYPE_BITS[plan.embed],
+            "small": DTYPE_BITS[plan.small], "kv": DTYPE_BITS[plan.target(target).kv_dtype]}
+
+
 def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
-                context: int | None = None, kv_bits: int | None = None) -> MemoryPlan:
+                context: int | None = None, kv_bits: int | None = None,
+                target: str = "gpu") -> MemoryPlan:
     """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits
-    (``kv_bits`` overrides the plan's KV precision, e.g. 32 for the CPU-tuned int4 decoder)."""
+    (``target``: the executor whose KV dtype counts, e.g. fp32 for the CPU-tuned int4 decoder;
+    ``kv_bits`` overrides it)."""
     if plan not in PLANS:
         raise ValueError(f"unknown plan '{plan}': choose one of {', '.join(PLANS)}")
     if device not in PROFILES:
         raise ValueError(f"unknown device profile '{device}': choose one of {', '.join(PROFILES)}")
-    bits = PLANS[plan]
+    spec = PLANS[plan]
+    bits = plan_bits(spec, target if target in spec.targets else "gpu")
     prof = PROFILES[device]
     context = context or cfg.seq_length
     vision = linear = head = embed = other = 0.0
@@ -113,8 +117,8 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
             b = bits["vision"] if len(shape) > 1 and "pos" not in name else max(16, bits["vision"])
             vision += n * b / 8
         elif name.endswith(QUANT_SUFFIXES):
-            if bits["linear"] == 4:  # int4 codes + one fp16 scale per group of 128
-                linear += n * 4 / 8 + n / 128 * 2
+            if spec.group_size:  # int4 codes + one fp16 scale per group
+                linear += n * bits["linear"] / 8 + n / spec.group_size * 2
             else:
                 linear += n * bits["linear"] / 8
         elif name == "lm_head.weight":
@@ -122,7 +126,7 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
         elif name == "transformer.wte.weight":
             embed += n * bits["embed"] / 8
         else:
-            other += n * (32 if plan == "fp32" else 16) / 8
+            other += n * bits["small"] / 8
     kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (kv_bits or bits["kv"]) / 8
     decoder = linear + head + embed + other
     read_per_token = linear + head + other

@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import CheckpointReader, sha256_file
+from models.checkpoint import CheckpointReader
 from models.config import QwenVLConfig
+from quant.plans import DEFAULT_GROUP_SIZE, PLANS, exportable_plans
+from runtime.errors import EXIT_FAILED_CHECK, EdgeError
+from runtime.files import sha256_file
 
 from .memory_plan import MemoryPlan, plan_memory
 from .stages import StageResult, run_stage, stage_dir_only, stage_key
@@ -25,18 +28,12 @@ from .stages import StageResult, run_stage, stage_dir_only, stage_key
 log = logging.getLogger(__name__)
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "calib_data" / "manifest.jsonl"
-VISION_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "fp16"}
-# ORT CPU has fast int4/int8 MatMulNBits kernels only with int8 activations (accuracy_level 4) and
-# fp32 activations; measured on the full-size decoder: 0.82 s/token vs 2.9 s/token with the exact
-# fp16 settings (level 0), whose int8 LM head alone is ~50x slower on CPU.
-#: The int4 decoder for onnxruntime on CPU (``export.py --target cpu``), measured in
-#: bench/RESULTS.md: fp32 activations + accuracy level 4 (int8 activations inside MatMulNBits)
-#: make decode 3.6x faster than the exact fp16 settings; an fp32 KV cache removes the per-step
-#: Cast of the whole past (11 % of a step) and is 24 % faster again at 8 full-size layers.
-CPU_FAST = {"act_dtype": "fp32", "accuracy_level": 4, "kv_dtype": "fp32"}
+#: The int4 decoder for onnxruntime on CPU (``export.py --target cpu``): the int4 plan's ``cpu``
+#: target in quant/plans.py, where the measurements behind it are cited.
+CPU_FAST = PLANS["int4"].target("cpu").decoder_kwargs()
 
 
-class ExportError(RuntimeError):
+class ExportError(EdgeError, RuntimeError):
     """A failure the user can act on; export.py prints it as one line."""
 
 
@@ -55,13 +52,17 @@ class ExportOptions:
     skip_validation: bool = False
     n_calib: int | None = None
     n_val: int | None = None
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     desc_act: bool = False
     damp_percent: float = 0.01
     lm_head: str = "int8"  # int8 | fp16 (int4 plan)
-    cpu: bool = False  # int4 decoder tuned for onnxruntime on CPU (see CPU_FAST)
+    cpu: bool = False  # decoder tuned for onnxruntime on CPU (the plan's "cpu" target)
     demo: bool = True
     demo_prompt: str | None = None
+
+    @property
+    def target(self) -> str:
+        return "cpu" if self.cpu else "gpu"
 
     def resolved_work_dir(self) -> Path:
         return self.work_dir or self.out.parent / f"{self.out.name}.work"
@@ -130,7 +131,7 @@ STAGES = ("data", "quant", "vision", "decoder", "candidate", "validate", "bundle
 def check_out(opts: ExportOptions, ckpt: Path) -> None:
     """Refuse an --out (or work dir) that must not or cannot be written, before any work, and
     remove what killed runs left behind there (only names this toolkit creates)."""
-    from models.checkpoint import clean_leftovers
+    from runtime.files import clean_leftovers
 
     from .bundle import BundleError, check_out_dir
 
@@ -174,7 +175,10 @@ def run_export(opts: ExportOptions) -> ExportReport:
 def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
     from tqdm import tqdm
 
-    if ckpt.quantized and opts.plan != "int4":
+    if opts.plan not in exportable_plans():
+        raise ExportError(f"plan '{opts.plan}' cannot be exported: use one of "
+                          f"{', '.join(exportable_plans())}")
+    if ckpt.quantized and not PLANS[opts.plan].quantized:
         raise ExportError(f"{ckpt.path} is already GPTQ-quantised: only --plan int4 can use it")
     report = ExportReport(bundle=None, memory=_memory_plan(ckpt.cfg, opts))
     work = opts.resolved_work_dir()
@@ -193,9 +197,7 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
 
 
 def _memory_plan(cfg: QwenVLConfig, opts: ExportOptions) -> MemoryPlan:
-    mem = plan_memory(cfg, opts.plan if opts.plan in ("fp32", "fp16", "int4") else "int4",
-                      opts.device_profile, opts.context,
-                      kv_bits=32 if opts.cpu and opts.plan == "int4" else None)
+    mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target)
     for line in mem.lines():
         log.info("%s", line)
     if not mem.fits and not opts.force:
@@ -231,11 +233,12 @@ class _Flow:
 
     def quant(self, calib_items: list, data_key: str) -> Path | None:
         opts = self.opts
-        if opts.plan != "int4" or self.ckpt.quantized:
-            if opts.plan == "int4":
+        quantized = PLANS[opts.plan].quantized
+        if not quantized or self.ckpt.quantized:
+            if quantized:
                 log.info("checkpoint is GPTQ-quantised already: GPTQ skipped")
             self._done()
-            return self.ckpt.path if opts.plan == "int4" else None
+            return self.ckpt.path if quantized else None
         qkey = stage_key(ckpt=self.digest, data=data_key, g=opts.group_size, act=opts.desc_act,
                          damp=opts.damp_percent)
         res = run_stage(self.work, "quant", qkey,
@@ -245,7 +248,7 @@ class _Flow:
 
     def engines(self, calib_items: list, gptq_dir: Path | None) -> dict[str, Path]:
         opts, ckpt = self.opts, self.ckpt
-        vprec = VISION_PRECISION[opts.plan]
+        vprec = PLANS[opts.plan].vision
         vres = run_stage(self.work, "vision", stage_key(ckpt=self.digest, precision=vprec),
                          lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
         self._done(vres)
@@ -282,7 +285,7 @@ class _Flow:
             raise ExportError(
                 f"validation FAILED ({', '.join(valres.info.get('failed', [])[:4])}): see "
                 f"{self.work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
-                "(pass --allow-drift to write it anyway)")
+                "(pass --allow-drift to write it anyway)", exit_code=EXIT_FAILED_CHECK)
         return {f"report/{p.name}": p for p in sorted((valres.path / "report").glob("*"))
                 if p.is_file()}
 
@@ -375,7 +378,8 @@ def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportO
                     tmp: Path) -> dict[str, Any]:
     from .decoder import WeightSource, export_decoder
 
-    if opts.plan == "int4":
+    plan = PLANS[opts.plan]
+    if plan.quantized:
         from quant.checkpoint import load_gptq_checkpoint
 
         # Everything comes from the GPTQ checkpoint (fp16 embeddings/norms as stored there), so
@@ -383,8 +387,8 @@ def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportO
         gcfg, tensors, _ = load_gptq_checkpoint(gptq_dir,
                                                 ckpt.cfg if gptq_dir == ckpt.path else None)
         res = export_decoder(WeightSource.from_checkpoint(gptq_dir, gcfg), tmp / "decoder.onnx",
-                             plan="int4", quant_tensors=tensors, group_size=opts.group_size,
-                             lm_head=opts.lm_head, **CPU_FAST if opts.cpu else {})
+                             plan=opts.plan, quant_tensors=tensors, group_size=opts.group_size,
+                             lm_head=opts.lm_head, **plan.target(opts.target).decoder_kwargs())
     else:
         res = export_decoder(WeightSource.from_checkpoint(ckpt.path, ckpt.cfg),
                              tmp / "decoder.onnx", plan=opts.plan)
@@ -451,7 +455,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
                                      else None) as tmp:
         t = Path(tmp)
         kwargs: dict[str, Any] = {}
-        if plan == "int4":
+        if PLANS[plan].quantized:
             kwargs = _rtn_quant(model, quant_tensors)
         kwargs.update(decoder_kwargs or {})
         export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
@@ -469,7 +473,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
 
 def _rtn_quant(model: Any, quant_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
     """``export_decoder`` int4 arguments: the given GPTQ tensors, else round-to-nearest ones."""
-    group = 128
+    group = PLANS["int4"].group_size or DEFAULT_GROUP_SIZE
     while model.cfg.hidden_size % group or model.cfg.ffn_dim % group:
         group //= 2
     if quant_tensors is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import atomic_dir
+from runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

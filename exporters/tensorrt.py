@@ -23,7 +23,6 @@ trimmed; the GPU name comes from ``$GPU_NAME``, else ``nvidia-smi``, else the Je
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.util
 import io
 import json
@@ -32,7 +31,6 @@ import os
 import re
 import shlex
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.errors import EdgeError
+from runtime.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ CHECK_REFERENCE = "vision_reference_outputs.json"  # polygraphy --load-outputs f
 POLYGRAPHY_VERSION = "0.53.6"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(EdgeError, RuntimeError):
     """``tensorrt`` is not importable here."""
 
 
@@ -187,41 +188,20 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    _atomic_write(plan, bytes(serialized))
-    _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(plan, bytes(serialized))
+    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - t0
     meta = {"tensorrt": trt.__version__, "gpu": gpu, "strongly_typed": True,
             "profile": {"min": [min_batch, 3, image_size, image_size],
                         "opt": [opt_batch, 3, image_size, image_size],
                         "max": [max_batch, 3, image_size, image_size]},
-            "onnx": onnx_path.name, "onnx_sha256": _sha256(onnx_path),
+            "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
             "build_seconds": round(seconds, 1)}
     meta_path = plan.with_name(plan.name + ".json")
-    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     log.info("wrote %s in %.0f s", plan, seconds)
     return EngineBuild(plan=plan, metadata=meta_path, timing_cache=cache_path, gpu=gpu,
                        trt_version=version, seconds=seconds)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)  # mkstemp makes 0600; bundle files are read by other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +284,10 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
     if has_inputs:
         bs = max_batch
         px = [check_pixels[i:i + bs] for i in range(0, len(check_pixels), bs)]
-        _atomic_write(out_dir / CHECK_INPUTS, polygraphy_inputs_json(px).encode())
+        atomic_write_bytes(out_dir / CHECK_INPUTS, polygraphy_inputs_json(px).encode())
         if has_ref:
             refs = [check_reference[i:i + bs] for i in range(0, len(check_reference), bs)]
-            _atomic_write(out_dir / CHECK_REFERENCE, polygraphy_outputs_json(refs).encode())
+            atomic_write_bytes(out_dir / CHECK_REFERENCE, polygraphy_outputs_json(refs).encode())
     for name, written in ((CHECK_INPUTS, has_inputs), (CHECK_REFERENCE, has_ref)):
         if not written:  # stale data of an earlier export would check the wrong engine
             (out_dir / name).unlink(missing_ok=True)
@@ -316,7 +296,7 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
                                   min_cosine=min_cosine, atol=atol)
     script = _script_text(settings, precision, has_inputs, has_ref)
     path = out_dir / SCRIPT_NAME
-    _atomic_write(path, script.encode(), mode=0o755)
+    atomic_write_bytes(path, script.encode(), mode=0o755)
     log.info("wrote %s (trtexec --stronglyTyped build + polygraphy checks)", path)
     return path
 

@@ -35,8 +35,6 @@ import copy
 import gc
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from runtime.files import staging_dir
 
 from .check_images import DEFAULT_CHECK_IMAGES, check_pixels
 from .graph_summary import META_PREFIX, graph_summary, onnx_metadata, summary_line
@@ -260,9 +260,7 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
     timings["load_s"] = time.perf_counter() - t0
     # Reference features first, so the torch weights can be dropped before the ORT session.
     ref = _reference(reference if reference is not None else visual, pixels, cfg, timings)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    with staging_dir(out_path) as tmp_dir:
         tmp_onnx = tmp_dir / out_path.name
         ir_version, summary = _export_graph(visual, owned, tmp_onnx, precision, fp32_islands,
                                             opset, max_batch, pixels, timings)
@@ -270,8 +268,6 @@ def export_vision(model_or_checkpoint: Any, out_path: str | Path, precision: str
         metrics, batch_dev, used = _check_engine(tmp_onnx, out_path, precision, providers,
                                                  pixels, ref, names, tolerances, timings)
         files = _move_into_place(tmp_dir, tmp_onnx, out_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     if write_trt_script:
         from .tensorrt import trt_command_files, write_trt_commands
 

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("fp32", "fp16")
+from quant.plans import vision_precisions
+
+PRECISIONS = vision_precisions()  # ("fp32", "fp16"): those of the exportable plans
 KV_PRESCALE = 32.0  # power of two: see VisionGraph.kv_prescale
 
 

@@ -12,14 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from runtime.errors import EdgeError
+from runtime.files import atomic_dir, sha256_file
 
 from .config import QwenVLConfig
 
@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgeError, ValueError):
     """A checkpoint whose files or tensors do not match what the config describes."""
 
 
@@ -165,14 +165,6 @@ def check_finite(name: str, t: torch.Tensor, where: str = "") -> None:
         "it or export another one")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Model <-> checkpoint
 # ---------------------------------------------------------------------------------------------
@@ -251,88 +243,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-@contextmanager
-def atomic_dir(target: str | Path,
-               may_replace: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it onto ``target`` only if the block succeeds.
-
-    An existing ``target`` is replaced only when it is a directory and ``may_replace(target)``
-    returns None (default: only an empty directory); otherwise ``FileExistsError`` with the
-    reason is raised before the block runs, so nothing the caller did not write is destroyed.
-    Temporary names carry the writer's pid (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``) so
-    that :func:`clean_leftovers` can tell a crashed writer's debris from a live one's.
-    """
-    target = Path(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise FileExistsError(f"{target} exists and is not a directory: choose another path")
-    if target.is_dir():
-        why = (may_replace or _only_if_empty)(target)
-        if why:
-            raise FileExistsError(why)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _only_if_empty(target: Path) -> str | None:
-    if any(target.iterdir()):
-        return f"{target} is a non-empty directory that this toolkit did not write: choose another path"
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def clean_leftovers(parent: Path, name: str, legacy_age_s: float = 3600.0) -> list[Path]:
-    """Remove what a killed :func:`atomic_dir` writer of ``parent/name`` left behind.
-
-    Only directories named ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` whose process is gone
-    are removed (a concurrent writer's are kept); ``.<name>.tmp-<random>`` from older versions
-    only once they are ``legacy_age_s`` old. Nothing else is ever touched.
-    """
-    import re
-    import time
-
-    pat = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(?:(\d+)(?:-[A-Za-z0-9_]+)?|([A-Za-z0-9_]+))")
-    removed = []
-    if not parent.is_dir():
-        return removed
-    for p in parent.iterdir():
-        m = pat.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir():
-            continue
-        if m.group(2) is not None:
-            stale = not _pid_alive(int(m.group(2)))
-        else:
-            stale = time.time() - p.stat().st_mtime > legacy_age_s
-        if stale:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-            log.info("removed %s left behind by an interrupted run", p)
-    return removed
-
 
 def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
                  max_shard_bytes: int = 2 << 30, fmt: str = "safetensors") -> dict:

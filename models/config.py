@@ -13,8 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import EdgeError
 
-class ConfigError(ValueError):
+
+#: Qwen's tokenizer appends 217 special tokens after its BPE ranks, ``<|endoftext|>`` first and
+#: ``<img>`` at index 214 (``runtime.tokenizer.SPECIAL_TOKENS``): ``image_start_id`` fixes them
+#: all.
+N_SPECIAL_TOKENS = 217
+IMG_START_INDEX = 214
+#: Resampler queries = image slots per image; the real config.json does not write it (the
+#: original code defaults it to 256).
+DEFAULT_N_QUERIES = 256
+
+
+class ConfigError(EdgeError, ValueError):
     """A config.json that is missing, unreadable or not a Qwen-VL config."""
 
 
@@ -30,9 +42,9 @@ class VisualConfig:
     patch_size: int = 14
     output_dim: int = 4096
     image_start_id: int = 151857
-    # Not present in the real config.json (the original code defaults it to 256); written only
-    # when it differs, so the real layout stays byte-for-byte comparable.
-    n_queries: int = 256
+    # Not present in the real config.json; written only when it differs from the default, so
+    # the real layout stays byte-for-byte comparable.
+    n_queries: int = DEFAULT_N_QUERIES
 
     @property
     def mlp_width(self) -> int:
@@ -57,7 +69,7 @@ class VisualConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if self.n_queries == 256:
+        if self.n_queries == DEFAULT_N_QUERIES:
             d.pop("n_queries")
         return d
 
@@ -109,6 +121,16 @@ class QwenVLConfig:
     @property
     def image_start_id(self) -> int:
         return self.visual.image_start_id
+
+    @property
+    def eod_id(self) -> int:
+        """``<|endoftext|>``: the first special token; every id below it is a BPE text token."""
+        return self.visual.image_start_id - IMG_START_INDEX
+
+    @property
+    def n_vocab(self) -> int:
+        """Real tokens (BPE + specials); the embedding rows above them are padding."""
+        return self.eod_id + N_SPECIAL_TOKENS
 
     @property
     def image_end_id(self) -> int:

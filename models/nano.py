@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (atomic_dir, expected_shapes, only_checkpoint_dirs, parse_dtype,
-                         write_shards)
-from .config import QwenVLConfig, VisualConfig, qwen_vl_chat_config
+from runtime.files import atomic_dir
+
+from .checkpoint import expected_shapes, only_checkpoint_dirs, parse_dtype, write_shards
+from .config import (IMG_START_INDEX, N_SPECIAL_TOKENS, QwenVLConfig, VisualConfig,
+                     qwen_vl_chat_config)
 
 log = logging.getLogger(__name__)
 
-N_SPECIAL = 217  # <|endoftext|>, <|im_start|>, <|im_end|>, 205 extras, 9 VL tags
-IMG_START_OFFSET = 214  # index of <img> among the special tokens
 NORMS = {"ln_1", "ln_2", "ln_f", "ln_pre", "ln_post", "ln_q", "ln_kv"}
 
 
@@ -60,12 +60,12 @@ def nano_config(spec: NanoSpec, n_bpe: int) -> QwenVLConfig:
     vis = VisualConfig(width=spec.vis_width, layers=spec.vis_layers, heads=spec.vis_heads,
                        mlp_ratio=spec.vis_mlp_ratio, image_size=spec.image_size,
                        patch_size=spec.patch_size, output_dim=spec.hidden_size,
-                       image_start_id=n_bpe + IMG_START_OFFSET, n_queries=spec.n_queries)
+                       image_start_id=n_bpe + IMG_START_INDEX, n_queries=spec.n_queries)
     return QwenVLConfig(
         hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         kv_channels=spec.hidden_size // spec.num_attention_heads,
-        intermediate_size=2 * spec.ffn_dim, vocab_size=_pad(n_bpe + N_SPECIAL),
+        intermediate_size=2 * spec.ffn_dim, vocab_size=_pad(n_bpe + N_SPECIAL_TOKENS),
         seq_length=spec.seq_length, visual=vis, extra=dict(base.extra))
 
 
@@ -115,7 +115,7 @@ def _json(obj: dict) -> str:
 
 def side_files(cfg: QwenVLConfig, ranks: dict[bytes, int] | None) -> dict[str, str]:
     """generation_config.json, tokenizer_config.json (+ qwen.tiktoken) as published."""
-    n_bpe = cfg.image_start_id - IMG_START_OFFSET
+    n_bpe = cfg.eod_id
     files = {
         "generation_config.json": _json({
             "chat_format": "chatml", "do_sample": True, "eos_token_id": n_bpe,

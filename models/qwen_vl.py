@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.errors import ContextLengthError
+
 from .config import QwenVLConfig, VisualConfig
-
-
-class ContextLengthError(ValueError):
-    """The context would exceed what the model implements exactly."""
 
 
 # ---------------------------------------------------------------------------------------------

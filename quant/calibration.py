@@ -24,6 +24,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from runtime.errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_ITEMS = 8  # nano / tests; real runs want 64-256 items
@@ -31,7 +33,7 @@ DEFAULT_MIN_ITEMS = 8  # nano / tests; real runs want 64-256 items
 ImageLike = Union[str, Path, bytes, np.ndarray, Any]  # Any: PIL.Image.Image
 
 
-class CalibrationError(ValueError):
+class CalibrationError(EdgeError, ValueError):
     """A calibration set that cannot be used, with the reason in one line."""
 
 

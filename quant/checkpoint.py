@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from models.checkpoint import (IGNORED_SUFFIXES, CheckpointError, CheckpointReader,
-                               NonFiniteWeightError, atomic_dir, build_model, expected_shapes,
+                               NonFiniteWeightError, build_model, expected_shapes,
                                only_checkpoint_dirs, parse_dtype, write_shards)
 from models.config import ConfigError, QwenVLConfig
+from runtime.files import atomic_dir
 
 from .fake_quant import LINEAR_SUFFIXES, quantized_linear_names
 from .gptq import QuantConfig, QuantError, QuantResult

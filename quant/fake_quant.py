@@ -21,6 +21,7 @@ from torch import nn
 
 from .packing import (GPTQTensors, PackingError, dequantize, dequantize_matmul_nbits, pack_gptq,
                       quantize_int8_per_channel, rtn_quantize)
+from .plans import DEFAULT_GROUP_SIZE
 
 LINEAR_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
@@ -93,8 +94,8 @@ def fake_quant_model(model: nn.Module, quant_tensors: Mapping[str, GPTQTensors],
     return fq
 
 
-def rtn_gptq(w: np.ndarray, group_size: int = 128, sym: bool = True, act_order: bool = False,
-             bias: np.ndarray | None = None, seed: int = 0) -> GPTQTensors:
+def rtn_gptq(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True,
+             act_order: bool = False, bias: np.ndarray | None = None, seed: int = 0) -> GPTQTensors:
     """Round-to-nearest GPTQ-v1 tensors for one weight [N, K].
 
     ``act_order``: a random column permutation defines the groups (g_idx non-trivial), as
@@ -122,7 +123,7 @@ class RTNTensors(Mapping):
     """
 
     def __init__(self, get_tensor: Callable[[str], torch.Tensor], num_layers: int,
-                 group_size: int = 128, sym: bool = True, act_order: bool = False,
+                 group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True, act_order: bool = False,
                  has_bias: Callable[[str], bool] | None = None):
         self.get_tensor = get_tensor
         self.names = quantized_linear_names(num_layers)
@@ -150,7 +151,7 @@ class RTNTensors(Mapping):
         return len(self.names)
 
 
-def rtn_gptq_tensors(model: nn.Module, group_size: int = 128, sym: bool = True,
+def rtn_gptq_tensors(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True,
                      act_order: bool = False) -> dict[str, GPTQTensors]:
     """Eager RTN tensors for every quantised Linear of a (small) model."""
     params = dict(model.named_parameters())

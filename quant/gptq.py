@@ -48,10 +48,12 @@ import torch
 from torch import nn
 
 from models.config import QwenVLConfig
+from runtime.errors import EdgeError
 from models.qwen_vl import QWenBlock, QWenLMHeadModel, rotary_cos_sin
 
 from .fake_quant import LINEAR_SUFFIXES
 from .packing import GPTQTensors, pack_gptq
+from .plans import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ STAGES: tuple[tuple[str, ...], ...] = (("attn.c_attn",), ("attn.c_proj",), ("mlp
 assert sorted(s for st in STAGES for s in st) == sorted(LINEAR_SUFFIXES)
 
 
-class QuantError(ValueError):
+class QuantError(EdgeError, ValueError):
     """A quantisation request or result that cannot be represented."""
 
 
@@ -70,7 +72,7 @@ class QuantConfig:
     """GPTQ settings; field names follow ``quantize_config.json``."""
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     sym: bool = True
     desc_act: bool = False
     damp_percent: float = 0.01

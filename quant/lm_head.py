@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .packing import MatMulNBitsWeights, dequantize_matmul_nbits, quantize_int8_per_channel
+from .plans import PLANS
 
 HEAD_MODES = ("int8", "fp16", "fp32")
-# precision plan -> LM-head mode (DESIGN §5)
-PLAN_HEAD = {"fp16": "fp16", "fp32": "fp32", "int4": "int8", "edge": "int8"}
+# precision plan -> LM-head mode (the plan table, quant/plans.py)
+PLAN_HEAD = {name: plan.lm_head for name, plan in PLANS.items()}
 
 
 @dataclass

@@ -19,8 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import EdgeError
 
-class PackingError(ValueError):
+from .plans import DEFAULT_GROUP_SIZE
+
+
+class PackingError(EdgeError, ValueError):
     """Tensors that cannot be represented in the requested layout."""
 
 
@@ -112,7 +116,7 @@ def is_trivial_g_idx(g_idx: np.ndarray, group_size: int) -> bool:
     return bool(np.array_equal(g_idx, np.arange(g_idx.shape[0]) // group_size))
 
 
-def rtn_quantize(w: np.ndarray, group_size: int = 128, sym: bool = True,
+def rtn_quantize(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True,
                  bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest baseline: w [N,K] -> codes [N,K], scales [N,G], zeros [N,G]."""
     n, k = w.shape

@@ -71,16 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .bundle import BundleError
-    from .engines import EngineError
-    from .generate import GenerationError
-    from .image import ImageError
-    from .pipeline import ContextLengthError, Pipeline
+    from .errors import EdgeError, report
+    from .pipeline import Pipeline
     from .prompt import PromptError, Ref
-    from .tokenizer import TokenizerError
 
-    expected = (BundleError, EngineError, GenerationError, ImageError, ContextLengthError,
-                PromptError, TokenizerError, OSError, ValueError)
+    expected = (EdgeError, OSError, ValueError)
     try:
         if not args.prompt and not args.ref:
             raise PromptError("nothing to ask: pass --prompt TEXT and/or --ref PHRASE")
@@ -122,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {drawn} ({len(result.boxes)} box(es))", file=sys.stderr)
         return 0
     except expected as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -32,10 +32,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import EdgeError
+from .files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,8 @@ MODEL_KEYS = ("vocab_size", "n_queries", "image_size", "hidden", "layers", "head
 TOOLKIT = "qwenvl-edge"
 
 
-class BundleError(ValueError):
+class BundleError(EdgeError, ValueError):
     """A bundle that cannot be loaded; the message names the file and the fix."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def toolkit_version() -> str:
@@ -292,11 +286,7 @@ def _write_stamp(bundle: Path, files: dict[str, list[Any]]) -> None:
     """Best effort: a read-only cache only costs the next start a full sha256 pass."""
     target = _stamp_path(bundle)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".stamp-", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"bundle": os.path.realpath(bundle), "files": files}, f)
-        os.replace(tmp, target)
+        atomic_write_text(target, json.dumps({"bundle": os.path.realpath(bundle), "files": files}))
     except OSError as e:
         log.debug("could not write the verified stamp %s: %s", target, e)
 

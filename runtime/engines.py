@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
@@ -37,7 +39,7 @@ _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
            "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
-class EngineError(RuntimeError):
+class EngineError(EdgeError, RuntimeError):
     """An engine that cannot be created or run; the message says which file and what to do."""
 
 

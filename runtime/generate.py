@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import EdgeError
 
-class GenerationError(ValueError):
+
+class GenerationError(EdgeError, ValueError):
     """Generation settings that make no sense (negative top_k, top_p outside (0, 1], ...)."""
 
 

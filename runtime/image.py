@@ -28,6 +28,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -50,7 +52,7 @@ _REFUSED_MAGIC = ((b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(EdgeError, ValueError):
     """An image that cannot be used; the message names it and says what to do."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import bundle as _bundle
 from .bundle import BundleError, Manifest
+from .errors import ContextLengthError, EdgeError
 from .engines import (CUDA, TRT_EP, DecoderEngine, EngineError, Features, KVCache,
                       TrtVisionEngine, VisionEngine, ort_providers, pick_providers)
 from .generate import (DecodeState, GenerationConfig, GenerationError, Sampler, TextStream,
@@ -45,11 +46,7 @@ from .tokenizer import QwenTokenizer, StreamDecoder
 log = logging.getLogger(__name__)
 
 
-class ContextLengthError(ValueError):
-    """Prompt + max_new_tokens would not fit the model's context."""
-
-
-class ConversationBusyError(RuntimeError):
+class ConversationBusyError(EdgeError, RuntimeError):
     """A conversation used by two streams at once."""
 
 

@@ -26,15 +26,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
+from .errors import EdgeError
 from .tokenizer import GROUNDING_ST, QwenTokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 GRID = 1000  # grounding coordinates live on a 0..1000 grid
+#: Image slots per image when the caller does not say (Qwen-VL's 256 resampler queries, the
+#: config's default ``n_queries``); the pipeline passes the bundle's own count.
+N_SLOTS = 256
 
 
-class PromptError(ValueError):
+class PromptError(EdgeError, ValueError):
     """A prompt that cannot be built; the message says what to fix."""
 
 
@@ -151,10 +155,10 @@ def _check_counts(n_images: int, n_slots: int) -> None:
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
         raise PromptError(f"n_images must be an int >= 0, got {n_images!r}")
     if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-        raise PromptError(f"n_slots must be an int >= 1 (256 for Qwen-VL), got {n_slots!r}")
+        raise PromptError(f"n_slots must be an int >= 1 ({N_SLOTS} for Qwen-VL), got {n_slots!r}")
 
 
-def image_span(tok: QwenTokenizer, n_slots: int = 256) -> list[int]:
+def image_span(tok: QwenTokenizer, n_slots: int = N_SLOTS) -> list[int]:
     """``<img>`` + ``n_slots`` x ``<imgpad>`` + ``</img>``."""
     _check_counts(0, n_slots)
     return [tok.img_start_id] + [tok.img_pad_id] * n_slots + [tok.img_end_id]
@@ -191,7 +195,7 @@ def _content(b: _Builder, query: Query, n_images: int, n_slots: int) -> None:
 
 
 def encode_content(tok: QwenTokenizer, parts: Query, n_images: int = 0,
-                   n_slots: int = 256) -> list[int]:
+                   n_slots: int = N_SLOTS) -> list[int]:
     """User content: ``Picture k:`` + image span + ``\\n`` per image, then the parts."""
     b = _Builder(tok)
     _content(b, parts, n_images, n_slots)
@@ -210,7 +214,7 @@ def _response_ids(tok: QwenTokenizer, response: str | Sequence[int]) -> list[int
 
 def build_chat_ids(tok: QwenTokenizer, query: Query, n_images: int = 0,
                    history: Sequence[Turn] | None = (), system: str = DEFAULT_SYSTEM,
-                   n_slots: int = 256) -> list[int]:
+                   n_slots: int = N_SLOTS) -> list[int]:
     """ChatML prompt ids ending with ``<|im_start|>assistant\\n`` (generation starts there).
 
     Roles, "\\n" and contents are encoded separately, as ``make_context`` does. History images
@@ -236,7 +240,7 @@ def build_chat_ids(tok: QwenTokenizer, query: Query, n_images: int = 0,
 
 
 def build_raw_ids(tok: QwenTokenizer, query: Query, n_images: int = 0,
-                  n_slots: int = 256) -> list[int]:
+                  n_slots: int = N_SLOTS) -> list[int]:
     """Base-model ("raw") prompt: image spans (no "Picture k:") then the query parts."""
     _check_counts(n_images, n_slots)
     b = _Builder(tok)

@@ -15,13 +15,14 @@ import base64
 import binascii
 import codecs
 import logging
-import os
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import tiktoken
+
+from .errors import EdgeError
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ GROUNDING_ST: frozenset[str] = frozenset(("<ref>", "</ref>", "<box>", "</box>", 
                                           "</quad>"))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(EdgeError, ValueError):
     """A tokenizer file or call that cannot work; the message says what to do."""
 
 
@@ -103,26 +104,13 @@ def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
 
 
 def write_tiktoken_file(ranks: Mapping[bytes, int], path: str | Path) -> Path:
-    """Write ranks as ``qwen.tiktoken`` (sorted by rank, LF), atomically: tmp file + os.replace."""
+    """Write ranks as ``qwen.tiktoken`` (sorted by rank, LF), atomically (runtime.files)."""
     _check_ranks(ranks, "write_tiktoken_file")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
                    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+    return atomic_write_text(p, text, encoding="ascii")
 
 
 class QwenTokenizer:

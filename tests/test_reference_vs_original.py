@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from runtime.files import sha256_file
+
 GOLDEN = Path(__file__).parent / "golden" / "qwen_vl_orig_nano.npz"
 ATOL = 1e-4
 
@@ -71,7 +73,7 @@ def _maxerr(ours: torch.Tensor, ref: np.ndarray) -> tuple[float, float]:
 
 def test_checkpoint_is_the_one_the_original_ran(golden, ckpt):
     meta = golden["meta"]
-    shards = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+    shards = {p.name: sha256_file(p)
               for p in sorted(ckpt.glob("*.safetensors"))}
     weights_same = _tensor_digest(ckpt) == meta["tensor_sha256"]
     assert shards == meta["shard_sha256"], (

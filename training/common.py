@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from calib_data import synth
+from runtime.prompt import N_SLOTS
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 SYSTEM = "You are a helpful assistant."
 
 
-def prompt_ids(tok, ex: synth.Example, n_slots: int = 256) -> list[int]:
+def prompt_ids(tok, ex: synth.Example, n_slots: int = N_SLOTS) -> list[int]:
     """The runtime's prompt for an example (``runtime.prompt.build_chat_ids``)."""
     from runtime.prompt import build_chat_ids
     return build_chat_ids(tok, synth.prompt_parts(ex.prompt), n_images=1, history=None,

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from runtime.errors import cli_main
 from validate.metrics import levenshtein
 
 from .common import pixels_of, prompt_ids
@@ -171,6 +172,7 @@ def load_tokenizer(ckpt: str | Path):
     return QwenTokenizer.from_dir(ckpt)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m training.evaluate_nano",
@@ -190,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.bundle is not None:
-        from runtime.bundle import BundleError
+        from runtime.errors import report
 
         try:
             answerer = bundle_answerer(args.bundle, device=args.device, threads=args.threads)
-        except (BundleError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except FileNotFoundError as e:  # the EdgeErrors end in cli_main
+            return report(e)
         res = evaluate_with(answerer, n=args.n, start=args.start)
         res["bundle"] = str(args.bundle)
     else:

@@ -83,9 +83,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -98,6 +98,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib_data import synth
+from runtime.errors import cli_main
+from runtime.files import atomic_write_bytes
+from runtime.prompt import N_SLOTS
 
 from models.checkpoint import save_checkpoint
 from models.config import QwenVLConfig
@@ -156,7 +159,7 @@ def answer_ids(tok, ex: synth.Example) -> list[int]:
     return tok.encode(ex.answer, allowed_special=GROUNDING_ST) + [tok.im_end_id]
 
 
-def encode_example(tok, ex: synth.Example, n_slots: int = 256) -> tuple[list[int], list[int]]:
+def encode_example(tok, ex: synth.Example, n_slots: int = N_SLOTS) -> tuple[list[int], list[int]]:
     """(input ids, next-token targets) of one example: targets are IGNORE except where the next
     token belongs to the answer (answer tokens and the final ``<|im_end|>``)."""
     p = prompt_ids(tok, ex, n_slots)
@@ -727,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -806,11 +810,12 @@ def main(argv: list[str] | None = None) -> int:
                 pbar.write(json.dumps(rec))
                 history.append(rec)
             if done % args.ckpt_every == 0 and done < args.steps:
-                tmp = state_dir / "state.pt.tmp"
+                buf = io.BytesIO()
                 torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
                             "opt": opt.state_dict(), "step": done,
-                            "history": history, "elapsed": time.time() - t0, "args": vars(args)}, tmp)
-                os.replace(tmp, state_dir / "state.pt")
+                            "history": history, "elapsed": time.time() - t0,
+                            "args": vars(args)}, buf)
+                atomic_write_bytes(state_dir / "state.pt", buf.getvalue())
             if budget and time.time() - t0 >= budget:
                 pbar.write(f"stopping at step {done}: the {args.minutes:g}-minute budget is spent")
                 break

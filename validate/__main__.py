@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
 
-    from calib_data.manifest import ManifestError, load_manifest
-    from runtime.bundle import BundleError
+    from calib_data.manifest import load_manifest
+    from runtime.errors import EdgeError
+    from runtime.errors import report as report_error
 
     try:
         items = load_manifest(a.manifest)
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                                 max_items=a.max_items, max_new_tokens=a.max_new_tokens,
                                 device=a.device, threads=a.threads, cache_dir=a.cache_dir,
                                 plots=not a.no_plots)
-    except (ManifestError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (EdgeError, FileNotFoundError, KeyError, ValueError) as e:
+        if a.verbose:
+            raise
+        return report_error(e)
     for st in report.stages.values():
         for m in st.metrics:
             if m.verdict != "INFO":

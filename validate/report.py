@@ -17,12 +17,12 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.files import atomic_write_bytes
 
 from .thresholds import thresholds_for
 
@@ -49,20 +49,6 @@ def _clean(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return o
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,19 +409,19 @@ def write_report(report, out_dir: str | Path, plots: bool = True, worst: int = 8
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = _clean(report.to_dict())
-    _atomic_write(out / "drift.json",
+    atomic_write_bytes(out / "drift.json",
                   (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())
     figs: dict[str, bytes] = {}
     if plots:
         figs = {"vision_cosine": plot_vision(report), "kl_hist": plot_kl(report),
                 "agreement_by_position": plot_agreement(report), "iou_scatter": plot_iou(report)}
         for name, png in figs.items():
-            _atomic_write(out / f"{name}.png", png)
+            atomic_write_bytes(out / f"{name}.png", png)
     cards: list[tuple[str, bytes | None]] = []
     recs = _item_records(report)
     for item_id in worst_items(report, worst):
         img = report.images.get(item_id)
         cards.append((item_id, draw_item(img, recs.get(item_id, {})) if img is not None else None))
     page = render_html(report, figs, cards)
-    _atomic_write(out / "drift.html", page.encode("utf-8"))
+    atomic_write_bytes(out / "drift.html", page.encode("utf-8"))
     return out / "drift.html"

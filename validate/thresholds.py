@@ -38,6 +38,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from quant.plans import PLANS as PRECISION_PLANS
+
 STAGES = ("vision", "decoder", "task")
 
 #: A rate drop over n items moves in steps of 1/n: a bound finer than one item (5 points on 10
@@ -176,7 +178,7 @@ def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> l
 
 #                vision (cos_min, relL2, maxabs_rel)   decoder (KL mean, KL p95, top1, top5, ppl)
 #                greedy identical    task (agree, IoU ref, hit ref, hit drop, CER ref, EM drop)
-PLANS: dict[str, list[Threshold]] = {
+_ROWS: dict[str, list[Threshold]] = {
     "fp32": _plan((0.99999, 1e-3, 1e-3), (1e-4, 5e-4, 0.99, 0.999, 1.001), 0.9,
                   (0.9, 0.95, 0.95, 0.05, 0.02, 0.05)),
     "fp16": _plan((0.999, 0.05, 0.05), (5e-3, 2e-2, 0.97, 0.995, 1.01), None,
@@ -186,6 +188,11 @@ PLANS: dict[str, list[Threshold]] = {
     "edge": _plan((0.99, 0.15, 0.15), (0.15, 0.6, 0.8, 0.93, 1.08), None,
                   (None, 0.65, 0.8, 0.08, 0.15, 0.08)),
 }
+# One table per plan of quant/plans.py, in its order: a plan without thresholds fails here.
+_missing = [n for n in PRECISION_PLANS if n not in _ROWS]
+if _missing:
+    raise ImportError(f"validate/thresholds.py has no drift thresholds for plan(s) {_missing}")
+PLANS: dict[str, list[Threshold]] = {name: _ROWS[name] for name in PRECISION_PLANS}
 ALIASES = {"float32": "fp32", "float16": "fp16", "bf16": "fp16", "int4-gptq": "int4"}
 
 

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.nano import NanoSpec, make_nano_checkpoint  # noqa: E402
+from runtime.files import sha256_file  # noqa: E402
 
 ORIG_FILES = ("modeling_qwen.py", "visual.py", "tokenization_qwen.py", "configuration_qwen.py",
               "qwen_generation_utils.py")
@@ -171,7 +172,7 @@ def install_shims(where: Path) -> list[str]:
 
 
 def shard_digests(ckpt: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+    return {p.name: sha256_file(p)
             for p in sorted(ckpt.glob("*.safetensors"))}
 
 
@@ -289,7 +290,7 @@ def run_original(orig_dir: Path, spec: NanoSpec, seed: int, dtype: str, work: Pa
         "im_end_id": tok.im_end_id, "img_start_id": tok.img_start_id,
         "img_pad_id": tok.img_pad_id, "n_vocab": len(tok),
         "transformers": transformers.__version__, "torch": torch.__version__,
-        "orig_sha256": {f: hashlib.sha256((orig_dir / f).read_bytes()).hexdigest()
+        "orig_sha256": {f: sha256_file(orig_dir / f)
                         for f in ORIG_FILES},
         "torchvision": getattr(sys.modules.get("torchvision"), "__version__", None),
     }

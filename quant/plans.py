@@ -1,0 +1,126 @@
+"""The precision-plan table: what every plan stores in which dtype, in this file only.
+
+The exporters (vision / decoder precision, ``export.py --plan``), the memory planner, the LM-head
+quantiser and the drift thresholds all read these rows, so adding a plan is one ``PrecisionPlan``
+row here plus its row in ``validate/thresholds.py`` (which refuses to import without it).
+Torch-free on purpose: ``validate`` and ``exporters.memory_plan`` import it without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: GPTQ / MatMulNBits block size of the int4 plans (GPTQ ``QuantConfig``, ``export.py
+#: --group-size``, round-to-nearest stand-ins and the memory planner default to it).
+DEFAULT_GROUP_SIZE = 128
+
+#: Bits per element of each storage dtype named in the table.
+DTYPE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """How the decoder is built for one kind of executor (``export.py --target``)."""
+
+    act_dtype: str  # decoder activations
+    kv_dtype: str  # KV cache
+    accuracy_level: int = 0  # MatMulNBits compute precision (0 = exact, 4 = int8 activations)
+
+    def decoder_kwargs(self) -> dict[str, object]:
+        """The ``exporters.decoder.export_decoder`` arguments of this target."""
+        return {"act_dtype": self.act_dtype, "accuracy_level": self.accuracy_level,
+                "kv_dtype": self.kv_dtype}
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """One precision plan: the dtype of every engine part and how each target runs it."""
+
+    name: str
+    vision: str  # vision engine weights/matmuls (fp32 | fp16 | int8)
+    linear_bits: int  # the five decoder Linears per layer (32 | 16 | 4)
+    lm_head: str  # fp32 | fp16 | int8 (per output channel)
+    embed: str  # embedding table
+    small: str  # norms and biases
+    targets: dict[str, TargetSettings]  # "gpu" (the default) and "cpu"
+    group_size: int | None = None  # int4 Linears only
+    exportable: bool = True  # False: planned and judged, but no exporter builds it yet
+    note: str = field(default="", compare=False)
+
+    def target(self, name: str = "gpu") -> TargetSettings:
+        try:
+            return self.targets[name]
+        except KeyError:
+            raise ValueError(f"plan '{self.name}' has no target '{name}': use one of "
+                             f"{', '.join(self.targets)}") from None
+
+    @property
+    def act_dtype(self) -> str:
+        """Decoder activations of the default (gpu) target."""
+        return self.target("gpu").act_dtype
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.target("gpu").kv_dtype
+
+    @property
+    def act_dtypes(self) -> tuple[str, ...]:
+        """Every decoder activation dtype some target of this plan uses."""
+        return tuple(dict.fromkeys(t.act_dtype for t in self.targets.values()))
+
+    @property
+    def quantized(self) -> bool:
+        """Decoder Linears from GPTQ codes (MatMulNBits)."""
+        return self.linear_bits < 16
+
+
+def _same(act: str, kv: str) -> dict[str, TargetSettings]:
+    t = TargetSettings(act, kv)
+    return {"gpu": t, "cpu": t}
+
+
+# ORT CPU has fast int4/int8 MatMulNBits kernels only with int8 activations (accuracy_level 4) and
+# fp32 activations; measured on the full-size decoder (bench/RESULTS.md): fp32 activations +
+# accuracy level 4 make decode 3.6x faster than the exact fp16 settings, whose int8 LM head alone
+# is ~50x slower on CPU; an fp32 KV cache removes the per-step Cast of the whole past (11 % of a
+# step) and is 24 % faster again at 8 full-size layers.
+_INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
+                 "cpu": TargetSettings("fp32", "fp32", accuracy_level=4)}
+
+PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
+    PrecisionPlan("fp32", vision="fp32", linear_bits=32, lm_head="fp32", embed="fp32",
+                  small="fp32", targets=_same("fp32", "fp32"),
+                  note="the reference, operation for operation"),
+    PrecisionPlan("fp16", vision="fp16", linear_bits=16, lm_head="fp16", embed="fp16",
+                  small="fp16", targets=_same("fp16", "fp16"),
+                  note="fp16 with fp32 norm statistics and softmax"),
+    PrecisionPlan("int4", vision="fp16", linear_bits=4, lm_head="int8", embed="fp16",
+                  small="fp16", targets=_INT4_TARGETS, group_size=DEFAULT_GROUP_SIZE,
+                  note="GPTQ int4 decoder, int8 LM head, fp16 vision"),
+    PrecisionPlan("edge", vision="int8", linear_bits=4, lm_head="int8", embed="fp16",
+                  small="fp16", targets={"gpu": TargetSettings("fp16", "int8")},
+                  group_size=DEFAULT_GROUP_SIZE, exportable=False,
+                  note="int8 vision + int4 decoder + int8 KV (no exporter yet)"),
+)}
+
+
+def get_plan(name: str) -> PrecisionPlan:
+    try:
+        return PLANS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision plan '{name}': use one of "
+                         f"{', '.join(PLANS)}") from None
+
+
+def exportable_plans() -> tuple[str, ...]:
+    """Plan names ``export.py --plan`` offers."""
+    return tuple(n for n, p in PLANS.items() if p.exportable)
+
+
+def vision_precisions() -> tuple[str, ...]:
+    """Vision-engine precisions the exporter builds (those of the exportable plans)."""
+    return tuple(dict.fromkeys(PLANS[n].vision for n in exportable_plans()))
+
+
+__all__ = ["DEFAULT_GROUP_SIZE", "DTYPE_BITS", "PLANS", "PrecisionPlan", "TargetSettings",
+           "exportable_plans", "get_plan", "vision_precisions"]
