@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx
 
+from runtime.errors import EdgeError
+
 log = logging.getLogger("bench.genai_expand")
 DATA = "model.onnx.data"
 VOCAB_PREFIXES = ("model.embed_tokens.", "lm_head.")  # initializers with one row per token
@@ -41,7 +43,7 @@ _INDEX = re.compile(r"(layers\.|past_key_values\.|present\.)(\d+)(?=[./])")
 _CHUNK = 1 << 22  # elements sampled per step (32 MiB of 8-byte words)
 
 
-class ExpandError(ValueError):
+class ExpandError(EdgeError, ValueError):
     """The model is not one this tool can expand (too few layers, unexpected naming)."""
 
 

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import EdgeError
+
 log = logging.getLogger(__name__)
 
 PIXELS = "pixel_values"  # the engine contract (exporters/vision.py); quant does not import it
@@ -56,7 +58,7 @@ QUERY_CONSTS = ("q_heads",)  # the resampler's queries, projected and folded by 
 ALIASES = {"conv_w": "conv1"}  # the patch embedding's weight
 
 
-class VisionQuantError(RuntimeError):
+class VisionQuantError(EdgeError, RuntimeError):
     """The vision engine could not be quantized; the message says what to do."""
 
 

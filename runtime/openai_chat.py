@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .errors import EdgeError
 from .prompt import Turn
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _FINISH = {"stop": "stop", "stop_string": "stop", "length": "length"}
 MAX_REMOTE_BYTES = 20 << 20
 
 
-class RequestError(ValueError):
+class RequestError(EdgeError, ValueError):
     """A request the server refuses; ``status`` is its HTTP status, the message one line."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None):

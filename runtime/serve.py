@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import EdgeError
 from .openai_chat import (ChatCall, RequestError, chunk_json, completion_json, error_json,
                           parse_chat, usage_chunk_json)
 
@@ -51,7 +52,7 @@ class ServeConfig:
     warmup: bool = True
 
 
-class ApiError(Exception):
+class ApiError(EdgeError):
     """An HTTP error answered as OpenAI's error object (one line)."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
