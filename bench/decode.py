@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.common import host_read_bandwidth_gbs
 from runtime.errors import cli_main
+from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS
 
 
 def build_nano_bundle(out: Path, plan: str, seed: int = 0) -> Path:
@@ -41,27 +42,28 @@ def bare_loop(pipe, table_ids: np.ndarray, feats: np.ndarray, n: int) -> list[fl
     """session.run decode loop; returns the wall time of each step after the prefill (s)."""
     dec = pipe.decoder
     sess = dec.session
+    c = dec.contract
     names = [o.name for o in sess.get_outputs()]
-    kv = np.zeros((1, dec.heads, 0, dec.head_dim), dec.kv_dtype)
-    past = {f"past_key_values.{i}.{w}": kv for i in range(dec.layers) for w in ("key", "value")}
+    kv = np.zeros(c.kv_shape(1, 0), c.kv_dtype)
+    past = {n: kv for i in range(c.layers) for n in c.kv_names(i)[:2]}
     no_img = np.zeros((0, feats.shape[-1]), np.float32)
     out = dict(zip(names, sess.run(None, {
-        "input_ids": table_ids[None], "image_embeds": feats,
-        "attention_mask": np.ones((1, len(table_ids)), np.int64), **past})))
+        INPUT_IDS: table_ids[None], IMAGE_EMBEDS: feats,
+        ATTENTION_MASK: np.ones((1, len(table_ids)), np.int64), **past})))
     total = len(table_ids)
     nv = pipe.n_vocab
-    tok = int(np.argmax(out["logits"][0, -1, :nv]))
+    tok = int(np.argmax(out[LOGITS][0, -1, :nv]))
     steps = []
     t0 = time.perf_counter()
     for _ in range(n - 1):
         total += 1
-        feed = {"input_ids": np.array([[tok]], np.int64), "image_embeds": no_img,
-                "attention_mask": np.ones((1, total), np.int64)}
-        for i in range(dec.layers):
-            feed[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
-            feed[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
+        feed = {INPUT_IDS: np.array([[tok]], np.int64), IMAGE_EMBEDS: no_img,
+                ATTENTION_MASK: np.ones((1, total), np.int64)}
+        for i in range(c.layers):
+            pk, pv, ok, ov = c.kv_names(i)
+            feed[pk], feed[pv] = out[ok], out[ov]
         out = dict(zip(names, sess.run(None, feed)))
-        tok = int(np.argmax(out["logits"][0, -1, :nv]))
+        tok = int(np.argmax(out[LOGITS][0, -1, :nv]))
         t1 = time.perf_counter()
         steps.append(t1 - t0)
         t0 = t1
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same prefill for the bare loop: prompt-table ids + the vision features
     prep = pipe._prepare(prompt, [image], None, None, pipe._generation({"max_new_tokens": n}))
     feats = pipe.vision.encode(preprocess(load_image(image), pipe.image_size)[None]).numpy()
-    table_ids, _ = pipe._table(prep.ids, 0, [None])
+    table_ids, _ = pipe.prompt_table.table_ids(prep.ids)
     feats = feats.reshape(-1, feats.shape[-1])
 
     pipeline_loop(pipe, prompt, image, min(n, 16))  # warm-up both

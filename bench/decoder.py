@@ -128,6 +128,7 @@ def _prompt(vocab: int, start_id: int, n: int, n_img: int, seed: int = 0) -> lis
 
 def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: int,
              threads: int | None, device: str, profile: bool) -> dict:
+    from runtime.contract import PromptTable
     from runtime.engines import DecoderEngine, Features, pick_providers
 
     meta_vocab, hidden = decoder_facts(onnx_path)
@@ -136,8 +137,8 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
     load_s = time.perf_counter() - t
     ids = _prompt(meta_vocab, start_id, n_prompt, n_img)
     slots = [i for i, x in enumerate(ids) if x == -1]
-    table = np.array(ids, np.int64)
-    table[slots] = meta_vocab + np.arange(len(slots))  # prompt-table rows of the image features
+    table, _ = PromptTable(meta_vocab, start_id, start_id + 1, start_id + 2,
+                           len(slots)).table_ids(ids)  # the image slots address feature rows
     feats = Features((len(slots), hidden),
                      (np.random.default_rng(1).standard_normal((len(slots), hidden)) * 0.02)
                      .astype(np.float32)) if slots else None
@@ -187,35 +188,31 @@ def decoder_facts(onnx_path: Path) -> tuple[int, int]:
 def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None, device: str,
                  steps: int = 8) -> dict:
     """onnxruntime's node profile of ``steps`` decode steps: share of time per operator type."""
-    import onnxruntime as ort
+    from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS
+    from runtime.engines import decoder_contract, open_session, pick_providers
 
-    from runtime.engines import pick_providers, session_options
-
-    so = session_options(threads)
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench-decoder-profile")
-    sess = ort.InferenceSession(str(onnx_path), so, providers=pick_providers(device))
-    ins = {i.name: i for i in sess.get_inputs()}
-    L = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
-    k0 = ins["past_key_values.0.key"]
-    kv_dtype = np.float16 if "float16" in k0.type else np.float32
-    empty = np.zeros((1, k0.shape[1], 0, k0.shape[3]), kv_dtype)
-    feed = {"input_ids": table[None], "attention_mask": np.ones((1, len(table)), np.int64),
-            **{f"past_key_values.{i}.{w}": empty for i in range(L) for w in ("key", "value")}}
-    if "image_embeds" in ins:
-        feed["image_embeds"] = feats.numpy() if feats is not None else \
-            np.zeros((0, ins["image_embeds"].shape[1]), np.float32)
+    sess = open_session(onnx_path, pick_providers(device), threads,
+                        profile_prefix=str(Path(tempfile.gettempdir()) / "bench-decoder-profile"))
+    ins = {i.name for i in sess.get_inputs()}
+    c = decoder_contract(sess)
+    empty = np.zeros(c.kv_shape(1, 0), c.kv_dtype)
+    feed = {INPUT_IDS: table[None], ATTENTION_MASK: np.ones((1, len(table)), np.int64),
+            **{n: empty for i in range(c.layers) for n in c.kv_names(i)[:2]}}
+    no_img = np.zeros((0, c.hidden or 0), np.float32)
+    if IMAGE_EMBEDS in ins:
+        feed[IMAGE_EMBEDS] = feats.numpy() if feats is not None else no_img
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, feed)))
     n = len(table)
     for _ in range(steps):
         n += 1
-        feed = {"input_ids": np.argmax(out["logits"][:, -1], -1)[:, None].astype(np.int64),
-                "attention_mask": np.ones((1, n), np.int64),
-                **{f"past_key_values.{i}.{w}": out[f"present.{i}.{w}"]
-                   for i in range(L) for w in ("key", "value")}}
-        if "image_embeds" in ins:
-            feed["image_embeds"] = np.zeros((0, ins["image_embeds"].shape[1]), np.float32)
+        feed = {INPUT_IDS: np.argmax(out[LOGITS][:, -1], -1)[:, None].astype(np.int64),
+                ATTENTION_MASK: np.ones((1, n), np.int64)}
+        for i in range(c.layers):
+            pk, pv, ok, ov = c.kv_names(i)
+            feed[pk], feed[pv] = out[ok], out[ov]
+        if IMAGE_EMBEDS in ins:
+            feed[IMAGE_EMBEDS] = no_img
         out = dict(zip(names, sess.run(None, feed)))
     path = sess.end_profiling()
     events = json.loads(Path(path).read_text())

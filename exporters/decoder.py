@@ -5,20 +5,9 @@ contrib ops, pulls weights one tensor at a time from a ``get_tensor(name)`` call
 initializers straight into the external-data file, so the 7B decoder exports without ever holding
 the model in RAM.
 
-IO contract (the runtime is written against it; ``H`` heads, ``D`` head dim, ``L`` layers)::
-
-    input_ids                   int64   [batch, sequence_length]
-    image_embeds                float32 [image_rows, hidden]          (image_rows may be 0)
-    attention_mask              int64   [batch, total_sequence_length] (1 = real token, left padding)
-    past_key_values.{i}.key     KV      [batch, H, past_sequence_length, D]   i = 0..L-1
-    past_key_values.{i}.value   KV      [batch, H, past_sequence_length, D]
-    ->
-    logits                      float32 [batch, sequence_length, vocab_size]
-    present.{i}.key             KV      [batch, H, total_sequence_length, D]
-    present.{i}.value           KV      [batch, H, total_sequence_length, D]
-
-KV is float32 in the fp32 plan and float16 in the fp16/int4 plans (``kv_dtype`` overrides). Keys
-are stored after RoPE. ``total_sequence_length = past_sequence_length + sequence_length``.
+IO contract: ``runtime/contract.py`` (:class:`~runtime.contract.DecoderIO` names the inputs and
+outputs, their dtypes and the KV layout; the graph is built from it). KV is float32 in the fp32
+plan and float16 in the fp16/int4 plans (``kv_dtype`` overrides). Keys are stored after RoPE.
 
 Prompt-table trick: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``,
 every other id the embedding table (``Where`` + two ``Gather``); the table never leaves the engine.
@@ -72,6 +61,9 @@ from quant.plans import PLANS as PRECISION_PLANS
 from quant.plans import exportable_plans
 from runtime.errors import EdgeError
 from runtime.files import staging_dir
+from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS, DecoderIO, Spec
+from runtime.engines import decoder_contract
+from runtime.generate import DecodeState, GenerationConfig, Sampler, decode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +76,6 @@ _NP = {"fp32": np.float32, "fp16": np.float16}
 _ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
          np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
          np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL}
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class DecoderExportError(EdgeError, ValueError):
@@ -299,6 +290,7 @@ class _DecoderGraph:
         from models.checkpoint import expected_shapes
 
         self.shapes = expected_shapes(cfg)
+        self.io = DecoderIO.from_config(cfg, s.kv_dtype)  # names and KV layout of the graph
 
     # -- helpers ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -398,35 +390,24 @@ class _DecoderGraph:
     def build(self) -> tuple[list, list]:
         g, cfg, s = self.g, self.cfg, self.s
         hid, H, D, L, V = self.hid, self.H, self.D, self.L, self.V
-        vi = helper.make_tensor_value_info
-        inputs = [vi("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
-                  vi("image_embeds", TensorProto.FLOAT, ["image_rows", hid]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                ["batch", "total_sequence_length"])]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                 ["batch", "sequence_length", V])]
-        for i in range(L):
-            for kv in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kv}", self.tKV, ["batch", H, "past_sequence_length", D]))
-                outputs.append(helper.make_tensor_value_info(
-                    f"present.{i}.{kv}", self.tKV, ["batch", H, "total_sequence_length", D]))
+        inputs = [_value_info(spec) for spec in self.io.input_specs()]
+        outputs = [_value_info(spec) for spec in self.io.output_specs()]
 
         # ---- embeddings: prompt-table trick ----
         sc = "/embed"
         vocab = g.const(V, np.int64)
-        is_img = g.op("GreaterOrEqual", ["input_ids", vocab], scope=sc)
+        is_img = g.op("GreaterOrEqual", [INPUT_IDS, vocab], scope=sc)
         zero_i = g.const(0, np.int64)
-        tok_ids = g.op("Where", [is_img, zero_i, "input_ids"], scope=sc)
+        tok_ids = g.op("Where", [is_img, zero_i, INPUT_IDS], scope=sc)
         wte = g.init("transformer.wte.weight", _np(self.get("transformer.wte.weight"),
                                                    self.small_dtype), "embedding")
         tok = g.op("Gather", [wte, tok_ids], scope=sc, axis=0)
         if np.dtype(self.small_dtype) != np.dtype(self.A):
             tok = self.cast(tok, self.A, sc)
-        img = "image_embeds" if self.A == np.float32 else self.cast("image_embeds", self.A, sc)
+        img = IMAGE_EMBEDS if self.A == np.float32 else self.cast(IMAGE_EMBEDS, self.A, sc)
         # row 0 of the table is a zero row, so an empty image_embeds still gathers
         table = g.op("Concat", [g.const(np.zeros((1, hid)), self.A), img], scope=sc, axis=0)
-        shifted = g.op("Sub", ["input_ids", g.const(V - 1, np.int64)], scope=sc)
+        shifted = g.op("Sub", [INPUT_IDS, g.const(V - 1, np.int64)], scope=sc)
         img_idx = g.op("Where", [is_img, shifted, zero_i], scope=sc)
         img_rows = g.op("Gather", [table, img_idx], scope=sc, axis=0)
         is_img3 = g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc)
@@ -434,13 +415,13 @@ class _DecoderGraph:
 
         # ---- positions and masks (shared by all layers) ----
         sc = "/positions"
-        csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)], scope=sc)
-        seq = g.op("Shape", ["input_ids"], scope=sc, start=1, end=2)
+        csum = g.op("CumSum", [ATTENTION_MASK, g.const(1, np.int64)], scope=sc)
+        seq = g.op("Shape", [INPUT_IDS], scope=sc, start=1, end=2)
         start = g.op("Neg", [seq], scope=sc)
         pos = g.op("Slice", [csum, start, g.const([np.iinfo(np.int64).max], np.int64),
                              g.const([1], np.int64)], scope=sc)
         pos = g.op("Max", [g.op("Sub", [pos, g.const(1, np.int64)], scope=sc), zero_i], scope=sc)
-        mask_i32 = g.op("Cast", ["attention_mask"], scope=sc, to=TensorProto.INT32)
+        mask_i32 = g.op("Cast", [ATTENTION_MASK], scope=sc, to=TensorProto.INT32)
         inv_freq_pos = torch.arange(s.max_positions)
         cos, sin = rotary_cos_sin(inv_freq_pos, D, cfg.rotary_emb_base)  # fp32, as the reference
         cos_c = g.init("rotary.cos_cache", cos[:, : D // 2].numpy().astype(self.A), "rope")
@@ -489,16 +470,15 @@ class _DecoderGraph:
                  scope="/ln_f", domain=MS_DOMAIN, epsilon=eps)
         logits, ldt = self.lm_head(h)
         if np.dtype(ldt) != np.dtype(np.float32):
-            g.op("Cast", [logits], n_out=["logits"], scope="/lm_head", to=TensorProto.FLOAT)
+            g.op("Cast", [logits], n_out=[LOGITS], scope="/lm_head", to=TensorProto.FLOAT)
         else:
-            g.op("Identity", [logits], n_out=["logits"], scope="/lm_head")
+            g.op("Identity", [logits], n_out=[LOGITS], scope="/lm_head")
         return inputs, outputs
 
     def _attention(self, i: int, q: str, k: str, v: str, mask_i32: str, attn_bias: str | None,
                    scope: str) -> str:
         g, H, D = self.g, self.H, self.D
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        past_k, past_v, pres_k, pres_v = self.io.kv_names(i)
         same = np.dtype(self.KV) == np.dtype(self.A)
         if not same:
             past_k, past_v = self.cast(past_k, self.A, scope), self.cast(past_v, self.A, scope)
@@ -518,7 +498,7 @@ class _DecoderGraph:
     # -- plain-op attention (fallback; fp32 scores and softmax) -------------------------------
     def _plain_mask(self, seq: str) -> str:
         g, sc = self.g, "/positions"
-        total = g.op("Shape", ["attention_mask"], scope=sc, start=1, end=2)
+        total = g.op("Shape", [ATTENTION_MASK], scope=sc, start=1, end=2)
         past = g.op("Sub", [total, seq], scope=sc)
         one = g.const(1, np.int64)
         sq = lambda t: g.op("Squeeze", [t, g.const([0], np.int64)], scope=sc)  # noqa: E731
@@ -527,7 +507,7 @@ class _DecoderGraph:
         causal = g.op("LessOrEqual", [g.op("Unsqueeze", [kpos, g.const([0], np.int64)], scope=sc),
                                       g.op("Unsqueeze", [qpos, g.const([1], np.int64)], scope=sc)],
                       scope=sc)  # [S, T]
-        pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2], np.int64)],
+        pad = g.op("Cast", [g.op("Unsqueeze", [ATTENTION_MASK, g.const([1, 2], np.int64)],
                                  scope=sc)], scope=sc, to=TensorProto.BOOL)  # [B,1,1,T]
         keep = g.op("And", [causal, pad], scope=sc)  # [B,1,S,T]
         return g.op("Where", [keep, g.const(0.0, np.float32),
@@ -665,13 +645,12 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     op_counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in gw.nodes)
     wb = dict(gw.bytes)
     per_token = sum(v for k, v in wb.items() if k in ("linear", "lm_head", "norm"))
-    kv_item = np.dtype(_NP[s.kv_dtype]).itemsize
     res = DecoderExportResult(
         onnx_path=out_path, data_path=out_path.parent / data_name, plan=s.plan, settings=asdict(s),
         inputs=[IOSpec(i.name, _np_name(i.type.tensor_type.elem_type), _dims(i)) for i in inputs],
         outputs=[IOSpec(o.name, _np_name(o.type.tensor_type.elem_type), _dims(o)) for o in outputs],
         op_counts=dict(op_counts), weight_bytes=wb, bytes_per_token=per_token,
-        kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.hidden_size * kv_item,
+        kv_bytes_per_token=dg.io.kv_bytes_per_token,
         file_bytes=out_path.stat().st_size + (out_path.parent / data_name).stat().st_size,
         seconds=time.perf_counter() - t0, metadata=meta)
     log.info("%s", res.summary())
@@ -698,6 +677,11 @@ def _check(m: onnx.ModelProto, directory: Path) -> None:
         path.unlink()
 
 
+def _value_info(spec: Spec) -> onnx.ValueInfoProto:
+    name, dtype, shape = spec
+    return helper.make_tensor_value_info(name, _ONNX[np.dtype(dtype)], shape)
+
+
 def _np_name(elem_type: int) -> str:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
 
@@ -710,22 +694,6 @@ def _dims(vi) -> list[int | str]:
 # Running (tests, validation): onnxruntime only, no torch needed
 # ---------------------------------------------------------------------------------------------
 
-def open_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
-    """An onnxruntime CPU session for a decoder; ``optimization`` all | extended | basic | none."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 KVPair = tuple[np.ndarray, np.ndarray]
 
 
@@ -733,71 +701,44 @@ def run_decoder(session, input_ids, image_embeds=None, attention_mask=None,
                 past: list[KVPair] | None = None) -> tuple[np.ndarray, list[KVPair]]:
     """One decoder call with defaults filled in: no images, an all-ones mask, an empty past.
 
-    Returns ``(logits [B,S,V] float32, present [(key, value)] per layer)``.
+    ``session``: from :func:`runtime.engines.open_session`. Returns ``(logits [B,S,V] float32,
+    present [(key, value)] per layer)``.
     """
-    ins = {i.name: i for i in session.get_inputs()}
-    n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
-    kv0 = ins["past_key_values.0.key"]
-    kv_dtype = _ORT_TYPES[kv0.type]
-    heads, head_dim = kv0.shape[1], kv0.shape[3]
-    hidden = ins["image_embeds"].shape[1]
+    c = decoder_contract(session)
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim == 1:
         ids = ids[None]
     b, s = ids.shape
     if past is None:
-        empty = np.zeros((b, heads, 0, head_dim), kv_dtype)
-        past = [(empty, empty)] * n_layers
+        empty = np.zeros(c.kv_shape(b, 0), c.kv_dtype)
+        past = [(empty, empty)] * c.layers
     p = past[0][0].shape[2]
     if attention_mask is None:
         attention_mask = np.ones((b, p + s), np.int64)
     if image_embeds is None:
-        image_embeds = np.zeros((0, hidden), np.float32)
-    feed = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, np.int64),
-            "image_embeds": np.asarray(image_embeds, np.float32)}
+        image_embeds = np.zeros((0, c.hidden), np.float32)
+    feed = {INPUT_IDS: ids, ATTENTION_MASK: np.asarray(attention_mask, np.int64),
+            IMAGE_EMBEDS: np.asarray(image_embeds, np.float32)}
     for i, (k, v) in enumerate(past):
-        feed[f"past_key_values.{i}.key"] = np.asarray(k, kv_dtype)
-        feed[f"past_key_values.{i}.value"] = np.asarray(v, kv_dtype)
-    out = session.run(None, feed)
-    names = [o.name for o in session.get_outputs()]
-    res = dict(zip(names, out))
-    present = [(res[f"present.{i}.key"], res[f"present.{i}.value"]) for i in range(n_layers)]
-    return res["logits"], present
-
-
-def prompt_table_ids(input_ids, image_start_id: int, vocab_size: int) -> tuple[np.ndarray, int]:
-    """Replace the slots between each ``<img>``/``</img>`` with ``vocab_size + row`` ids.
-
-    Image ``k``'s slot ``j`` becomes ``vocab_size + k * n_slots + j``, so ``image_embeds`` is the
-    vision output ``[n_images, n_slots, hidden]`` reshaped to ``[n_images * n_slots, hidden]``.
-    Returns the new ids and the number of image rows they address.
-    """
-    ids = np.array(input_ids, dtype=np.int64, copy=True)
-    flat = ids.reshape(-1, ids.shape[-1])
-    row = 0
-    for r in range(flat.shape[0]):
-        starts = np.flatnonzero(flat[r] == image_start_id)
-        ends = np.flatnonzero(flat[r] == image_start_id + 1)
-        if len(starts) != len(ends):
-            raise ValueError(f"row {r}: unbalanced <img>/</img> tags")
-        for a, e in zip(starts, ends):
-            n = e - a - 1
-            flat[r, a + 1:e] = vocab_size + row + np.arange(n)
-            row += n
-    return ids, row
+        pk, pv, _, _ = c.kv_names(i)
+        feed[pk], feed[pv] = np.asarray(k, c.kv_dtype), np.asarray(v, c.kv_dtype)
+    res = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    present = [(res[c.kv_names(i)[2]], res[c.kv_names(i)[3]]) for i in range(c.layers)]
+    return res[LOGITS], present
 
 
 def greedy_generate(session, input_ids, image_embeds=None, max_new_tokens: int = 10,
                     stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """Greedy decoding of one prompt with the KV cache (reference loop for tests)."""
+    """Greedy decoding of one prompt (prompt-table ids) with the KV cache, through the runtime's
+    decode loop (:func:`runtime.generate.decode_tokens`) over the whole vocabulary."""
     logits, past = run_decoder(session, input_ids, image_embeds)
-    new: list[int] = []
-    for step in range(max_new_tokens):
-        tok = int(np.argmax(logits[0, -1]))
-        if tok in stop_ids:
-            break
-        new.append(tok)
-        if step + 1 == max_new_tokens:
-            break
-        logits, past = run_decoder(session, [[tok]], None, None, past)
-    return new
+
+    def forward(tok: int) -> np.ndarray:
+        nonlocal past
+        out, past = run_decoder(session, [[tok]], None, None, past)
+        return out[0, -1]
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    sampler = Sampler(gen, logits.shape[-1])
+    return list(decode_tokens(forward, logits[0, -1], sampler, frozenset(stop_ids), gen,
+                              DecodeState()))

@@ -29,6 +29,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import EdgeError
+from .contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
+                       ContractError, DecoderIO)
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +65,42 @@ def pick_providers(device: str = "auto") -> list[str]:
     raise EngineError(f"unknown device '{device}': use auto, cpu, cuda or tensorrt")
 
 
-def session_options(threads: int | None = None, level: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, level: str = "all", mem_arena: bool = True,
+                    profile_prefix: str | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not mem_arena:
+        so.enable_cpu_mem_arena = False
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return so
 
 
-def open_session(path: Path, providers: list[str], threads: int | None = None,
-                 level: str = "all") -> ort.InferenceSession:
+def open_session(path: Path, providers: list[Any], threads: int | None = None,
+                 level: str = "all", *, mem_arena: bool = True,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """The one onnxruntime session factory (runtime, exporters' checks, validation, benchmarks).
+
+    ``level``: graph optimisation all | extended | basic | disable (or none). ``providers``: names or
+    ``(name, options)`` pairs. ``mem_arena=False`` returns CPU buffers after each run (fp16
+    graphs on x86, whose fp32 weight casts otherwise stay allocated). ``profile_prefix`` turns on
+    onnxruntime's node profiling (benchmarks). A file that does not load
+    raises :class:`EngineError` with one line saying what to do.
+    """
     try:
-        return ort.InferenceSession(str(path), session_options(threads, level), providers=providers)
+        so = session_options(threads, level, mem_arena, profile_prefix)
+        return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EngineError(f"cannot load {path}: {msg}; re-copy or re-export the bundle (or upgrade "
@@ -96,6 +116,14 @@ class IOInfo:
 
 def _io(args) -> dict[str, IOInfo]:
     return {a.name: IOInfo(a.name, _ORT_NP.get(a.type, np.float32), list(a.shape)) for a in args}
+
+
+def decoder_contract(session: ort.InferenceSession, vocab_size: int | None = None) -> DecoderIO:
+    """The decoder contract a session's inputs/outputs state (raises ContractError if none)."""
+    return DecoderIO.from_io({a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
+                              for a in session.get_inputs()},
+                             {a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
+                              for a in session.get_outputs()}, vocab_size)
 
 
 class DeviceBuffer:
@@ -195,8 +223,8 @@ def _addr(a: np.ndarray) -> int:
 class VisionEngine:
     """pixels float32 [N,3,S,S] -> :class:`Features` [N, Q, hidden]."""
 
-    input_name = "pixel_values"
-    output_name = "image_embeds"
+    input_name = PIXEL_VALUES
+    output_name = IMAGE_EMBEDS
     kind = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[Any], threads: int | None = None,
@@ -327,7 +355,7 @@ class KVCache:
 
     def __init__(self, engine: "DecoderEngine", batch: int, capacity: int):
         self.engine, self.batch, self.capacity = engine, int(batch), int(capacity)
-        n = self.batch * engine.heads * self.capacity * engine.head_dim
+        n = engine.contract.kv_elements(self.batch, self.capacity)
         self.sets = [[(DeviceBuffer(n, engine.kv_dtype, engine.device),
                        DeviceBuffer(n, engine.kv_dtype, engine.device))
                       for _ in range(engine.layers)] for _ in range(2)]
@@ -343,8 +371,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 4 * self.engine.layers * self.batch * self.engine.heads * self.capacity * \
-            self.engine.head_dim * np.dtype(self.engine.kv_dtype).itemsize
+        return 2 * self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
 
     def reset(self) -> None:
         self.length = 0
@@ -353,7 +380,7 @@ class KVCache:
     def layer(self, i: int, which: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Host copy/view of layer ``i``'s (key, value) ``[B,H,length,D]`` (tests, debugging)."""
         e = self.engine
-        shape = (self.batch, e.heads, self.length, e.head_dim)
+        shape = tuple(e.contract.kv_shape(self.batch, self.length))
         k, v = self.sets[self.cur if which < 0 else which][i]
         return k.view(shape), v.view(shape)
 
@@ -370,30 +397,24 @@ class DecoderEngine:
         self.session = open_session(self.path, providers, threads, "all")
         self.inputs = _io(self.session.get_inputs())
         self.outputs = _io(self.session.get_outputs())
-        need = ("input_ids", "attention_mask", "past_key_values.0.key")
-        if any(n not in self.inputs for n in need) or "logits" not in self.outputs:
-            raise EngineError(f"{self.path} is not a decoder engine (inputs {list(self.inputs)}): "
-                              "re-export the bundle")
-        self.layers = sum(1 for n in self.inputs
-                          if n.startswith("past_key_values.") and n.endswith(".key"))
-        kv0 = self.inputs["past_key_values.0.key"]
-        self.kv_dtype = kv0.dtype
-        self.heads, self.head_dim = int(kv0.shape[1]), int(kv0.shape[3])
-        emb = self.inputs.get("image_embeds")
-        self.has_images = emb is not None
-        self.hidden = int(emb.shape[1]) if emb is not None and isinstance(emb.shape[1], int) else None
-        vocab = self.outputs["logits"].shape[2]
-        self.vocab_size = int(vocab) if isinstance(vocab, int) else vocab_size
+        try:
+            self.contract = decoder_contract(self.session, vocab_size)
+        except ContractError as e:
+            raise EngineError(f"{self.path} is {e}: re-export the bundle") from None
+        c = self.contract
+        self.layers, self.heads, self.head_dim = c.layers, c.heads, c.head_dim
+        self.kv_dtype = np.dtype(c.kv_dtype).type
+        self.has_images = IMAGE_EMBEDS in self.inputs
+        self.hidden = c.hidden
+        self.vocab_size = c.vocab_size
         if self.vocab_size is None:
             raise EngineError(f"{self.path}: the logits vocabulary size is symbolic and the "
                               "manifest does not give vocab_size: re-export the bundle")
-        self._names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                        f"present.{i}.key", f"present.{i}.value") for i in range(self.layers)]
+        self._names = [c.kv_names(i) for i in range(self.layers)]
         self._no_images = np.zeros((1, self.hidden or 1), np.float32)  # bound as [0, hidden]
         self._no_images_ptr = self._no_images.ctypes.data
         self._kv_type = _ONNX_TYPES[np.dtype(self.kv_dtype)]
-        self.kv_bytes_per_token = 2 * self.layers * self.heads * self.head_dim * \
-            np.dtype(self.kv_dtype).itemsize
+        self.kv_bytes_per_token = c.kv_bytes_per_token
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self, batch, capacity)
@@ -428,22 +449,22 @@ class DecoderEngine:
             mask = np.ascontiguousarray(cache.mask[:, :t])
             mask_ptr = mask.ctypes.data
         bind.keep = [ids, mask]  # bound by pointer: must outlive the run
-        bind.input("input_ids", False, _INT64, [b, s], ids_ptr)
-        bind.input("attention_mask", False, _INT64, [b, t], mask_ptr)
+        bind.input(INPUT_IDS, False, _INT64, [b, s], ids_ptr)
+        bind.input(ATTENTION_MASK, False, _INT64, [b, t], mask_ptr)
         if self.has_images:
             if features is None:
-                bind.input("image_embeds", False, _FLOAT, [0, self.hidden], self._no_images_ptr)
+                bind.input(IMAGE_EMBEDS, False, _FLOAT, [0, self.hidden], self._no_images_ptr)
             elif features.array is not None:
                 emb = np.ascontiguousarray(features.array.reshape(features.rows, -1),
                                            dtype=np.float32)
                 bind.keep.append(emb)
-                bind.input("image_embeds", False, _FLOAT, list(emb.shape), emb.ctypes.data)
+                bind.input(IMAGE_EMBEDS, False, _FLOAT, list(emb.shape), emb.ctypes.data)
             else:  # device features straight from the vision engine
-                bind.input("image_embeds", True, _FLOAT, [features.rows, self.hidden],
+                bind.input(IMAGE_EMBEDS, True, _FLOAT, [features.rows, self.hidden],
                            features.ptr)
         src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
-        past_shape = [b, self.heads, p, self.head_dim]
-        pres_shape = [b, self.heads, t, self.head_dim]
+        past_shape = self.contract.kv_shape(b, p)
+        pres_shape = self.contract.kv_shape(b, t)
         kvt = self._kv_type
         for (pk, pv, ok, ov), (sk, sv), (dk, dv) in zip(self._names, src, dst):
             bind.input(pk, True, kvt, past_shape, sk.ptr)
@@ -456,7 +477,7 @@ class DecoderEngine:
         else:
             logits = np.empty((b, s, vocab), np.float32)
             logits_ptr = logits.ctypes.data
-        bind.output("logits", False, _FLOAT, [b, s, vocab], logits_ptr)
+        bind.output(LOGITS, False, _FLOAT, [b, s, vocab], logits_ptr)
         self.session.run_with_iobinding(bind.io)
         cache.cur = 1 - cache.cur
         cache.length = t

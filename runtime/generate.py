@@ -10,7 +10,10 @@
   would break the prompt of the next turn).
 * :class:`TextStream` — incremental detokenisation (UTF-8 safe) that holds back just enough text to
   catch a stop string spanning several tokens; the pieces it yields join to the final text.
-* :func:`decode_tokens` — the KV loop for one row: sample, stop on a stop id, else feed the token.
+* :func:`next_token` — one row's step (sample, stop on a stop id, record); :func:`decode_tokens` —
+  the KV loop for one row built on it; a batch (``Pipeline.chat_batch``) runs ``next_token`` per row.
+  The sampler is injected (mlx-lm's ``generate_step``), so the PyTorch reference decodes with the
+  same loop.
 """
 
 from __future__ import annotations
@@ -224,31 +227,49 @@ class DecodeState:
     step_s: list[float] = field(default_factory=list)
 
 
-def decode_tokens(forward: Callable[[int], np.ndarray], logits: np.ndarray, sampler: Sampler,
-                  stop_ids: frozenset[int] | set[int], cfg: GenerationConfig,
-                  state: DecodeState, lock: AbstractContextManager | None = None) -> Iterator[int]:
-    """Yield new token ids. ``forward(tok)`` feeds one token and returns the next logits ``[V]``.
+def next_token(logits: np.ndarray, sampler: Callable[[np.ndarray], int],
+               stop_ids: frozenset[int] | set[int], cfg: GenerationConfig,
+               state: DecodeState) -> int | None:
+    """One row's decode step: sample from ``logits`` and record the token in ``state``.
 
+    Returns the token, or None when it is a stop id (past ``min_new_tokens``; it is not recorded
+    and ``state.finish_reason`` becomes ``stop``). The caller feeds the token back while
+    ``len(state.tokens) < cfg.max_new_tokens``. ``sampler`` is any ``logits -> id`` callable (a
+    :class:`Sampler`, or a torch sampler for the reference); an ``observe(tok)`` method, when it
+    has one, sees each recorded token (repetition penalty).
+    """
+    tok = sampler(logits)
+    if tok in stop_ids and len(state.tokens) >= cfg.min_new_tokens:
+        state.finish_reason = "stop"
+        return None
+    state.tokens.append(tok)
+    observe = getattr(sampler, "observe", None)
+    if observe is not None:
+        observe(tok)
+    return tok
+
+
+def decode_tokens(forward: Callable[[int], np.ndarray], logits: np.ndarray,
+                  sampler: Callable[[np.ndarray], int], stop_ids: frozenset[int] | set[int],
+                  cfg: GenerationConfig, state: DecodeState,
+                  lock: AbstractContextManager | None = None) -> Iterator[int]:
+    """The decode loop of every caller (runtime, validation, exporter checks, the reference).
+
+    Yields new token ids. ``forward(tok)`` feeds one token and returns the next logits ``[V]``.
     The token that hits a stop id is not yielded and not fed; the last yielded token is not fed
     either (its logits would not be used), so the cache ends with the tokens before it.
     ``state.step_s[i]`` is the wall time of the forward that produced token ``i+1``.
     """
     lock = lock or nullcontext()
     n = int(cfg.max_new_tokens)
-    min_new = int(cfg.min_new_tokens)
-    tokens, step_s, clock = state.tokens, state.step_s, time.perf_counter
-    observe = sampler.observe if sampler.penalty else None
+    step_s, clock = state.step_s, time.perf_counter
+    state.finish_reason = "length"
     for step in range(n):
-        tok = sampler(logits)
-        if tok in stop_ids and step >= min_new:
-            state.finish_reason = "stop"
+        tok = next_token(logits, sampler, stop_ids, cfg, state)
+        if tok is None:
             return
-        tokens.append(tok)
-        if observe is not None:
-            observe(tok)
         yield tok
         if step + 1 == n:
-            state.finish_reason = "length"
             return
         t = clock()
         with lock:

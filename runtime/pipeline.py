@@ -33,14 +33,14 @@ import numpy as np
 from . import bundle as _bundle
 from .bundle import BundleError, Manifest
 from .errors import ContextLengthError, EdgeError
+from .contract import ContractError, PromptTable
 from .engines import (CUDA, TRT_EP, DecoderEngine, EngineError, Features, KVCache,
                       TrtVisionEngine, VisionEngine, ort_providers, pick_providers)
 from .generate import (DecodeState, GenerationConfig, GenerationError, Sampler, TextStream,
-                       decode_tokens)
+                       decode_tokens, next_token)
 from .grounding import GroundedBox, parse_grounding
 from .image import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
-from .prompt import (DEFAULT_SYSTEM, PromptError, Query, Turn, build_chat_ids, build_raw_ids,
-                     image_slot_positions)
+from .prompt import DEFAULT_SYSTEM, PromptError, Query, Turn, build_chat_ids, build_raw_ids
 from .tokenizer import QwenTokenizer, StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,8 @@ class Pipeline:
         if decoder.vocab_size != self.vocab_size:
             raise BundleError(f"{decoder.path} has {decoder.vocab_size} logits but the manifest says "
                               f"vocab_size {self.vocab_size}: re-export the bundle")
+        self.prompt_table = PromptTable(self.vocab_size, tok.img_start_id, tok.img_end_id,
+                                        tok.img_pad_id, self.n_queries)
         self.stop_ids = frozenset({tok.eod_id} if self.chat_format == "raw"
                                   else {tok.eod_id, tok.im_start_id, tok.im_end_id})
         self.suppress_ids = (tok.img_start_id, tok.img_end_id, tok.img_pad_id)
@@ -442,31 +444,24 @@ class Pipeline:
         with self._lock:
             return self.vision.encode(pixels)
 
-    def _table(self, ids: list[int], start: int, features: list[Features]) -> tuple[np.ndarray, Features | None]:
-        """Prompt-table ids for ``ids[start:]`` and the features they address."""
-        spans = image_slot_positions(ids, self.tokenizer)
-        if len(spans) != len(features):
-            raise PromptError(f"the prompt has {len(spans)} image span(s) but {len(features)} "
-                              "image(s) were given")
-        out = np.asarray(ids[start:], np.int64)
-        used: list[Features] = []
-        row = 0
-        for (a, e), f in zip(spans, features):
-            if e <= start:
-                continue
-            if e - a != self.n_queries:
-                raise PromptError(f"image span of {e - a} slots, the vision engine makes "
-                                  f"{self.n_queries}")
-            lo = max(a, start)
-            out[lo - start:e - start] = self.vocab_size + row + np.arange(lo - a, e - a)
-            used.append(f)
-            row += self.n_queries
-        return out, (Features.concat(used) if used else None)
+    def _table(self, ids: list[int], start: int, features: list[Features],
+               first_row: int = 0) -> tuple[np.ndarray, Features | None]:
+        """Prompt-table ids for ``ids[start:]`` (the engine contract's rule) and the features
+        they address."""
+        try:
+            n_spans = len(self.prompt_table.spans(ids))
+            if n_spans != len(features):
+                raise PromptError(f"the prompt has {n_spans} image span(s) but {len(features)} "
+                                  "image(s) were given")
+            out, used = self.prompt_table.table_ids(ids, start, first_row)
+        except ContractError as e:
+            raise PromptError(f"{e}; build prompts with build_chat_ids") from None
+        parts = [features[k] for k in used]
+        return out, (Features.concat(parts) if parts else None)
 
     def _run(self, prompt: Query, prep: _Prepared,
              conv: Conversation | None) -> Generator[str, None, ChatResult]:
         tim = prep.timings
-        gen = prep.gen
         if conv is not None:
             conv._hold()
         cache: KVCache | None = None
@@ -475,58 +470,19 @@ class Pipeline:
             new_feats = self._encode(prep.pixels)
             tim["vision_s"] = time.perf_counter() - t
             split = [] if new_feats is None else new_feats.split()
-            ids = prep.ids
-            reused = 0
-            if conv is not None:
-                features = conv.features + split
-                cache = conv.cache
-                if cache is None:
-                    cache = conv.cache = self._acquire()
-                    conv.cache_ids = []
-                reused = self._reuse(conv, ids, gen.max_new_tokens)
-            else:
-                features = split
-                cache = self._acquire()
-            table_ids, table = self._table(ids, reused, features)
+            cache, features, reused = self._cache_for(conv, prep, split)
             cache_ids = conv.cache_ids if conv is not None else []
-            t = time.perf_counter()
-            with self._lock:
-                logits = self.decoder.forward(cache, table_ids[None], features=table)[0]
-            cache_ids.extend(ids[reused:])
-            tim["prefill_s"] = time.perf_counter() - t
-            tim["prefill_tokens"] = len(ids) - reused
-
-            decoder, lock = self.decoder, self._lock
-            tok_arr = np.zeros((1, 1), np.int64)
-
-            def forward(tok: int) -> np.ndarray:
-                tok_arr[0, 0] = tok
-                out = decoder.forward(cache, tok_arr)[0]
-                cache_ids.append(tok)
-                return out
-
-            history_ids = ids if gen.repetition_penalty != 1.0 else ()
-            sampler = Sampler(gen, self.n_vocab, history_ids, self.suppress_ids)
+            logits = self._prefill(cache, cache_ids, prep.ids, reused, features, tim)
             state = DecodeState()
-            stream = TextStream(StreamDecoder(self.tokenizer), gen.stop)
+            stream = TextStream(StreamDecoder(self.tokenizer), prep.gen.stop)
             arrivals: list[float] = []
-            for tok in decode_tokens(forward, logits, sampler, self.stop_ids, gen, state, lock):
-                arrivals.append(time.perf_counter())
-                piece = stream.push(tok)
-                if piece:
-                    yield piece
-                if stream.stopped:
-                    state.finish_reason = "stop_string"
-                    break
-            piece = stream.finish()
-            if piece:
-                yield piece
+            yield from self._stream(cache, cache_ids, logits, prep, state, stream, arrivals)
             sizes = prep.sizes if conv is None else conv.image_sizes + prep.sizes
             tim["ttft_s"] = (arrivals[0] if arrivals else time.perf_counter()) - tim.pop("t0")
             _decode_timings(tim, arrivals, state.step_s)
             tim["new_tokens"] = len(state.tokens)
             result = ChatResult(stream.text, list(state.tokens), parse_grounding(stream.text, sizes),
-                                tim, state.finish_reason, len(ids), reused, list(sizes))
+                                tim, state.finish_reason, len(prep.ids), reused, list(sizes))
             if conv is not None:
                 conv.turns.append(Turn(prompt, list(state.tokens), prep.n_new_images))
                 conv.features.extend(split)
@@ -538,6 +494,59 @@ class Pipeline:
                     self._release(cache)
             else:
                 conv._busy.release()
+
+    def _cache_for(self, conv: Conversation | None, prep: _Prepared,
+                   split: list[Features]) -> tuple[KVCache, list[Features], int]:
+        """The KV cache of this reply, every image's features in prompt order, and how many
+        prompt tokens the cache already holds."""
+        if conv is None:
+            return self._acquire(), split, 0
+        if conv.cache is None:
+            conv.cache = self._acquire()
+            conv.cache_ids = []
+        reused = self._reuse(conv, prep.ids, prep.gen.max_new_tokens)
+        return conv.cache, conv.features + split, reused
+
+    def _prefill(self, cache: KVCache, cache_ids: list[int], ids: list[int], reused: int,
+                 features: list[Features], tim: dict[str, Any]) -> np.ndarray:
+        table_ids, table = self._table(ids, reused, features)
+        t = time.perf_counter()
+        with self._lock:
+            logits = self.decoder.forward(cache, table_ids[None], features=table)[0]
+        cache_ids.extend(ids[reused:])
+        tim["prefill_s"] = time.perf_counter() - t
+        tim["prefill_tokens"] = len(ids) - reused
+        return logits
+
+    def _sampler(self, prep: _Prepared) -> Sampler:
+        history_ids = prep.ids if prep.gen.repetition_penalty != 1.0 else ()
+        return Sampler(prep.gen, self.n_vocab, history_ids, self.suppress_ids)
+
+    def _stream(self, cache: KVCache, cache_ids: list[int], logits: np.ndarray, prep: _Prepared,
+                state: DecodeState, stream: TextStream,
+                arrivals: list[float]) -> Generator[str, None, None]:
+        """Text pieces of the reply: the one decode loop (:func:`decode_tokens`) on ``cache``."""
+        decoder = self.decoder
+        tok_arr = np.zeros((1, 1), np.int64)
+
+        def forward(tok: int) -> np.ndarray:
+            tok_arr[0, 0] = tok
+            out = decoder.forward(cache, tok_arr)[0]
+            cache_ids.append(tok)
+            return out
+
+        for tok in decode_tokens(forward, logits, self._sampler(prep), self.stop_ids, prep.gen,
+                                 state, self._lock):
+            arrivals.append(time.perf_counter())
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+            if stream.stopped:
+                state.finish_reason = "stop_string"
+                break
+        piece = stream.finish()
+        if piece:
+            yield piece
 
     # ---- batch ----------------------------------------------------------------------------
     def chat_batch(self, requests: Sequence[ChatRequest | dict[str, Any] | str],
@@ -555,81 +564,80 @@ class Pipeline:
             gen = self._generation({**generation, **(r.generation or {})})
             preps.append(self._prepare(r.prompt, r.images, r.history, r.system, gen))
         t0 = min(p.timings["t0"] for p in preps)
-        b = len(preps)
+        cache, logits, shared = self._batch_prefill(preps)
+        rows = [_Row(self._sampler(p), TextStream(StreamDecoder(self.tokenizer), p.gen.stop),
+                     DecodeState()) for p in preps]
+        steps = self._batch_decode(cache, logits, preps, rows)
+        results = []
+        for p, row in zip(preps, rows):
+            row.stream.finish()
+            text, tokens = row.stream.text, row.state.tokens
+            tim = {"preprocess_s": p.timings["preprocess_s"], **shared,
+                   "ttft_s": (row.arrivals[0] if row.arrivals else time.perf_counter()) - t0,
+                   "new_tokens": len(tokens), "batch": len(preps)}
+            _decode_timings(tim, row.arrivals, steps[:max(len(tokens) - 1, 0)])
+            results.append(ChatResult(text, tokens, parse_grounding(text, p.sizes), tim,
+                                      row.state.finish_reason, len(p.ids), 0, list(p.sizes)))
+        return results
+
+    def _batch_prefill(self, preps: list[_Prepared]) -> tuple[KVCache, np.ndarray, dict[str, Any]]:
+        """One vision call and one left-padded prefill for all requests."""
         t = time.perf_counter()
-        pixels = np.concatenate([p.pixels for p in preps])
-        feats = self._encode(pixels)
+        feats = self._encode(np.concatenate([p.pixels for p in preps]))
         vision_s = time.perf_counter() - t
         per_image = [] if feats is None else feats.split()
-        rows, table_parts, k = [], [], 0
+        rows, k = [], 0
         for p in preps:
             n = len(p.pixels)
-            ids, _ = self._table(p.ids, 0, per_image[k:k + n])
-            ids = np.where(ids >= self.vocab_size, ids + k * self.n_queries, ids)
-            rows.append(ids)
+            rows.append(self._table(p.ids, 0, per_image[k:k + n], k * self.n_queries)[0])
             k += n
         table = Features.concat(per_image) if per_image else None
         width = max(len(r) for r in rows)
         max_new = max(p.gen.max_new_tokens for p in preps)
-        input_ids = np.full((b, width), self.tokenizer.eod_id, np.int64)
-        mask = np.zeros((b, width), np.int64)
+        input_ids = np.full((len(preps), width), self.tokenizer.eod_id, np.int64)
+        mask = np.zeros((len(preps), width), np.int64)
         for i, r in enumerate(rows):
             input_ids[i, width - len(r):] = r
             mask[i, width - len(r):] = 1
-        cache = self.decoder.new_cache(b, width + max_new)
+        cache = self.decoder.new_cache(len(preps), width + max_new)
         t = time.perf_counter()
         with self._lock:
             logits = self.decoder.forward(cache, input_ids, mask, features=table)
-        prefill_s = time.perf_counter() - t
-        samplers = [Sampler(p.gen, self.n_vocab,
-                            p.ids if p.gen.repetition_penalty != 1.0 else (), self.suppress_ids)
-                    for p in preps]
-        streams = [TextStream(StreamDecoder(self.tokenizer), p.gen.stop) for p in preps]
-        tokens: list[list[int]] = [[] for _ in preps]
-        reasons = ["length"] * b
-        done = [False] * b
-        arrivals: list[list[float]] = [[] for _ in preps]
+        return cache, logits, {"vision_s": vision_s, "prefill_s": time.perf_counter() - t,
+                               "prefill_tokens": int(mask.sum())}
+
+    def _batch_decode(self, cache: KVCache, logits: np.ndarray, preps: list[_Prepared],
+                      rows: list["_Row"]) -> list[float]:
+        """Decode steps of the whole batch: each row's token from the decode core
+        (:func:`next_token`); a finished row feeds a masked pad. Returns the step times."""
+        b = len(preps)
         steps: list[float] = []
         step_ids = np.zeros((b, 1), np.int64)
         step_mask = np.zeros((b, 1), np.int64)
-        for step in range(max_new):
-            for i in range(b):
+        for _ in range(max(p.gen.max_new_tokens for p in preps)):
+            for i, (p, row) in enumerate(zip(preps, rows)):
                 step_ids[i, 0], step_mask[i, 0] = self.tokenizer.eod_id, 0
-                if done[i]:
+                if row.done:
                     continue
-                g = preps[i].gen
-                tok = samplers[i](logits[i])
-                if tok in self.stop_ids and step >= g.min_new_tokens:
-                    done[i], reasons[i] = True, "stop"
+                tok = next_token(logits[i], row.sampler, self.stop_ids, p.gen, row.state)
+                if tok is None:
+                    row.done = True
                     continue
-                tokens[i].append(tok)
-                samplers[i].observe(tok)
-                arrivals[i].append(time.perf_counter())
-                streams[i].push(tok)
-                if streams[i].stopped:
-                    done[i], reasons[i] = True, "stop_string"
-                elif len(tokens[i]) >= g.max_new_tokens:
-                    done[i], reasons[i] = True, "length"
+                row.arrivals.append(time.perf_counter())
+                row.stream.push(tok)
+                if row.stream.stopped:
+                    row.done, row.state.finish_reason = True, "stop_string"
+                elif len(row.state.tokens) >= p.gen.max_new_tokens:
+                    row.done, row.state.finish_reason = True, "length"
                 else:
                     step_ids[i, 0], step_mask[i, 0] = tok, 1
-            if all(done):
+            if all(r.done for r in rows):
                 break
             t = time.perf_counter()
             with self._lock:
                 logits = self.decoder.forward(cache, step_ids, step_mask)
             steps.append(time.perf_counter() - t)
-        results = []
-        for i, p in enumerate(preps):
-            streams[i].finish()
-            text = streams[i].text
-            tim = {"preprocess_s": p.timings["preprocess_s"], "vision_s": vision_s,
-                   "prefill_s": prefill_s, "prefill_tokens": int(mask.sum()),
-                   "ttft_s": (arrivals[i][0] if arrivals[i] else time.perf_counter()) - t0,
-                   "new_tokens": len(tokens[i]), "batch": b}
-            _decode_timings(tim, arrivals[i], steps[:max(len(tokens[i]) - 1, 0)])
-            results.append(ChatResult(text, tokens[i], parse_grounding(text, p.sizes), tim,
-                                      reasons[i], len(p.ids), 0, list(p.sizes)))
-        return results
+        return steps
 
     def _reuse(self, conv: Conversation, ids: list[int], max_new: int) -> int:
         """Prefix of ``ids`` already in ``conv``'s cache; drops (masks) cached tokens after it."""
@@ -651,6 +659,17 @@ class Pipeline:
             for p in range(first_dead, len(conv.cache_ids)):
                 conv.cache_ids[p] = -1
         return k
+
+
+@dataclass
+class _Row:
+    """One request's decoding inside :meth:`Pipeline.chat_batch`."""
+
+    sampler: Sampler
+    stream: TextStream
+    state: DecodeState
+    arrivals: list[float] = field(default_factory=list)
+    done: bool = False
 
 
 def _decode_timings(tim: dict[str, Any], arrivals: list[float], forward_s: list[float]) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .errors import EdgeError
+from .contract import ContractError, image_spans
 from .tokenizer import GROUNDING_ST, QwenTokenizer
 
 log = logging.getLogger(__name__)
@@ -252,23 +253,9 @@ def build_raw_ids(tok: QwenTokenizer, query: Query, n_images: int = 0,
 
 
 def image_slot_positions(ids: Sequence[int], tok: QwenTokenizer) -> list[tuple[int, int]]:
-    """Half-open ``(start, end)`` index ranges strictly between each ``<img>`` and ``</img>``."""
-    out: list[tuple[int, int]] = []
-    open_at: int | None = None
-    for i, t in enumerate(ids):
-        t = int(t)
-        if t == tok.img_start_id:
-            if open_at is not None:
-                raise PromptError(f"unbalanced image tags: <img> at {i} before the </img> of the "
-                                  f"<img> at {open_at}; build prompts with build_chat_ids")
-            open_at = i
-        elif t == tok.img_end_id:
-            if open_at is None:
-                raise PromptError(f"unbalanced image tags: </img> at {i} without <img>; build "
-                                  f"prompts with build_chat_ids")
-            out.append((open_at + 1, i))
-            open_at = None
-    if open_at is not None:
-        raise PromptError(f"unbalanced image tags: <img> at {open_at} is never closed; build "
-                          f"prompts with build_chat_ids")
-    return out
+    """Half-open ``(start, end)`` index ranges strictly between each ``<img>`` and ``</img>``
+    (the engine contract's rule, :func:`runtime.contract.image_spans`)."""
+    try:
+        return image_spans(ids, tok.img_start_id, tok.img_end_id)
+    except ContractError as e:
+        raise PromptError(f"{e}; build prompts with build_chat_ids") from None

@@ -11,8 +11,9 @@ import onnx
 import pytest
 import torch
 
-from exporters.decoder import (DecoderExportError, export_decoder, greedy_generate, open_session,
-                               prompt_table_ids, run_decoder)
+from exporters.decoder import DecoderExportError, export_decoder, greedy_generate, run_decoder
+from runtime.contract import PromptTable
+from runtime.engines import open_session as _open_session
 from quant.fake_quant import fake_quant_model, rtn_gptq_tensors
 from quant.packing import PackingError
 
@@ -47,9 +48,9 @@ def prompt(cfg):
     span = [cfg.image_start_id] + [cfg.image_pad_id] * n_slots + [cfg.image_start_id + 1]
     ids = text[:5] + span + text[5:]
     img = torch.from_numpy(rng.standard_normal((1, n_slots, cfg.hidden_size)).astype(np.float32))
-    table_ids, rows = prompt_table_ids([ids], cfg.image_start_id, cfg.vocab_size)
-    assert rows == n_slots
-    return {"ids": ids, "img": img, "table_ids": table_ids,
+    table_ids, used = PromptTable.from_config(cfg).table_ids(ids)
+    assert used == [0] and (table_ids >= cfg.vocab_size).sum() == n_slots
+    return {"ids": ids, "img": img, "table_ids": table_ids[None],
             "img_rows": img.reshape(-1, cfg.hidden_size).numpy()}
 
 
@@ -71,6 +72,10 @@ def ref_run(nano_model, prompt, cfg):
             steps.append(nano_model(torch.tensor([[tok]]), past=steps[-1].past))
     return {"logits": [s.logits[0].numpy() for s in steps], "past": [s.past for s in steps],
             "tokens": toks}
+
+
+def open_session(path, threads=None):
+    return _open_session(path, ["CPUExecutionProvider"], threads)
 
 
 def _engine_run(sess, prompt, tokens):

@@ -173,7 +173,7 @@ def test_int4_fp16_kv_equals_bare_session_loop(int4_fp16_bundle, images):
     res = p.chat("Describe it.", images=images[:1], temperature=0,
                  max_new_tokens=N_NEW).result()
     feats = p.vision.session.run(None, {"pixel_values": pixels_of(p, images[:1])})[0]
-    table, _ = p._table(ids, 0, [None])
+    table, _ = p.prompt_table.table_ids(ids)
     assert bare_greedy(p.decoder.session, table, feats.reshape(-1, feats.shape[-1]), N_NEW,
                        p.n_vocab, p.suppress_ids, p.stop_ids) == res.token_ids
 

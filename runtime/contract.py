@@ -1,0 +1,231 @@
+"""The engines' I/O contract, said once: names, dtypes, KV layout and the prompt-table rule.
+
+The exporter builds the graphs from it (:meth:`DecoderIO.from_config`, the vision names), the
+runtime reads it back from an engine's inputs/outputs (:meth:`DecoderIO.from_io`) and from the
+bundle manifest (:meth:`PromptTable.from_manifest`); validation, benchmarks and tests use the same
+objects, so no other module computes table ids or KV shapes. Torch-free (numpy only).
+
+Decoder engine (``L`` layers, ``H`` heads, ``D`` head dim, KV dtype float16 or float32)::
+
+    input_ids                   int64   [batch, sequence_length]
+    image_embeds                float32 [image_rows, hidden]          (image_rows may be 0)
+    attention_mask              int64   [batch, total_sequence_length]
+    past_key_values.{i}.key     KV      [batch, H, past_sequence_length, D]   i = 0..L-1
+    past_key_values.{i}.value   KV      [batch, H, past_sequence_length, D]
+    ->
+    logits                      float32 [batch, sequence_length, vocab_size]
+    present.{i}.key             KV      [batch, H, total_sequence_length, D]
+    present.{i}.value           KV      [batch, H, total_sequence_length, D]
+
+Vision engine: ``pixel_values`` float32 ``[N, 3, S, S]`` -> ``image_embeds`` float32
+``[N, n_queries, hidden]``.
+
+Prompt-table rule: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``
+(the vision output of all images, flattened to ``[N * n_queries, hidden]``); the slots between
+``<img>`` and ``</img>`` of the prompt become those table ids (:meth:`PromptTable.table_ids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+INPUT_IDS = "input_ids"
+IMAGE_EMBEDS = "image_embeds"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+PIXEL_VALUES = "pixel_values"
+PAST_KEY = "past_key_values.{}.key"
+PAST_VALUE = "past_key_values.{}.value"
+PRESENT_KEY = "present.{}.key"
+PRESENT_VALUE = "present.{}.value"
+KV_DTYPES = ("float16", "float32")
+
+Spec = tuple[str, str, list[Any]]  # (name, numpy dtype name, shape with symbolic dims)
+
+
+class ContractError(ValueError):
+    """Inputs that break the engine contract (unbalanced image tags, a graph without the
+    decoder's inputs, ...); the message says what is wrong."""
+
+
+def image_spans(ids: Sequence[int], image_start: int, image_end: int) -> list[tuple[int, int]]:
+    """Half-open ``(start, end)`` index ranges strictly between each ``<img>`` and ``</img>``."""
+    out: list[tuple[int, int]] = []
+    open_at: int | None = None
+    for i, t in enumerate(ids):
+        t = int(t)
+        if t == image_start:
+            if open_at is not None:
+                raise ContractError(f"unbalanced image tags: <img> at {i} before the </img> "
+                                    f"of the <img> at {open_at}")
+            open_at = i
+        elif t == image_end:
+            if open_at is None:
+                raise ContractError(f"unbalanced image tags: </img> at {i} without <img>")
+            out.append((open_at + 1, i))
+            open_at = None
+    if open_at is not None:
+        raise ContractError(f"unbalanced image tags: <img> at {open_at} is never closed")
+    return out
+
+
+@dataclass(frozen=True)
+class VisionIO:
+    """The vision engine's inputs and outputs."""
+
+    image_size: int
+    n_queries: int
+    hidden: int
+    input_name: str = PIXEL_VALUES
+    output_name: str = IMAGE_EMBEDS
+
+    def input_spec(self) -> Spec:
+        return (self.input_name, "float32", ["batch", 3, self.image_size, self.image_size])
+
+    def output_spec(self) -> Spec:
+        return (self.output_name, "float32", ["batch", self.n_queries, self.hidden])
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "VisionIO":
+        """From a ``models.config.QwenVLConfig`` (the exporter's side)."""
+        v = cfg.visual
+        return cls(int(v.image_size), int(v.n_queries), int(v.output_dim))
+
+    @classmethod
+    def from_manifest(cls, model: Mapping[str, Any]) -> "VisionIO":
+        return cls(int(model["image_size"]), int(model["n_queries"]), int(model["hidden"]))
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    """The decoder engine's inputs and outputs, and the KV cache layout they imply."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    hidden: int | None
+    vocab_size: int | None
+    kv_dtype: str = "float16"  # numpy dtype name
+
+    def kv_names(self, i: int) -> tuple[str, str, str, str]:
+        """(past key, past value, present key, present value) names of layer ``i``."""
+        return (PAST_KEY.format(i), PAST_VALUE.format(i), PRESENT_KEY.format(i),
+                PRESENT_VALUE.format(i))
+
+    def kv_shape(self, batch: int, length: int | str) -> list[Any]:
+        """``[batch, H, length, D]`` of one layer's key (or value)."""
+        return [batch, self.heads, length, self.head_dim]
+
+    def kv_elements(self, batch: int, length: int) -> int:
+        return int(batch) * self.heads * int(length) * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes per token of context, all layers, key and value."""
+        return 2 * self.layers * self.heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    def input_specs(self) -> list[Spec]:
+        """The graph inputs, in order."""
+        out: list[Spec] = [(INPUT_IDS, "int64", ["batch", "sequence_length"]),
+                           (IMAGE_EMBEDS, "float32", ["image_rows", self.hidden]),
+                           (ATTENTION_MASK, "int64", ["batch", "total_sequence_length"])]
+        for i in range(self.layers):
+            pk, pv, _, _ = self.kv_names(i)
+            shape = self.kv_shape("batch", "past_sequence_length")
+            out += [(pk, self.kv_dtype, list(shape)), (pv, self.kv_dtype, list(shape))]
+        return out
+
+    def output_specs(self) -> list[Spec]:
+        """The graph outputs, in order."""
+        out: list[Spec] = [(LOGITS, "float32", ["batch", "sequence_length", self.vocab_size])]
+        for i in range(self.layers):
+            _, _, ok, ov = self.kv_names(i)
+            shape = self.kv_shape("batch", "total_sequence_length")
+            out += [(ok, self.kv_dtype, list(shape)), (ov, self.kv_dtype, list(shape))]
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Any, kv_dtype: str) -> "DecoderIO":
+        """From a ``models.config.QwenVLConfig`` and the plan's KV dtype (``fp16``/``float16``)."""
+        kv = {"fp16": "float16", "fp32": "float32"}.get(kv_dtype, kv_dtype)
+        if kv not in KV_DTYPES:
+            raise ContractError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not '{kv_dtype}'")
+        return cls(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.head_dim),
+                   int(cfg.hidden_size), int(cfg.vocab_size), kv)
+
+    @classmethod
+    def from_io(cls, inputs: Mapping[str, tuple[Any, Sequence[Any]]],
+                outputs: Mapping[str, tuple[Any, Sequence[Any]]],
+                vocab_size: int | None = None) -> "DecoderIO":
+        """From a graph's ``{name: (dtype, shape)}`` inputs and outputs (the runtime's side).
+
+        ``vocab_size`` is used when the logits' last dim is symbolic."""
+        need = (INPUT_IDS, ATTENTION_MASK, PAST_KEY.format(0))
+        if any(n not in inputs for n in need) or LOGITS not in outputs:
+            raise ContractError(f"not a decoder engine (inputs {list(inputs)})")
+        layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        kv_type, kv_shape = inputs[PAST_KEY.format(0)]
+        emb = inputs.get(IMAGE_EMBEDS)
+        hidden = emb[1][1] if emb is not None else None
+        vocab = outputs[LOGITS][1][2]
+        return cls(layers, int(kv_shape[1]), int(kv_shape[3]),
+                   int(hidden) if isinstance(hidden, int) else None,
+                   int(vocab) if isinstance(vocab, int) else vocab_size,
+                   np.dtype(kv_type).name)
+
+
+@dataclass(frozen=True)
+class PromptTable:
+    """The prompt-table id rule and the image tag ids it keys on."""
+
+    vocab_size: int
+    image_start: int
+    image_end: int
+    image_pad: int
+    n_queries: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PromptTable":
+        """From a ``models.config.QwenVLConfig`` (``<img>`` = image_start_id, then ``</img>``,
+        ``<imgpad>``, as the original tokenizer numbers them)."""
+        s = int(cfg.image_start_id)
+        return cls(int(cfg.vocab_size), s, s + 1, s + 2, int(cfg.visual.n_queries))
+
+    @classmethod
+    def from_manifest(cls, model: Mapping[str, Any]) -> "PromptTable":
+        """From a bundle manifest's ``model`` facts."""
+        sp = model["special_ids"]
+        return cls(int(model["vocab_size"]), int(sp["img_start"]), int(sp["img_end"]),
+                   int(sp["img_pad"]), int(model["n_queries"]))
+
+    def spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        return image_spans(ids, self.image_start, self.image_end)
+
+    def table_ids(self, ids: Sequence[int], start: int = 0,
+                  first_row: int = 0) -> tuple[np.ndarray, list[int]]:
+        """Engine ids for ``ids[start:]``: every image slot becomes ``vocab_size + row``.
+
+        Rows count the image spans that end after ``start`` (spans wholly before ``start`` are
+        already in the KV cache and need no features), from ``first_row`` (a batch's later
+        requests address their images behind the earlier ones'). Returns the ids and the indexes
+        of the spans they address, i.e. which images' features ``image_embeds`` must hold, in
+        order."""
+        spans = self.spans(ids)
+        out = np.array(ids[start:], dtype=np.int64)
+        used: list[int] = []
+        row = int(first_row)
+        for k, (a, e) in enumerate(spans):
+            if e <= start:
+                continue
+            if e - a != self.n_queries:
+                raise ContractError(f"image span of {e - a} slots, the vision engine makes "
+                                    f"{self.n_queries}")
+            lo = max(a, start)
+            out[lo - start:e - start] = self.vocab_size + row + np.arange(lo - a, e - a)
+            used.append(k)
+            row += self.n_queries
+        return out, used
