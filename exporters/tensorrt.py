@@ -41,11 +41,11 @@ import numpy as np
 
 from runtime.errors import EdgeError
 from runtime.files import atomic_write_bytes, sha256_file
+from runtime.contract import IMAGE_EMBEDS as EMBEDS
+from runtime.contract import PIXEL_VALUES as PIXELS
 
 log = logging.getLogger(__name__)
 
-PIXELS = "pixel_values"
-EMBEDS = "image_embeds"
 SCRIPT_NAME = "build_vision_trt.sh"
 CHECK_INPUTS = "vision_check_inputs.json"  # polygraphy --load-inputs format
 CHECK_REFERENCE = "vision_reference_outputs.json"  # polygraphy --load-outputs format (PyTorch fp32)

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.contract import IMAGE_EMBEDS, PIXEL_VALUES
+from runtime.engines import open_session
+
 from .graph_summary import onnx_metadata
 from .vision_errors import VisionExportError
 
-PIXELS = "pixel_values"
-EMBEDS = "image_embeds"
+PIXELS = PIXEL_VALUES  # the vision engine's I/O names (runtime/contract.py)
+EMBEDS = IMAGE_EMBEDS
 
 
 def _is_fp16_graph(onnx_path: str | Path) -> bool:
@@ -28,7 +31,8 @@ def _is_fp16_graph(onnx_path: str | Path) -> bool:
 def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
                  fp16: bool | None = None, threads: int | None = None,
                  optimization_level: str | None = None):
-    """onnxruntime session for a vision engine.
+    """onnxruntime session for a vision engine (through the one factory,
+    :func:`runtime.engines.open_session`; this adds the vision engine's policy).
 
     On the CPU provider an fp16 ViT segfaults at the default ORT_ENABLE_ALL (dependencies.md
     §4: a Conv -> LayerNorm fusion), so fp16 graphs whose first provider is the CPU get
@@ -47,28 +51,18 @@ def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
                                 f"{', '.join(available)})")
     if fp16 is None:
         fp16 = _is_fp16_graph(onnx_path)
-    so = ort.SessionOptions()
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     if optimization_level is None:
         cpu_first = providers[0] == "CPUExecutionProvider"
         optimization_level = "extended" if fp16 and cpu_first else "all"
-    so.graph_optimization_level = levels[optimization_level]
-    if fp16 and providers[0] == "CPUExecutionProvider":
-        # x86 CPUs run the fp16 MatMuls through fp32 casts of the weights; with the arena those
-        # buffers stay allocated (ViT-bigG: 19 GB peak instead of ~6; measured, 4-layer: 2.5 GB
-        # vs 1.7 GB), so give them back after each run.
-        so.enable_cpu_mem_arena = False
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
+    # x86 CPUs run the fp16 MatMuls through fp32 casts of the weights; with the arena those
+    # buffers stay allocated (ViT-bigG: 19 GB peak instead of ~6; measured, 4-layer: 2.5 GB
+    # vs 1.7 GB), so give them back after each run.
+    arena = not (fp16 and providers[0] == "CPUExecutionProvider")
     if not fp16 and "CUDAExecutionProvider" in providers:
         # An fp32 engine is checked at fp32 tolerances: no TF32 matmuls behind our back.
         providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
                      for p in providers]
-    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    return open_session(Path(onnx_path), providers, threads, optimization_level, mem_arena=arena)
 
 
 def run_session(session, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
