@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -417,21 +418,24 @@ class QWenLMHeadModel(nn.Module):
                  image_embeds: torch.Tensor | None = None, max_new_tokens: int = 64,
                  stop_ids: tuple[int, ...] = (), do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:
-        """Reference decoding of one prompt with the KV cache; returns the new ids (no stop id)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        """Reference decoding of one prompt with the KV cache; returns the new ids (no stop id).
+
+        The loop is the runtime's (:func:`runtime.generate.decode_tokens`) over
+        :class:`models.runner.TorchRunner`, with :func:`sample_token` as its sampler."""
+        from runtime.generate import DecodeState, GenerationConfig, decode_tokens
+
+        from .runner import TorchRunner
+
+        runner = TorchRunner(self)
+        logits = runner.prefill(input_ids, image_embeds, pixels=pixels)[-1]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out = self(ids, pixels=pixels, image_embeds=image_embeds)
-        new: list[int] = []
-        for step in range(max_new_tokens):
-            logits = out.logits[0, -1].float()
-            tok = sample_token(logits, do_sample, temperature, top_p, top_k, gen)
-            if tok in stop_ids:
-                break
-            new.append(tok)
-            if step + 1 == max_new_tokens:
-                break
-            out = self(torch.tensor([[tok]]), past=out.past)
-        return new
+
+        def sampler(row: np.ndarray) -> int:
+            return sample_token(torch.from_numpy(row), do_sample, temperature, top_p, top_k, gen)
+
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+        return list(decode_tokens(runner.step, logits, sampler, frozenset(stop_ids), cfg,
+                                  DecodeState()))
 
 
 def sample_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
