@@ -452,16 +452,7 @@ class DecoderEngine:
         bind.input(INPUT_IDS, False, _INT64, [b, s], ids_ptr)
         bind.input(ATTENTION_MASK, False, _INT64, [b, t], mask_ptr)
         if self.has_images:
-            if features is None:
-                bind.input(IMAGE_EMBEDS, False, _FLOAT, [0, self.hidden], self._no_images_ptr)
-            elif features.array is not None:
-                emb = np.ascontiguousarray(features.array.reshape(features.rows, -1),
-                                           dtype=np.float32)
-                bind.keep.append(emb)
-                bind.input(IMAGE_EMBEDS, False, _FLOAT, list(emb.shape), emb.ctypes.data)
-            else:  # device features straight from the vision engine
-                bind.input(IMAGE_EMBEDS, True, _FLOAT, [features.rows, self.hidden],
-                           features.ptr)
+            self._bind_images(bind, features)
         src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
         past_shape = self.contract.kv_shape(b, p)
         pres_shape = self.contract.kv_shape(b, t)
@@ -484,6 +475,17 @@ class DecoderEngine:
         if last_only:
             return logits[:, -1]
         return logits
+
+    def _bind_images(self, bind: Binding, features: Features | None) -> None:
+        if features is None:
+            bind.input(IMAGE_EMBEDS, False, _FLOAT, [0, self.hidden], self._no_images_ptr)
+        elif features.array is not None:
+            emb = np.ascontiguousarray(features.array.reshape(features.rows, -1),
+                                       dtype=np.float32)
+            bind.keep.append(emb)
+            bind.input(IMAGE_EMBEDS, False, _FLOAT, list(emb.shape), emb.ctypes.data)
+        else:  # device features straight from the vision engine
+            bind.input(IMAGE_EMBEDS, True, _FLOAT, [features.rows, self.hidden], features.ptr)
 
     def mask_out(self, cache: KVCache, start: int, end: int | None = None) -> None:
         """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked)."""

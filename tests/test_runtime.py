@@ -511,3 +511,34 @@ def test_runtime_imports_only_allowed_modules():
                 if top not in allowed and top not in sys.stdlib_module_names:
                     bad.append(f"{f.name}:{node.lineno} imports {n}")
     assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners (runtime/runner.py, models/runner.py): the one decode loop over either model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query,n_img", CASES[1:])
+def test_runners_decode_like_the_pipeline(pipe, fp32_bundle, nano_model, images, query, n_img):
+    """The bundle's runner and the reference's, through ``runtime.runner.greedy``, give the
+    pipeline's greedy tokens on an fp32 bundle, and agree on the prefill logits."""
+    from models.runner import TorchRunner
+    from runtime.runner import OrtRunner, greedy
+
+    imgs = images[:n_img]
+    ids = prompt_ids(pipe, query, n_img)
+    px = pixels_of(pipe, imgs)
+    res = pipe.chat(query, images=imgs, temperature=0, max_new_tokens=N_NEW).result()
+    runners = {"onnxruntime": OrtRunner.from_bundle(fp32_bundle, threads=1),
+               "torch": TorchRunner(nano_model)}
+    feats = {k: r.encode_images(px) for k, r in runners.items()}
+    assert feats["torch"].shape == (n_img, pipe.n_queries, nano_model.cfg.hidden_size)
+    np.testing.assert_allclose(feats["onnxruntime"], feats["torch"], atol=1e-4)
+    for name, r in runners.items():
+        toks, stopped = greedy(r, ids, feats[name], N_NEW, pipe.n_vocab, pipe.stop_ids,
+                               pipe.suppress_ids)
+        assert toks == res.token_ids, name
+        assert stopped == (res.finish_reason == "stop"), name
+    lo = runners["onnxruntime"].prefill(ids, feats["torch"])
+    lt = runners["torch"].prefill(ids, feats["torch"])
+    assert lo.shape == lt.shape == (len(ids), pipe.vocab_size)
+    np.testing.assert_allclose(lo, lt, atol=1e-3)
