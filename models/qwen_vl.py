@@ -313,15 +313,18 @@ class QWenModel(nn.Module):
 
 
 def image_spans(input_ids: torch.Tensor, start_id: int) -> list[tuple[int, int, int]]:
-    """(row, first, last+1) of the slots strictly between each ``<img>`` and ``</img>``."""
+    """(row, first, last+1) of the slots strictly between each ``<img>`` and ``</img>`` (the
+    engine contract's rule, ``runtime.contract.image_spans``, row by row)."""
+    from runtime.contract import ContractError
+    from runtime.contract import image_spans as contract_spans
+
     spans = []
     for row in range(input_ids.size(0)):
-        ids = input_ids[row].tolist()
-        starts = [i for i, t in enumerate(ids) if t == start_id]
-        ends = [i for i, t in enumerate(ids) if t == start_id + 1]
-        if len(starts) != len(ends) or any(e <= s for s, e in zip(starts, ends)):
-            raise ValueError(f"row {row}: unbalanced <img>/</img> tags in input_ids")
-        spans += [(row, s + 1, e) for s, e in zip(starts, ends)]
+        try:
+            spans += [(row, a, e) for a, e in
+                      contract_spans(input_ids[row].tolist(), start_id, start_id + 1)]
+        except ContractError as err:
+            raise ValueError(f"row {row}: {err} in input_ids") from None
     return spans
 
 
