@@ -22,7 +22,7 @@ _LAZY = {
     "ChatRequest": "pipeline", "Conversation": "pipeline", "ContextLengthError": "pipeline",
     "ConversationBusyError": "pipeline",
     "BundleError": "bundle", "Manifest": "bundle", "verify_bundle": "bundle",
-    "EdgeError": "errors", "EngineError": "engines",
+    "EdgeError": "errors", "EngineError": "engines", "ContractError": "contract",
     "GenerationConfig": "generate", "GenerationError": "generate",
     "ImageError": "image",
     "PromptError": "prompt", "Turn": "prompt", "Ref": "prompt", "Box": "prompt",
