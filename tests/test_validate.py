@@ -342,21 +342,21 @@ def test_task_metrics_with_boxes_and_report_drawing(tmp_path):
     from calib_data import build
     from calib_data.manifest import materialise
     from validate.report import write_report
-    from validate.stages import Report, _Prepared, task_stage
+    from validate.compare import Prepared
+    from validate.stages import Report, task_stage
 
     g0, o1, g2 = (build.synth_item("validation", j) for j in range(3))
     prepared = []
     for it in (g0, o1, g2):
         img = materialise(it)
-        prepared.append(_Prepared(it, img, np.zeros(1), [], ref_text=it.answer))
+        prepared.append(Prepared(it, img, np.zeros(1), [], ref_text=it.answer))
     # engine: g0's box moved right by 12 % of the width, g2 without a box, OCR text one char off
     x1, y1, x2, y2 = map(int, g0.answer.split("<box>")[1].strip("()</box>").replace("),(", ",")
                          .split(","))
     moved = f"({x1 + 120},{y1}),({x2 + 120},{y2})"
     eng = {g0.id: g0.answer.replace(f"({x1},{y1}),({x2},{y2})", moved),
            o1.id: o1.answer[:-1] + "#", g2.id: "I do not know."}
-    ctx = SimpleNamespace(plan="int4", _pipe_error=None,
-                          pipeline_answer=lambda p: eng[p.item.id])
+    ctx = SimpleNamespace(plan="int4", pipeline_answer=lambda p: eng[p.item.id])
     st = task_stage(ctx, prepared)
     m = {x.name: x for x in st.metrics}
     assert m["answer_agreement"].value == 0.0

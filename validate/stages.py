@@ -39,8 +39,6 @@ from .thresholds import DESCRIPTIONS, STAGES, plan_name, thresholds_for
 
 log = logging.getLogger(__name__)
 
-_Prepared = Prepared  # the per-item record's former name
-_Context = Context
 __all__ = ["Metric", "NA_NO_BOXES", "Report", "StageResult", "decoder_stage", "encode_answer",
            "judge", "parse_boxes", "run_validation", "task_stage", "vision_stage"]
 
