@@ -92,8 +92,8 @@ def open_session(path: Path, providers: list[Any], threads: int | None = None,
                  profile_prefix: str | None = None) -> ort.InferenceSession:
     """The one onnxruntime session factory (runtime, exporters' checks, validation, benchmarks).
 
-    ``level``: graph optimisation all | extended | basic | disable (or none). ``providers``: names or
-    ``(name, options)`` pairs. ``mem_arena=False`` returns CPU buffers after each run (fp16
+    ``level``: graph optimisation all | extended | basic | disable (or none). ``providers``: names
+    or ``(name, options)`` pairs. ``mem_arena=False`` returns CPU buffers after each run (fp16
     graphs on x86, whose fp32 weight casts otherwise stay allocated). ``profile_prefix`` turns on
     onnxruntime's node profiling (benchmarks). A file that does not load
     raises :class:`EngineError` with one line saying what to do.

@@ -10,8 +10,9 @@
   would break the prompt of the next turn).
 * :class:`TextStream` — incremental detokenisation (UTF-8 safe) that holds back just enough text to
   catch a stop string spanning several tokens; the pieces it yields join to the final text.
-* :func:`next_token` — one row's step (sample, stop on a stop id, record); :func:`decode_tokens` —
-  the KV loop for one row built on it; a batch (``Pipeline.chat_batch``) runs ``next_token`` per row.
+* :func:`next_token` — one row's step (sample, stop on a stop id, record);
+  :func:`decode_tokens` — the KV loop for one row built on it; a batch
+  (``Pipeline.chat_batch``) runs ``next_token`` per row.
   The sampler is injected (mlx-lm's ``generate_step``), so the PyTorch reference decodes with the
   same loop.
 """
