@@ -252,13 +252,9 @@ def expand(src: Path, out: Path, layers: int, vocab: int | None = None, seed: in
 
 def check_logits(model_dir: Path, tokens: int = 8, threads: int | None = None) -> dict:
     """One prompt of ``tokens`` ids through onnxruntime (empty KV cache): logits must be finite."""
-    import onnxruntime as ort
+    from runtime.engines import open_session
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), so,
-                                providers=["CPUExecutionProvider"])
+    sess = open_session(model_dir / "model.onnx", ["CPUExecutionProvider"], threads)
     cfg = json.loads((model_dir / "genai_config.json").read_text())["model"]
     dec = cfg["decoder"]
     rng = np.random.default_rng(0)
