@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import EdgeError
+
 INPUT_IDS = "input_ids"
 IMAGE_EMBEDS = "image_embeds"
 ATTENTION_MASK = "attention_mask"
@@ -47,7 +49,7 @@ KV_DTYPES = ("float16", "float32")
 Spec = tuple[str, str, list[Any]]  # (name, numpy dtype name, shape with symbolic dims)
 
 
-class ContractError(ValueError):
+class ContractError(EdgeError, ValueError):
     """Inputs that break the engine contract (unbalanced image tags, a graph without the
     decoder's inputs, ...); the message says what is wrong."""
 
