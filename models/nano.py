@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -104,9 +104,23 @@ def init_tensor(name: str, shape: tuple[int, ...], seed: int, cfg: QwenVLConfig)
     return randn(fan_in ** -0.5)
 
 
-def random_state(cfg: QwenVLConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, shape in expected_shapes(cfg).items():
-        yield name, init_tensor(name, shape, seed, cfg)
+def random_state(cfg: QwenVLConfig, seed: int = 0,
+                 fixed: Mapping[str, torch.Tensor] | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in checkpoint order; ``fixed`` supplies given tensors instead of the init."""
+    fixed = fixed or {}
+    shapes = expected_shapes(cfg)
+    unknown = sorted(set(fixed) - set(shapes))
+    if unknown:
+        raise ValueError(f"fixed tensors not in this checkpoint: {unknown}")
+    for name, shape in shapes.items():
+        if name in fixed:
+            if tuple(fixed[name].shape) != tuple(shape):
+                raise ValueError(f"fixed {name} has shape {tuple(fixed[name].shape)}, "
+                                 f"the checkpoint needs {tuple(shape)}")
+            yield name, fixed[name]
+        else:
+            yield name, init_tensor(name, shape, seed, cfg)
 
 
 def _json(obj: dict) -> str:
@@ -135,8 +149,13 @@ def side_files(cfg: QwenVLConfig, ranks: dict[bytes, int] | None) -> dict[str, s
 
 def make_nano_checkpoint(out_dir: str | Path, seed: int = 0, spec: NanoSpec | None = None,
                          dtype: str | torch.dtype = "bf16", fmt: str = "safetensors",
-                         max_shard_bytes: int = 2 << 30) -> Path:
-    """Write a nano checkpoint (config, weights, tokenizer) atomically; deterministic in seed."""
+                         max_shard_bytes: int = 2 << 30,
+                         fixed: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a nano checkpoint (config, weights, tokenizer) atomically; deterministic in seed.
+
+    ``fixed`` maps tensor names to stored values that replace the generated ones: the golden test
+    uses it to rebuild, on any CPU, the exact checkpoint the original code ran on.
+    """
     from .nano_vocab import nano_ranks
 
     spec = spec or NanoSpec()
@@ -149,7 +168,7 @@ def make_nano_checkpoint(out_dir: str | Path, seed: int = 0, spec: NanoSpec | No
         d["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16",
                             torch.bfloat16: "bfloat16"}[dtype]
         (tmp / "config.json").write_text(_json(d))
-        write_shards(((k, v.to(dtype)) for k, v in random_state(cfg, seed)), tmp,
+        write_shards(((k, v.to(dtype)) for k, v in random_state(cfg, seed, fixed)), tmp,
                      max_shard_bytes, fmt)
         for name, text in side_files(cfg, ranks).items():
             (tmp / name).write_text(text)

@@ -40,20 +40,25 @@ def resize_pos_table(table: torch.Tensor, tgt_len: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE 2-D sin-cos table; first half of channels from the column, second from the row."""
+    """MAE 2-D sin-cos table; first half of channels from the column, second from the row.
+
+    Computed in float64 and rounded once to float32, so the table (and every checkpoint that
+    stores it) has the same bytes on every CPU: numpy's float32 ``sin``/``cos``/``power`` kernels
+    give different last bits with and without AVX-512. The original ``visual.py`` computes it in
+    float32; the two differ by at most 3.4e-7 (16x16 grid), and loaded checkpoints carry their
+    own table.
+    """
     import numpy as np
 
     def one_d(dim: int, pos: "np.ndarray") -> "np.ndarray":
-        omega = np.arange(dim // 2, dtype=np.float32) / (dim / 2.0)
-        omega = 1.0 / 10000 ** omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh = np.arange(grid_size, dtype=np.float32)
-    gw = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid_size, grid_size)
+    g = np.arange(grid_size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(g, g), axis=0)  # [0]: column index, [1]: row index
     emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
-    return torch.from_numpy(emb).float()
+    return torch.from_numpy(emb.astype(np.float32))
 
 
 class VisualAttention(nn.Module):

@@ -21,6 +21,9 @@ import torch
 from runtime.files import sha256_file
 
 GOLDEN = Path(__file__).parent / "golden" / "qwen_vl_orig_nano.npz"
+# The golden checkpoint's resampler position table as the original float32 formula produced it
+# (see tests/golden/README.md): models/nano.py computes it in float64 now, CPU-independent.
+POS_EMBED = Path(__file__).parent / "golden" / "attn_pool_pos_embed_256x128.npy"
 ATOL = 1e-4
 
 
@@ -38,8 +41,9 @@ def ckpt(golden, tmp_path_factory) -> Path:
 
     meta = golden["meta"]
     spec = NanoSpec(**meta["spec"])
+    fixed = {"transformer.visual.attn_pool.pos_embed": torch.from_numpy(np.load(POS_EMBED))}
     return make_nano_checkpoint(tmp_path_factory.mktemp("golden") / "nano", seed=meta["seed"],
-                                spec=spec, dtype=meta["dtype"])
+                                spec=spec, dtype=meta["dtype"], fixed=fixed)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ It needs an environment with ``transformers`` (4.37.2 was used), ``tiktoken``, `
 missing, the shims below (``torchvision``, ``transformers_stream_generator``), which it installs
 itself on ``sys.path`` when those packages do not import. Run it from the repository root, e.g.::
 
-    HF_HOME=/tmp/hfhome HF_HUB_OFFLINE=1 \\
-        /tmp/origvenv/bin/python tests/golden/make_qwen_vl_golden.py --orig-dir /tmp/qwen_orig
+    HF_HOME=<hf-home> HF_HUB_OFFLINE=1 \\
+        <venv>/bin/python tests/golden/make_qwen_vl_golden.py --orig-dir <orig>
 
 Everything runs in fp32 on CPU. ``tests/test_reference_vs_original.py`` then checks our model
 against the stored arrays without needing the original code or transformers.
@@ -55,6 +55,17 @@ IMAGE_NAME = "img.png"
 N_DECODE = 5
 N_GREEDY = 10
 N_LAST = 8
+# The golden checkpoint's resampler position table, frozen: it was computed with the original
+# float32 formula (whose last bits depend on numpy's AVX-512 dispatch), while models/nano.py now
+# computes it in float64 (the same bytes on every CPU). Passing the frozen table keeps the
+# checkpoint byte-identical to the one the original code ran on, on any CPU.
+FROZEN = {"transformer.visual.attn_pool.pos_embed": "attn_pool_pos_embed_256x128.npy"}
+
+
+def frozen_tensors() -> dict[str, torch.Tensor]:
+    """The stored tensors that replace generated ones in the golden checkpoint."""
+    here = Path(__file__).parent
+    return {name: torch.from_numpy(np.load(here / f)) for name, f in FROZEN.items()}
 
 
 # Shims, used only where the real package cannot be imported (PyPI's torchvision does not import
@@ -213,7 +224,8 @@ def run_original(orig_dir: Path, spec: NanoSpec, seed: int, dtype: str, work: Pa
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ckpt = make_nano_checkpoint(work / "ckpt", seed=seed, spec=spec, dtype=dtype)
+    fixed = frozen_tensors() if spec == GOLDEN_SPEC else None  # another spec: fresh tables
+    ckpt = make_nano_checkpoint(work / "ckpt", seed=seed, spec=spec, dtype=dtype, fixed=fixed)
     hf_dir = work / "hf"
     shutil.copytree(ckpt, hf_dir)
     for f in ORIG_FILES:
