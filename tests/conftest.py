@@ -1,12 +1,14 @@
-"""Shared fixtures: nano checkpoints are generated once per test session (seconds, not minutes)."""
+"""Shared fixtures: nano checkpoints, a tokenizer and bundles are made once per test session."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 logging.getLogger("onnxscript").setLevel(logging.WARNING)
 
@@ -33,6 +35,53 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The runtime tokenizer on the nano vocabulary (nano BPE + Qwen's special tokens)."""
+    from models.nano_vocab import nano_ranks
+    from runtime.tokenizer import QwenTokenizer, write_tiktoken_file
+
+    d = tmp_path_factory.mktemp("tok")
+    write_tiktoken_file(nano_ranks(), d / "qwen.tiktoken")
+    return QwenTokenizer.from_dir(d)
+
+
+def shared_bundle(tmp_path_factory, name, nano_ckpt, nano_model, **kwargs) -> Path:
+    """A bundle of the nano checkpoint built once per session under ``name`` (reused after)."""
+    from exporters.pipeline import build_bundle
+
+    base = tmp_path_factory.getbasetemp() / "runtime-bundles"
+    out = base / name
+    if (out / "manifest.json").is_file():
+        return out
+    base.mkdir(parents=True, exist_ok=True)
+    if name != "fp32":
+        kwargs.setdefault("vision_onnx", shared_bundle(tmp_path_factory, "fp32", nano_ckpt,
+                                                       nano_model) / "vision.onnx")
+    return build_bundle(nano_ckpt, out, model=nano_model, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
+    return shared_bundle(tmp_path_factory, "fp32", nano_ckpt, nano_model)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    """Two synthetic photos of different sizes (files), with shapes drawn on them."""
+    from PIL import ImageDraw
+
+    d = tmp_path_factory.mktemp("rt-images")
+    out = []
+    for i, (w, h) in enumerate(((80, 60), (45, 70))):
+        img = Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8))
+        ImageDraw.Draw(img).rectangle((5, 5, w // 2, h // 2), fill=(200, 30 * i, 40))
+        p = d / f"img{i}.png"
+        img.save(p)
+        out.append(p)
+    return out
 
 
 def image_prompt_inputs(model, n_items: int, seed: int = 0, vocab_hi: int = 500) -> list:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime import fp32_bundle, images  # noqa: F401 - shared session fixtures
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -60,7 +60,9 @@ def test_interrupted_run_leaves_no_bundle_and_resumes(nano_ckpt, tmp_path, monke
     assert cached["quant"] and cached["vision"] and not cached["decoder"]
     man = verify_bundle(rep.bundle)
     assert man.precision == "int4"
-    assert rep.verdict in ("PASS", "FAIL")  # random weights: int4 drift is real; reported either way
+    # Random weights quantise badly: int4 top-1 agreement 0.75 < 0.85, so the drift report FAILs
+    # and --allow-drift still writes the (verified) bundle.
+    assert rep.verdict == "FAIL", rep.validation
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):

@@ -17,9 +17,7 @@ from quant.gptq import (STAGES, Hessian, QuantConfig, QuantError, _collect_hessi
 from quant.packing import dequantize, rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,7 @@ from quant.packing import dequantize, dequantize_matmul_nbits, gptq_to_matmul_nb
 GS = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hidden_inputs(model, n_items=4, seed=0):

@@ -24,8 +24,10 @@ def trained():
     from models.checkpoint import load_model
     from training.evaluate_nano import load_tokenizer
 
+    old = torch.get_num_threads()
     torch.set_num_threads(2)
-    return load_model(SHIPPED, "fp32"), load_tokenizer(SHIPPED)
+    yield load_model(SHIPPED, "fp32"), load_tokenizer(SHIPPED)
+    torch.set_num_threads(old)
 
 
 def test_shipped_layout_and_size():

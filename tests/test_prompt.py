@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from models.nano_vocab import nano_ranks
 from runtime.prompt import (DEFAULT_SYSTEM, Box, PromptError, Ref, Tag, Turn, build_chat_ids,
                             build_raw_ids, encode_content, image_slot_positions, image_span)
-from runtime.tokenizer import QwenTokenizer, write_tiktoken_file
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> QwenTokenizer:
-    d = tmp_path_factory.mktemp("tok")
-    write_tiktoken_file(nano_ranks(), d / "qwen.tiktoken")
-    return QwenTokenizer.from_dir(d)
+from runtime.tokenizer import QwenTokenizer
 
 
 def _specials(tok: QwenTokenizer, ids: list[int]) -> list[int]:

@@ -20,32 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import shared_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 N_NEW = 24
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures (bundles are built once per session and shared with the other runtime test files)
+# Fixtures (bundles are built once per session; ``shared_bundle``, ``fp32_bundle`` and ``images``
+# live in conftest.py, shared with the other runtime test files)
 # ---------------------------------------------------------------------------------------------
-
-def shared_bundle(tmp_path_factory, name, nano_ckpt, nano_model, **kwargs) -> Path:
-    from exporters.pipeline import build_bundle
-
-    base = tmp_path_factory.getbasetemp() / "runtime-bundles"
-    out = base / name
-    if (out / "manifest.json").is_file():
-        return out
-    base.mkdir(parents=True, exist_ok=True)
-    if name != "fp32":
-        kwargs.setdefault("vision_onnx", shared_bundle(tmp_path_factory, "fp32", nano_ckpt,
-                                                       nano_model) / "vision.onnx")
-    return build_bundle(nano_ckpt, out, model=nano_model, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def fp32_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
-    return shared_bundle(tmp_path_factory, "fp32", nano_ckpt, nano_model)
-
 
 @pytest.fixture(scope="session")
 def quant_tensors(nano_model):
@@ -74,22 +58,6 @@ def pipe(fp32_bundle):
     from runtime import Pipeline
 
     return Pipeline.from_bundle(fp32_bundle, device="cpu", threads=1)
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    """Two synthetic photos of different sizes (files), with shapes drawn on them."""
-    from PIL import ImageDraw
-
-    d = tmp_path_factory.mktemp("rt-images")
-    out = []
-    for i, (w, h) in enumerate(((80, 60), (45, 70))):
-        img = Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8))
-        ImageDraw.Draw(img).rectangle((5, 5, w // 2, h // 2), fill=(200, 30 * i, 40))
-        p = d / f"img{i}.png"
-        img.save(p)
-        out.append(p)
-    return out
 
 
 def torch_greedy(model, tok, ids, pixels, n_new, n_vocab, suppress, stop_ids):

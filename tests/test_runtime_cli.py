@@ -10,7 +10,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from test_runtime import fp32_bundle, images  # noqa: F401 - shared session fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 

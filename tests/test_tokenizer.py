@@ -14,13 +14,6 @@ def ranks() -> dict[bytes, int]:
     return nano_ranks()
 
 
-@pytest.fixture(scope="module")
-def tok(ranks, tmp_path_factory) -> QwenTokenizer:
-    d = tmp_path_factory.mktemp("tok")
-    write_tiktoken_file(ranks, d / "qwen.tiktoken")
-    return QwenTokenizer.from_dir(d)
-
-
 def _py_bpe(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
     """tiktoken's algorithm, independently: merge the adjacent pair of lowest rank until none."""
     parts = [bytes([b]) for b in piece]

@@ -208,8 +208,9 @@ def test_check_images_use_the_runtime_preprocessing(visual):
     names, px = check_pixels(["astronaut", "rocket"], visual.cfg.image_size)
     assert names == ["astronaut", "rocket"] and px.dtype == np.float32
     assert px.shape == (2, 3, visual.cfg.image_size, visual.cfg.image_size)
-    image = pytest.importorskip("runtime.image")
     import skimage.data
+
+    from runtime import image
 
     np.testing.assert_array_equal(
         px[0], np.asarray(image.preprocess(skimage.data.astronaut(), visual.cfg.image_size)))
