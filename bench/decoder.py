@@ -191,8 +191,9 @@ def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None,
     from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS
     from runtime.engines import decoder_contract, open_session, pick_providers
 
+    prof_dir = Path(tempfile.mkdtemp(prefix="bench-decoder-profile-"))  # private, not a fixed path
     sess = open_session(onnx_path, pick_providers(device), threads,
-                        profile_prefix=str(Path(tempfile.gettempdir()) / "bench-decoder-profile"))
+                        profile_prefix=str(prof_dir / "profile"))
     ins = {i.name for i in sess.get_inputs()}
     c = decoder_contract(sess)
     empty = np.zeros(c.kv_shape(1, 0), c.kv_dtype)
@@ -217,6 +218,7 @@ def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None,
     path = sess.end_profiling()
     events = json.loads(Path(path).read_text())
     Path(path).unlink(missing_ok=True)
+    prof_dir.rmdir()
     runs = [e for e in events if e.get("name") == "model_run"]
     decode_runs = runs[1:]  # the first run is the prefill
     t0 = decode_runs[0]["ts"] if decode_runs else 0

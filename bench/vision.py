@@ -2,7 +2,7 @@
 
     python -m bench.vision                                   # nano checkpoint, fp32, ORT CPU
     python -m bench.vision --precision fp16 --batch 2
-    python -m bench.vision --full-size /work/fullsize-qwenvl-chat --onnx out/vision.onnx --iters 2
+    python -m bench.vision --full-size <checkpoint> --onnx out/vision.onnx --iters 2
 
 Without ``--onnx`` the engine is exported (and checked) into a temporary directory first. The
 input is real photographs preprocessed like the runtime. PyTorch runs the fp32 reference (or
