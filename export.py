@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["gpu", "cpu"], default="gpu",
                    help="what runs the int4 decoder: gpu (fp16 activations, exact MatMulNBits) or "
                         "cpu (fp32 activations and KV cache, int8-quantised MatMulNBits inputs: "
-                        "~4.5x faster on onnxruntime CPU, slightly less exact)")
+                        "3.6x faster decode than the gpu settings on onnxruntime CPU, "
+                        "bench/RESULTS.md; slightly less exact)")
     p.add_argument("--no-demo", action="store_true", help="skip the demo answer at the end")
     p.add_argument("--demo-prompt", default=None, help="question for the demo answer")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")

@@ -594,8 +594,9 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     lazy Mapping). ``lm_head``: ``int8`` | ``fp16`` | ``fp32`` (default int8 for int4, else the plan
     dtype). ``act_dtype``: ``fp16``/``fp32`` activations of the int4 plan. ``kv_dtype`` overrides the
     KV dtype. ``accuracy_level``: MatMulNBits compute precision (0 = unset, exact; 4 = int8
-    activations, ~3x faster int4 on ORT CPU); ``lm_head_accuracy_level`` (default: the same) for an
-    int8 head, whose ORT CPU kernel is fast only at 4. ``attention``:
+    activations, 3.6x faster int4 decode on ORT CPU, bench/RESULTS.md);
+    ``lm_head_accuracy_level`` (default: the same) for an int8 head, whose ORT CPU kernel is fast
+    only at 4. ``attention``:
     ``mha`` (com.microsoft MultiHeadAttention) or ``plain`` (MatMul/Softmax fallback).
     """
     t0 = time.perf_counter()
