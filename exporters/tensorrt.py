@@ -13,8 +13,12 @@ one GPU and one TensorRT version anyway, so there are two paths:
   ``trtexec --stronglyTyped ...`` build and ``polygraphy run ... --trt --onnxrt`` comparisons on
   the real check photos (TensorRT vs onnxruntime, and TensorRT vs the saved PyTorch fp32 features),
   so a user can build and check on the Jetson itself.
+* :func:`register_plan` - ``python -m exporters.tensorrt register --bundle B --plan P`` on the
+  target: lists the plan in ``manifest.json`` (``files`` + ``engines.tensorrt`` with its TensorRT
+  version and GPU); the runtime uses only listed plans whose version and GPU match.
+  ``python -m exporters.tensorrt build --bundle B`` builds with the Python API and registers.
 
-Engine directory naming (the runtime matches it):
+Engine directory naming:
 ``engines/<slug(gpu name)>-trt<major.minor.patch>`` where slug = lower case, every run of characters outside ``[a-z0-9]`` replaced by one ``-``,
 trimmed; the GPU name comes from ``$GPU_NAME``, else ``nvidia-smi``, else the Jetson's
 ``/proc/device-tree/model``.
@@ -31,6 +35,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -341,6 +346,8 @@ def _script_text(s: TrtCommandSettings, precision: str, has_inputs: bool, has_re
 #
 #   ./{SCRIPT_NAME}           build, then compare
 #   ./{SCRIPT_NAME} build     only build engines/<gpu>-trt<version>/vision.plan
+#   then `python3 -m exporters.tensorrt register --bundle . --plan <that plan>` lists it in
+#   manifest.json (the runtime uses only listed plans)
 #   ./{SCRIPT_NAME} check     only compare (polygraphy {POLYGRAPHY_VERSION}: pip install polygraphy=={POLYGRAPHY_VERSION})
 #
 # --stronglyTyped: TensorRT keeps every tensor in the dtype of the ONNX graph, so the fp32
@@ -382,6 +389,9 @@ STEP=${{1:-all}}
 if [ "$STEP" = all ] || [ "$STEP" = build ]; then
     echo "== building $ENGINE_DIR/vision.plan ($GPU_NAME, TensorRT $TRT_VERSION)"
     {trtexec}
+    echo "== list it in manifest.json so the runtime uses it:"
+    echo "   python3 -m exporters.tensorrt register --bundle . --plan $ENGINE_DIR/vision.plan"
+    echo "       --tensorrt-version $TRT_VERSION --gpu '$GPU_NAME'"
 fi
 
 if [ "$STEP" = all ] || [ "$STEP" = check ]; then
@@ -390,3 +400,105 @@ if [ "$STEP" = all ] || [ "$STEP" = check ]; then
 fi
 """
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Registering a plan in the bundle's manifest (the runtime only uses plans the manifest lists)
+# ---------------------------------------------------------------------------------------------
+
+def _major_minor_patch(version: str) -> str:
+    return ".".join(str(version).split(".")[:3])
+
+
+def _plan_facts(plan: Path, tensorrt_version: str | None, gpu: str | None) -> tuple[str, str]:
+    """TensorRT version and GPU of a plan: given, else its build sidecar, else this machine."""
+    sidecar = plan.with_name(plan.name + ".json")
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    version = tensorrt_version or meta.get("tensorrt") or os.environ.get("TRT_VERSION")
+    if not version and tensorrt_available():
+        version = trt_version()
+    if not version:
+        raise ValueError(f"cannot tell which TensorRT built {plan}: pass --tensorrt-version x.y.z "
+                         "(trtexec --help prints it)")
+    return _major_minor_patch(version), gpu or meta.get("gpu") or gpu_name()
+
+
+def register_plan(bundle: str | Path, plan: str | Path, tensorrt_version: str | None = None,
+                  gpu: str | None = None, engine: str = "vision") -> dict[str, Any]:
+    """List a TensorRT plan built on the target in the bundle's ``manifest.json``; return its entry.
+
+    The plan (with the files beside it: build sidecar, timing cache) gets sha256 + size under
+    ``files`` and an entry ``{engine, file, tensorrt_version, gpu}`` under ``engines.tensorrt``,
+    which ``runtime.bundle.select_trt_plan`` matches against the installed TensorRT and the GPU.
+    A plan outside the bundle is copied to ``engines/<gpu>-trt<version>/``. The bundle is
+    verified first and the manifest is replaced atomically; registering again replaces the entry.
+    """
+    from runtime.bundle import MANIFEST, BundleError, verify_bundle
+
+    man = verify_bundle(bundle, stamp=False)  # every file hashed before the manifest changes
+    root = man.path.resolve()
+    plan = Path(plan)
+    if not plan.is_absolute() and not plan.is_file():
+        plan = root / plan
+    if not plan.is_file():
+        raise BundleError(f"TensorRT plan {plan} not found: build it first ({SCRIPT_NAME} build)")
+    version, gpu = _plan_facts(plan, tensorrt_version, gpu)
+    if root not in plan.resolve().parents:
+        dst = engine_path(root, gpu, version).with_name(plan.name)
+        atomic_write_bytes(dst, plan.read_bytes())
+        plan = dst
+    rel = plan.resolve().relative_to(root).as_posix()
+    data = dict(man.data)
+    files = dict(data["files"])
+    beside = (plan, plan.with_name(plan.name + ".json"), plan.with_name("timing.cache"))
+    for f in (p for p in beside if p.is_file()):
+        files[f.resolve().relative_to(root).as_posix()] = {"sha256": sha256_file(f),
+                                                          "size": f.stat().st_size}
+    entry = {"engine": engine, "file": rel, "tensorrt_version": version, "gpu": gpu}
+    engines = dict(data.get("engines", {}))
+    engines["tensorrt"] = [e for e in engines.get("tensorrt", []) if e.get("file") != rel]
+    engines["tensorrt"].append(entry)
+    data["engines"], data["files"] = engines, dict(sorted(files.items()))
+    atomic_write_bytes(root / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
+    log.info("registered %s (TensorRT %s, %s) in %s", rel, version, gpu, root / MANIFEST)
+    return entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m exporters.tensorrt {build,register} --bundle B``: one line on failure."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m exporters.tensorrt",
+                                 description="Build (where tensorrt imports) and register the "
+                                             "TensorRT vision plan of a bundle, on the target.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    reg = sub.add_parser("register", help="list a plan (e.g. from build_vision_trt.sh) in the "
+                                          "bundle's manifest so the runtime uses it")
+    reg.add_argument("--plan", required=True, type=Path,
+                     help="the plan: engines/<gpu>-trt<version>/vision.plan, or a file to copy in")
+    reg.add_argument("--tensorrt-version", default=None,
+                     help="x.y.z that built it (default: its sidecar, $TRT_VERSION, tensorrt)")
+    reg.add_argument("--gpu", default=None, help="GPU name (default: sidecar, $GPU_NAME, "
+                                                 "nvidia-smi)")
+    build = sub.add_parser("build", help="build_engine on bundle/vision.onnx, then register it")
+    build.add_argument("--max-batch", type=int, default=4)
+    for p in (reg, build):
+        p.add_argument("--bundle", required=True, type=Path, help="bundle directory")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from runtime.bundle import BundleError
+
+    try:
+        if args.cmd == "build":
+            built = build_engine(args.bundle / "vision.onnx", args.bundle, max_batch=args.max_batch)
+            register_plan(args.bundle, built.plan)
+        else:
+            register_plan(args.bundle, args.plan, args.tensorrt_version, args.gpu)
+    except (BundleError, TensorRTUnavailable, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -309,6 +309,18 @@ def gpu_name() -> str | None:
     return first[0].strip() if first else None
 
 
+# How a plan gets into a bundle: built on the device by the script the bundle ships, then listed
+# in the manifest (or both at once where the tensorrt Python package imports).
+BUILD_HINT = ("`./build_vision_trt.sh build` in the bundle, then `python -m exporters.tensorrt "
+              "register --bundle <bundle> --plan <plan>`; or `python -m exporters.tensorrt build "
+              "--bundle <bundle>`")
+
+
+def _mmp(version: object) -> str:
+    """``major.minor.patch``: tensorrt.__version__ has a build number (10.3.0.26) plans omit."""
+    return ".".join(str(version).split(".")[:3])
+
+
 def select_trt_plan(man: Manifest, engine: str, trt_version: str | None, gpu: str | None,
                     required: bool = False) -> Path | None:
     """The plan for ``engine`` built with this TensorRT version on this GPU, or None.
@@ -324,21 +336,21 @@ def select_trt_plan(man: Manifest, engine: str, trt_version: str | None, gpu: st
         except BundleError as e:
             reasons.append(str(e))
             continue
-        want_v, want_gpu = str(p.get("tensorrt_version", "")), str(p.get("gpu", ""))
+        want_v, want_gpu = _mmp(p.get("tensorrt_version", "")), str(p.get("gpu", ""))
         if trt_version is None:
             reasons.append(f"{f}: TensorRT is not installed (the plan needs TensorRT {want_v}); "
                            "install it or use the ONNX engine")
-        elif want_v != trt_version:
+        elif want_v != _mmp(trt_version):
             reasons.append(f"{f} was built with TensorRT {want_v} but {trt_version} is installed: "
-                           "rebuild the plan on this device (`python export.py tensorrt`)")
+                           f"rebuild the plan on this device ({BUILD_HINT})")
         elif want_gpu and gpu and want_gpu != gpu:
             reasons.append(f"{f} was built for GPU '{want_gpu}' but this is '{gpu}': rebuild the "
-                           "plan on this device (`python export.py tensorrt`)")
+                           f"plan on this device ({BUILD_HINT})")
         else:
             return f
     if not plans:
         reasons.append(f"{man.path / MANIFEST} lists no TensorRT plan for the {engine} engine: "
-                       "build one on this device (`python export.py tensorrt`)")
+                       f"build one on this device ({BUILD_HINT})")
     if required:
         raise BundleError(reasons[0])
     for r in reasons if plans else []:

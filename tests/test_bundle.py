@@ -166,3 +166,75 @@ def test_tensorrt_plan_selection(fp32_bundle, tmp_path, caplog):
             Pipeline.from_bundle(fp32_bundle, device="cuda")
     with pytest.raises(EngineError, match="unknown device 'tpu'"):
         Pipeline.from_bundle(fp32_bundle, device="tpu")
+
+
+def test_register_trt_plan_lists_it_and_the_runtime_selects_it(fp32_bundle, tmp_path, capsys,
+                                                                monkeypatch):
+    """`python -m exporters.tensorrt register` with a stand-in plan (TensorRT is absent here)."""
+    from exporters.tensorrt import engine_dir_name, main
+    from runtime.bundle import select_trt_plan, verify_bundle
+
+    monkeypatch.delenv("TRT_VERSION", raising=False)
+    b = _copy(fp32_bundle, tmp_path / "b")
+    before = json.loads((b / "manifest.json").read_text())
+    rel = f"{engine_dir_name('GPU X', '10.3.0')}/vision.plan"
+    (b / rel).parent.mkdir(parents=True)
+    (b / rel).write_bytes(b"stand-in TensorRT plan")
+    (b / rel).with_name("timing.cache").write_bytes(b"cache")
+    assert main(["register", "--bundle", str(b), "--plan", rel, "--tensorrt-version", "10.3.0.26",
+                 "--gpu", "GPU X"]) == 0
+    man = verify_bundle(b)  # the plan and its timing cache are listed with their hashes
+    assert man.trt_plans() == [{"engine": "vision", "file": rel, "tensorrt_version": "10.3.0",
+                                "gpu": "GPU X"}]
+    assert {rel, rel.replace("vision.plan", "timing.cache")} <= set(man.files)
+    after = dict(man.data)
+    assert {k: v for k, v in after.items() if k not in ("engines", "files")} == \
+        {k: v for k, v in before.items() if k not in ("engines", "files")}
+    assert {k: v for k, v in after["engines"].items() if k != "tensorrt"} == before["engines"]
+    assert all(after["files"][k] == v for k, v in before["files"].items())
+    # tensorrt.__version__ carries a build number; the plan matches on major.minor.patch.
+    assert select_trt_plan(man, "vision", "10.3.0.26", "GPU X") == b / rel
+    assert select_trt_plan(man, "vision", "10.3.0", None) == b / rel
+    assert select_trt_plan(man, "vision", "10.4.1", "GPU X") is None
+    assert select_trt_plan(man, "vision", "10.3.0", "GPU Y") is None
+    assert select_trt_plan(man, "vision", None, "GPU X") is None
+
+    # Registering again replaces the entry; a plan from outside is copied in, facts from its
+    # build sidecar (what build_engine writes).
+    outside = tmp_path / "built" / "vision.plan"
+    outside.parent.mkdir()
+    outside.write_bytes(b"another stand-in plan")
+    outside.with_name("vision.plan.json").write_text(json.dumps({"tensorrt": "10.7.0.1",
+                                                                 "gpu": "Orin"}))
+    assert main(["register", "--bundle", str(b), "--plan", rel, "--tensorrt-version", "10.3.0",
+                 "--gpu", "GPU X"]) == 0
+    assert main(["register", "--bundle", str(b), "--plan", str(outside)]) == 0
+    man = verify_bundle(b)
+    copied = f"{engine_dir_name('Orin', '10.7.0')}/vision.plan"
+    assert [p["file"] for p in man.trt_plans()] == [rel, copied]
+    assert (b / copied).read_bytes() == outside.read_bytes()
+    assert select_trt_plan(man, "vision", "10.7.0.1", "Orin") == b / copied
+    assert not list(b.glob(".manifest.json.tmp-*"))
+    capsys.readouterr()
+
+    # Failures: one line, exit 2, the manifest untouched.
+    text = (b / "manifest.json").read_text()
+    (tmp_path / "bare.plan").write_bytes(b"x")
+    for argv, msg in (
+            (["--plan", "engines/none/vision.plan", "--tensorrt-version", "10.3.0"], "not found"),
+            (["--plan", str(tmp_path / "bare.plan")], "pass --tensorrt-version")):
+        assert main(["register", "--bundle", str(b), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    (b / rel).write_bytes(b"stand-in TensorRT plaN")  # same size, other bytes
+    assert main(["register", "--bundle", str(b), "--plan", copied]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert (b / "manifest.json").read_text() == text
+
+
+def test_runtime_points_to_the_commands_that_exist(fp32_bundle):
+    from runtime.bundle import BundleError, read_manifest, select_trt_plan
+
+    with pytest.raises(BundleError, match="exporters.tensorrt register") as e:
+        select_trt_plan(read_manifest(fp32_bundle), "vision", "10.3.0", "GPU X", required=True)
+    assert "export.py tensorrt" not in str(e.value)
