@@ -1,4 +1,4 @@
-"""Writing a bundle (DESIGN.md §4): files + checksums + ``manifest.json``, renamed into place whole.
+"""Writing a bundle (docs/DESIGN.md §4): files, checksums, ``manifest.json``, renamed into place.
 
 ``write_bundle`` copies (or moves) the files into a temporary sibling directory, hashes each one,
 writes ``manifest.json`` last and renames the directory onto ``out_dir`` only when everything

@@ -17,7 +17,7 @@ Positions: ``position = cumsum(attention_mask) - 1`` over the whole (past + curr
 count of real tokens before a token (the GroupQueryAttention / onnxruntime-genai convention). For
 batch 1 without padding this is ``P .. P+S-1``, exactly the reference. For a left-padded row the
 real tokens start at position 0, so each row of a padded batch computes what it would alone; the HF
-reference instead counts the pads (positions ``0..T-1`` whatever the mask, spec §3.7), which makes
+reference instead counts the pads (positions ``0..T-1`` whatever the mask), which makes
 its padded rows differ from their unpadded runs. Pad tokens get position 0 and are masked as keys.
 
 Precision plans (``plan``):

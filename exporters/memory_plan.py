@@ -4,7 +4,7 @@ The number-one class of Jetson complaints is discovering an out-of-memory at bui
 first request. The arithmetic is simple and exact enough to decide early: weight bytes per engine
 from the config's tensor shapes and the plan's bit widths, KV bytes per token, and a fixed
 allowance for the runtime (CUDA context, ORT arenas, activations). Figures for the full-size
-Qwen-VL-Chat reproduce DESIGN.md §5 (ViT fp16 3.8 GB, int8 1.9 GB; int4 decoder 3.4 GB; int8 head
+Qwen-VL-Chat are in docs/DESIGN.md §5 (ViT fp16 3.9 GB, int8 1.9 GB; int4 decoder 3.4 GB; int8 head
 0.6 GB; KV 524 KB/token).
 """
 
@@ -28,7 +28,7 @@ class DeviceProfile:
 
 
 # Usable memory: Jetson boards share DRAM between CPU and GPU; the OS and the desktop take their
-# share (Orin Nano 8 GB leaves ~5.2 GB, DESIGN.md §5). Desktop: a 24 GB card less the CUDA context.
+# share (Orin Nano 8 GB leaves ~5.2 GB, docs/DESIGN.md §5). Desktop: 24 GB less the CUDA context.
 PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile("orin-nano-8gb", 5.2 * GB, "Jetson Orin Nano 8 GB, headless JetPack 6"),
     DeviceProfile("orin-nx-16gb", 12.5 * GB, "Jetson Orin NX 16 GB, headless"),

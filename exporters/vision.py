@@ -11,7 +11,7 @@ GELU in fp16, and keeps three *fp32 islands* inside the graph: LayerNorm statist
 LayerNormalization node takes and returns float32), the softmax (on fp32 scores) and the residual
 stream (the sums ``x + attn(...)`` / ``x + mlp(...)`` are fp32; the resampler's ``kv_proj``, which
 reads that stream with no LayerNorm in between, gets it pre-scaled by an exact power of two).
-Those are where fp16 ViTs break (spec §7.2: embeddings collapse or overflow). A strongly typed
+Those are where fp16 ViTs break (image embeddings collapse or overflow). A strongly typed
 TensorRT build honours the Casts (exporters/tensorrt.py).
 
 The graph is produced by an export-only twin of the reference (:class:`VisionGraph`) that reads

@@ -2,7 +2,7 @@
 
 The dataclasses hold only the fields the forward pass uses; every other key of the original file is
 kept in ``extra`` so that a checkpoint we rewrite (nano, GPTQ) still carries the real layout
-(``auto_map``, ``architectures``, ...). Facts: ``shared/reference/qwen_vl_spec.md`` §1.
+(``auto_map``, ``architectures``, ...). Facts: Qwen/Qwen-VL-Chat's ``config.json``.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def _check_types(kind: type, values: dict[str, Any], prefix: str, source: str) -
 
 
 def qwen_vl_chat_config() -> QwenVLConfig:
-    """The published Qwen/Qwen-VL-Chat config.json (spec §1.1)."""
+    """The published Qwen/Qwen-VL-Chat config.json (Hugging Face)."""
     extra = {
         "architectures": ["QWenLMHeadModel"],
         "auto_map": {

@@ -1,7 +1,7 @@
 """PyTorch reference of Qwen-VL / Qwen-VL-Chat, numerically faithful to the original remote code.
 
 Every engine is judged against this file, so it follows the original ``modeling_qwen.py`` +
-``visual.py`` operation for operation (spec §3 and its Appendix): per-head interleaved ViT
+``visual.py`` operation for operation (``Qwen/Qwen-VL-Chat`` remote code): per-head interleaved ViT
 ``in_proj``, SiLU on ``w2``, rotate-half RoPE in fp32, RMSNorm statistics in fp32, the bicubic
 16x16 -> grid resize of the position tables in fp32, ``x @ proj``. Module and parameter names are the
 real checkpoint's tensor names. What it deliberately does *not* do: open images named inside the

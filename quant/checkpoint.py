@@ -1,6 +1,6 @@
 """GPTQ checkpoints in the AutoGPTQ / GPTQModel v1 layout (that of the official Qwen-VL-Chat-Int4).
 
-Layout (spec §1.1 "Variants" and §2.5; ``reference/dependencies.md`` §3 for the packed shapes):
+Layout (AutoGPTQ's, as ``Qwen/Qwen-VL-Chat-Int4`` publishes it):
 
 * every quantised Linear (``attn.c_attn``, ``attn.c_proj``, ``mlp.w1``, ``mlp.w2``, ``mlp.c_proj``
   of every decoder layer) is stored as ``<name>.qweight`` int32 [K/8, N], ``.qzeros`` int32

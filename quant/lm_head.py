@@ -1,10 +1,11 @@
 """The LM head of the int4 plans: symmetric int8 per output channel (or fp16 on request).
 
 The head is 151936 x 4096 (1.2 GB in fp16); int8 halves the bytes every decode step reads
-(DESIGN §5, §7). Quantisation is per output row, so it is done in row chunks (an fp32 copy of the
-whole head would be 2.5 GB) with ``quant.packing.quantize_int8_per_channel``; the result is
-identical to quantising the whole matrix at once. ``dequantized`` is what the engine effectively
-multiplies by, for the fake-quant reference (equal to ``quant.fake_quant.lm_head_weight``).
+(docs/DESIGN.md §5, §7). Quantisation is per output row, so it is done in row chunks (an
+fp32 copy of the whole head would be 2.5 GB) with ``quant.packing.quantize_int8_per_channel``;
+the result is identical to quantising the whole matrix at once. ``dequantized`` is what the
+engine effectively multiplies by, for the fake-quant reference (equal to
+``quant.fake_quant.lm_head_weight``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Int4 weight layouts: AutoGPTQ/GPTQModel tensors <-> integer codes <-> ONNX ``MatMulNBits``.
 
 One place owns the bit twiddling so that the quantiser, the checkpoint reader, the exporter and the
-fake-quant reference all agree. Layouts (checked numerically, ``reference/dependencies.md`` §3-4):
+fake-quant reference all agree. Layouts (each checked numerically in tests/test_gptq_checkpoint.py):
 
 * GPTQ v1 (AutoGPTQ, the official Qwen-VL-Chat-Int4), for a Linear with N outputs and K inputs:
   ``qweight`` int32 [K/8, N] packed along K (nibble i of row r is input 8r+i); ``qzeros`` int32

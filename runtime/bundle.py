@@ -1,4 +1,4 @@
-"""Reading and verifying a bundle (DESIGN.md §4) — the runtime half; ``exporters/bundle.py`` writes.
+"""Reading and verifying a bundle (docs/DESIGN.md §4); ``exporters/bundle.py`` writes.
 
 A bundle is a directory::
 

@@ -232,7 +232,7 @@ class VisionEngine:
         self.path = Path(path)
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
         self.device = "cuda" if names[0] in (CUDA, TRT_EP) else "cpu"
-        # fp16 ViT graphs crash ORT's CPU fusions at ORT_ENABLE_ALL (dependencies.md §4)
+        # fp16 ViT graphs crash ORT's CPU fusions at ORT_ENABLE_ALL (a Conv -> LayerNorm fusion)
         self.session = open_session(self.path, providers, threads,
                                     "all" if self.device == "cuda" else "extended")
         ins, outs = _io(self.session.get_inputs()), _io(self.session.get_outputs())

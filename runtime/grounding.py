@@ -1,7 +1,7 @@
 """Grounding output: parse ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` and map boxes to pixels.
 
 Why tolerant: the text is model output (quantised models, truncated generations), so anything
-that cannot be read is skipped, never raised. Conventions (spec §5.5): integer coordinates on a
+that cannot be read is skipped, never raised. Conventions (the original's): integer coordinates on a
 0..1000 grid relative to the ORIGINAL image; pixels as HF ``draw_bbox_on_latest_picture``:
 ``int(x / 1000 * W)`` on the LAST image, clamped into the image.
 

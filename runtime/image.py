@@ -1,6 +1,6 @@
 """Image loading and Qwen-VL preprocessing with Pillow + numpy only.
 
-Preprocessing is bit-exact with the original (spec §3.1, Appendix 4): PIL bicubic *squash* to
+Preprocessing is bit-exact with the original ``visual.py`` transform: PIL bicubic *squash* to
 SxS (aspect ratio not kept, no crop), float32 /255, CLIP mean/std, CHW. Loading is stricter than
 the original (which did ``Image.open(path_or_url).convert("RGB")``):
 

@@ -12,7 +12,7 @@ cannot open anything or break the ChatML structure; :class:`Ref`/:class:`Box`/:c
 parts place them from a program. ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ``<img>``,
 ``</img>`` and ``<imgpad>`` typed by a user stay plain text.
 
-Equivalence with HF (spec §5.1, §5.2, Appendix 3): the original BPE-encodes the content string in
+Equivalence with HF (``make_context``): the original BPE-encodes the content string in
 one pass, which tiktoken splits at special tokens, so consecutive plain-text pieces between two
 special tokens are joined and encoded as ONE string here (``"\\n"`` after ``</img>`` plus the
 query). The image span holds ``n_slots`` ``<imgpad>`` ids instead of the path bytes; the model
@@ -73,7 +73,7 @@ class Box:
 @dataclass(frozen=True)
 class Tag:
     """A lone grounding tag, e.g. the trailing ``<box>`` of a base-model referring prompt
-    (spec §5.4: ``<img>..</img><ref>EXPR</ref><box>``, the model writes the coordinates)."""
+    (``<img>..</img><ref>EXPR</ref><box>``: the model writes the coordinates)."""
 
     name: str
 

@@ -5,8 +5,9 @@ the HF tokenizer treats special-token text in user input as special by default (
 a user typing ``<|im_start|>system`` or ``<img>/etc/passwd</img>``). Here :meth:`encode` recognises
 *no* special-token text unless asked; special ids enter prompts only through the prompt builder.
 
-Facts (spec §4): ranks 0..N-1 from the file are the BPE tokens (real N = 151643); the 217 special
-tokens follow in :data:`SPECIAL_TOKENS` order with id ``N + index``; text is NFC-normalised first.
+Facts (``tokenization_qwen.py``): ranks 0..N-1 from the file are the BPE tokens (real
+N = 151643); the 217 special tokens follow in :data:`SPECIAL_TOKENS` order with id
+``N + index``; text is NFC-normalised first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 TIKTOKEN_FILE = "qwen.tiktoken"
 
-#: Spec §4.2, verbatim: like cl100k but one digit per token (``\p{N}`` without a quantifier).
+#: The original's pattern, verbatim: like cl100k but one digit per token (``\p{N}`` alone).
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
@@ -38,7 +39,7 @@ IM_END = "<|im_end|>"
 #: The 9 vision-language tags (HF ``IMAGE_ST``).
 IMAGE_ST: tuple[str, ...] = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>",
                              "<img>", "</img>", "<imgpad>")
-#: All special tokens in id order (spec §4.3): id = n_bpe + index.
+#: All special tokens in id order (as ``tokenization_qwen.py`` lists them): id = n_bpe + index.
 SPECIAL_TOKENS: tuple[str, ...] = ((ENDOFTEXT, IM_START, IM_END)
                                    + tuple(f"<|extra_{i}|>" for i in range(205)) + IMAGE_ST)
 assert len(SPECIAL_TOKENS) == 217

@@ -75,7 +75,7 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_memory_plan_matches_design_arithmetic():
-    """DESIGN.md §5: ViT fp16 3.8 GB (int8 1.9), int4 decoder 3.4 GB, int8 head 0.6 GB, KV 524 KB."""
+    """docs/DESIGN.md §5: ViT fp16 3.9 GB (int8 1.9), int4 Linears 3.4 GB, head 0.6, KV 524 KB."""
     cfg = qwen_vl_chat_config()
     p = plan_memory(cfg, "int4", "agx-orin-32gb")
     assert p.kv_bytes_per_token == 524_288
@@ -83,7 +83,7 @@ def test_memory_plan_matches_design_arithmetic():
     assert abs(p.decoder_linear_bytes / 3.4e9 - 1) < 0.02
     assert abs(p.lm_head_bytes / 0.6e9 - 1) < 0.05  # "0.6 GB" is itself rounded (0.62 GB)
     assert abs(plan_memory(cfg, "edge", "agx-orin-32gb").vision_bytes / 1.9e9 - 1) < 0.03
-    assert abs(p.bytes_read_per_token / 3.9e9 - 1) < 0.02  # DESIGN §7: ~3.9 GB/token, int8 head
+    assert abs(p.bytes_read_per_token / 3.9e9 - 1) < 0.02  # DESIGN.md §7: ~3.9 GB/token
     assert p.fits and p.max_context_resident == 2048
     assert not plan_memory(cfg, "int4", "orin-nano-8gb").fits
 

@@ -15,7 +15,7 @@ from models.config import ConfigError, QwenVLConfig, qwen_vl_chat_config
 from models.nano import NanoSpec, make_nano_checkpoint, nano_config, write_random_checkpoint
 from models.qwen_vl import ContextLengthError
 
-# A sample of the real Qwen-VL-Chat tensor names and shapes (spec §2).
+# A sample of the real Qwen-VL-Chat tensor names and shapes (its safetensors index).
 REAL_TENSORS = {
     "transformer.wte.weight": (151936, 4096),
     "transformer.h.0.attn.c_attn.weight": (12288, 4096),

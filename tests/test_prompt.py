@@ -22,7 +22,7 @@ def test_image_span(tok):
 
 
 def test_chat_layout_matches_make_context(tok):
-    """Spec §5.2 worked example, token by token (with the nano vocabulary's ids)."""
+    """``make_context``'s ChatML layout, token by token (with the nano vocabulary's ids)."""
     e = tok.encode
     nl = e("\n")
     assert nl == [198]  # GPT-2 byte order, as in the real vocabulary

@@ -104,3 +104,21 @@ def test_no_tracked_text_file_holds_a_machine_path():
         if hits:
             bad[str(p.relative_to(ROOT))] = sorted(set(hits))[:5]
     assert not bad, f"absolute machine paths or fixed temp paths (use placeholders): {bad}"
+
+
+def test_cited_documents_exist():
+    """Text cites docs/DESIGN.md sections that exist, and no document that is not shipped."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\. ", design, re.M))
+    assert {"4", "5", "7"} <= sections
+    missing, cited = {}, 0
+    for p in tracked_text_files():
+        text = p.read_text(errors="replace")
+        rel = str(p.relative_to(ROOT))
+        for m in re.finditer(r"DESIGN(?:\.md)? §(\d+)((?:, §\d+)*)", text):
+            cited += 1
+            nums = [m.group(1)] + re.findall(r"\d+", m.group(2))
+            missing.update({f"{rel}: §{n}": "no such section" for n in nums if n not in sections})
+        for m in re.finditer(r"dependencies\.md|spec §|anchors(?:\.md)? §|qwen_vl_spec", text):
+            missing[f"{rel}: {m.group(0)}"] = "not in the repository"
+    assert cited >= 5 and not missing, missing

@@ -126,7 +126,7 @@ def test_special_ids(tok):
         (n + 208, n + 209, n + 210, n + 211)
     assert (tok.quad_start_id, tok.quad_end_id) == (n + 212, n + 213)
     assert (tok.img_start_id, tok.img_end_id, tok.img_pad_id) == (n + 214, n + 215, n + 216)
-    # the real vocabulary's numbers (spec §4.3)
+    # the real vocabulary's numbers (151643 BPE ranks in Qwen-VL's qwen.tiktoken)
     real = 151643
     assert real + SPECIAL_TOKENS.index("<img>") == 151857
     assert real + SPECIAL_TOKENS.index("</img>") == 151858

@@ -6,7 +6,7 @@ unquantised model: the report measures what the bundle lost, quantisation includ
 vs ground truth are judged as a *drop* relative to what the reference model scores on the same
 items, so a weak model (the nano checkpoint) is not failed for being weak, only for drifting.
 
-How the numbers were chosen (sources: shared/reference/anchors.md §4 and the issues it cites):
+How the numbers were chosen (from published quantisation results and the issues named below):
 
 * ``fp32``: engine and reference compute the same graph in fp32; only summation order differs
   (ORT kernels vs torch). Observed gaps are 1e-7..1e-5 relative, so bounds sit about 10-100x above
@@ -20,14 +20,14 @@ How the numbers were chosen (sources: shared/reference/anchors.md §4 and the is
   ~0.03-0.1 and "same top p" ~88-94 %; Marlin GPTQ g128 on Llama-2-7B moves Wiki2 PPL 5.12 ->
   5.27 (+3 %); Qwen-VL-Chat-Int4 loses ~3.6 % TouchStone. So KL mean <= 0.1, p95 <= 0.5,
   top-1 >= 0.85, ppl ratio <= 1.05. Vision is fp16 as in the fp16 plan. Grounding has no
-  published int4 numbers (anchors §4.1), so we ask 85 % of boxes to stay at IoU >= 0.5 of the
+  published int4 numbers, so we ask 85 % of boxes to stay at IoU >= 0.5 of the
   reference's box and hit-rate vs truth to drop by at most 5 points.
 * ``edge``: int8 ViT (calibrated) + int4 decoder + int8 KV. ModelOpt/Polygraphy-style int8 ViTs
   keep cosine ~0.99-0.995; int8 KV adds a little KL on top of int4. Bounds widen accordingly.
 
 Exact answer agreement and identical greedy tokens are judged only for ``fp32``: with reduced
-precision free text forks on near-ties while task accuracy barely moves (anchors §4.2,
-optimum-intel#1394), so there they are reported, and the grounding / OCR numbers are judged.
+precision free text forks on near-ties while task accuracy barely moves
+(optimum-intel#1394), so there they are reported, and the grounding / OCR numbers are judged.
 
 Directions: ``>=`` / ``<=`` compare the measured value with the bound; ``info`` is reported, never
 judged (e.g. the first divergent greedy token of a quantised model, which is expected to move).
@@ -163,7 +163,7 @@ def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> l
         _info("decoder", "first_divergence_median", "where greedy paths fork; see the plot"),
         (_t("task", "answer_agreement", ">=", agree, "same graph, same precision: same answers")
          if agree is not None else
-         _info("task", "answer_agreement", "free text forks on near-ties (anchors §4.2)")),
+         _info("task", "answer_agreement", "free text forks on near-ties")),
         _t("task", "grounding_iou_ref_mean", ">=", iou_ref, "boxes stay where the reference put"
            " them"),
         _t("task", "grounding_hit_ref", ">=", hit_ref, "Acc@0.5 against the reference's boxes"),
