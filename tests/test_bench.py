@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime import fp32_bundle  # noqa: F401 - shared session fixture
-
 REPO = Path(__file__).resolve().parents[1]
 
 

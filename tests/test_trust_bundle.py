@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime import fp32_bundle  # noqa: F401 - shared session fixture
-
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):

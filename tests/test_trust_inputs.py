@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import export
-from test_runtime import fp32_bundle  # noqa: F401 - shared session fixture
 
 
 def _ckpt_copy(src: Path, dst: Path) -> Path:
