@@ -69,6 +69,14 @@ def fp32_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pipe(fp32_bundle):
+    """The runtime Pipeline on the fp32 nano bundle (CPU, one thread)."""
+    from runtime import Pipeline
+
+    return Pipeline.from_bundle(fp32_bundle, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory) -> list[Path]:
     """Two synthetic photos of different sizes (files), with shapes drawn on them."""
     from PIL import ImageDraw

@@ -27,8 +27,8 @@ N_NEW = 24
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures (bundles are built once per session; ``shared_bundle``, ``fp32_bundle`` and ``images``
-# live in conftest.py, shared with the other runtime test files)
+# Fixtures (bundles are built once per session; ``shared_bundle``, ``fp32_bundle``, ``pipe`` and
+# ``images`` live in conftest.py, shared with the other runtime test files)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -51,13 +51,6 @@ def int4_fp16_bundle(tmp_path_factory, nano_ckpt, nano_model, quant_tensors) -> 
     """The default int4 plan: fp16 activations and an fp16 KV cache."""
     return shared_bundle(tmp_path_factory, "int4", nano_ckpt, nano_model, plan="int4",
                          quant_tensors=quant_tensors)
-
-
-@pytest.fixture(scope="session")
-def pipe(fp32_bundle):
-    from runtime import Pipeline
-
-    return Pipeline.from_bundle(fp32_bundle, device="cpu", threads=1)
 
 
 def torch_greedy(model, tok, ids, pixels, n_new, n_vocab, suppress, stop_ids):

@@ -27,8 +27,6 @@ import openai
 import pytest
 from PIL import Image
 
-from test_runtime import fp32_bundle, images, pipe  # noqa: F401 - shared session fixtures
-
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nano"
 

@@ -20,8 +20,6 @@ import httpx
 import openai
 import pytest
 
-from test_runtime import fp32_bundle, pipe  # noqa: F401 - shared session fixtures
-
 pytestmark = pytest.mark.ray
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the optional 'ray' extra): "
                                         "pip install -e '.[ray]' to run these tests")
