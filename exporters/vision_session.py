@@ -34,8 +34,8 @@ def make_session(onnx_path: str | Path, providers: Sequence[str] | None = None,
     """onnxruntime session for a vision engine (through the one factory,
     :func:`runtime.engines.open_session`; this adds the vision engine's policy).
 
-    On the CPU provider an fp16 ViT segfaults at the default ORT_ENABLE_ALL (dependencies.md
-    §4: a Conv -> LayerNorm fusion), so fp16 graphs whose first provider is the CPU get
+    On the CPU provider an fp16 ViT segfaults at the default ORT_ENABLE_ALL (a Conv ->
+    LayerNorm fusion), so fp16 graphs whose first provider is the CPU get
     ORT_ENABLE_EXTENDED, and no memory arena. ``providers`` defaults to CUDA (when present),
     then CPU.
     """

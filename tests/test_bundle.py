@@ -214,7 +214,7 @@ def test_register_trt_plan_lists_it_and_the_runtime_selects_it(fp32_bundle, tmp_
     assert [p["file"] for p in man.trt_plans()] == [rel, copied]
     assert (b / copied).read_bytes() == outside.read_bytes()
     assert select_trt_plan(man, "vision", "10.7.0.1", "Orin") == b / copied
-    assert not list(b.glob(".manifest.json.tmp-*"))
+    assert not list(b.glob(".manifest.json.*.tmp"))
     capsys.readouterr()
 
     # Failures: one line, exit 2, the manifest untouched.
