@@ -25,7 +25,8 @@ then run the bundle (no torch needed):
   python -m runtime --bundle out/bundle --image photo.jpg --prompt "What is in the picture?"
 
 stages are cached in <out>.work/: rerunning after a failure resumes where it stopped.
-exit codes: 0 ok, 1 validation FAILED (bundle not written unless --allow-drift), 2 usage or input error.
+exit codes: 0 ok, 1 validation FAILED (bundle not written unless --allow-drift) or INCONCLUSIVE (a
+drift gate could not be judged: not written unless --accept-inconclusive), 2 usage or input error.
 """
 
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-only", action="store_true", help="print the memory plan and stop")
     p.add_argument("--allow-drift", action="store_true",
                    help="write the bundle and exit 0 even when validation FAILs")
+    p.add_argument("--accept-inconclusive", action="store_true",
+                   help="write the bundle when a drift gate could not be judged (e.g. the "
+                        "reference model emits no boxes); the report still says INCONCLUSIVE")
     p.add_argument("--skip-validation", action="store_true", help="do not run the drift report")
     p.add_argument("--n-calib", type=int, default=None, help="use at most N calibration items")
     p.add_argument("--n-val", type=int, default=None, help="use at most N validation items")
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint, plan=args.plan, calib=args.calib, out=args.out,
             device_profile=args.device_profile, context=args.context, force=args.force,
             allow_drift=args.allow_drift, overwrite=args.overwrite,
+            accept_inconclusive=args.accept_inconclusive,
             skip_validation=args.skip_validation,
             n_calib=args.n_calib, n_val=args.n_val, group_size=args.group_size,
             desc_act=args.act_order, lm_head=args.lm_head, cpu=args.target == "cpu",

@@ -49,6 +49,7 @@ class ExportOptions:
     force: bool = False  # go on when the memory plan does not fit
     allow_drift: bool = False  # write the bundle and exit 0 even when validation FAILs
     overwrite: bool = False  # replace an existing bundle of this toolkit from another source
+    accept_inconclusive: bool = False  # write the bundle when a drift gate could not be judged
     skip_validation: bool = False
     n_calib: int | None = None
     n_val: int | None = None
@@ -189,7 +190,7 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         gptq_dir = flow.quant(calib_items, data_key)
         files = flow.engines(calib_items, gptq_dir)
         candidate = flow.candidate(files)
-        report_files = flow.validate(candidate, val_items, data_key)
+        report_files = flow.validate(candidate, val_items, data_key, gptq_dir)
         report.bundle = flow.bundle(files, report_files)
     if opts.demo:
         report.demo = run_demo(report.bundle, opts.demo_prompt)
@@ -269,15 +270,19 @@ class _Flow:
         self._done(cres)
         return cres.path / "bundle"
 
-    def validate(self, candidate: Path, val_items: list, data_key: str) -> dict[str, Path]:
-        """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift``."""
+    def validate(self, candidate: Path, val_items: list, data_key: str,
+                 gptq_dir: Path | None) -> dict[str, Path]:
+        """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift`` and on
+        INCONCLUSIVE without ``--accept-inconclusive`` (or ``--allow-drift``)."""
         opts, report = self.opts, self.report
         if opts.skip_validation:
             self._done()
             return {}
         ckey = next(s.key for s in report.stages if s.name == "candidate")
-        valres = run_stage(self.work, "validate", stage_key(c=ckey, data=data_key, plan=opts.plan),
-                           lambda tmp: _validate(candidate, self.ckpt, val_items, opts, tmp))
+        vkey = stage_key(c=ckey, data=data_key, plan=opts.plan, same_precision=True)
+        valres = run_stage(self.work, "validate", vkey,
+                           lambda tmp: _validate(candidate, self.ckpt, val_items, opts, tmp,
+                                                 gptq_dir))
         report.validation = valres.info
         report.verdict = valres.info.get("verdict", "n/a")
         self._done(valres)
@@ -286,6 +291,12 @@ class _Flow:
                 f"validation FAILED ({', '.join(valres.info.get('failed', [])[:4])}): see "
                 f"{self.work / 'validate' / 'report' / 'drift.html'}; the bundle was not written "
                 "(pass --allow-drift to write it anyway)", exit_code=EXIT_FAILED_CHECK)
+        if report.verdict == "INCONCLUSIVE" and not (opts.accept_inconclusive or opts.allow_drift):
+            raise ExportError(
+                f"validation INCONCLUSIVE ({'; '.join(valres.info.get('inconclusive', [])[:2])}): "
+                f"see {self.work / 'validate' / 'report' / 'drift.html'}; the bundle was not "
+                "written (pass --accept-inconclusive to write it anyway)",
+                exit_code=EXIT_FAILED_CHECK)
         return {f"report/{p.name}": p for p in sorted((valres.path / "report").glob("*"))
                 if p.is_file()}
 
@@ -418,11 +429,18 @@ def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
 
 
 def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
-              tmp: Path) -> dict[str, Any]:
+              tmp: Path, gptq_dir: Path | None) -> dict[str, Any]:
+    """The drift report of the candidate bundle, against the fp32 reference *and* the
+    same-precision reference (the GPTQ codes dequantised, or fp16-rounded weights), so that
+    quantisation loss and exporter error are judged apart."""
+    from validate.compare import same_precision_reference
     from validate.stages import run_validation
 
-    rep = run_validation(bundle, _reference_model(ckpt), items, opts.plan, tmp / "report",
-                         cache_dir=tmp.parent / "images")
+    reference = _reference_model(ckpt)
+    same = same_precision_reference(reference, opts.plan, gptq_dir, opts.lm_head,
+                                    ckpt.cfg if gptq_dir == ckpt.path else None)
+    rep = run_validation(bundle, reference, items, opts.plan, tmp / "report",
+                         cache_dir=tmp.parent / "images", fake_quant_model=same)
     return rep.summary() if hasattr(rep, "summary") else dict(rep)
 
 
@@ -488,7 +506,7 @@ def _rtn_quant(model: Any, quant_tensors: Mapping[str, Any] | None) -> dict[str,
 def _validation_summary(v: dict[str, Any] | None) -> dict[str, Any] | None:
     if not v:
         return None
-    return {k: v[k] for k in ("verdict", "failed", "metrics") if k in v}
+    return {k: v[k] for k in ("verdict", "failed", "inconclusive", "metrics") if k in v}
 
 
 def run_demo(bundle: Path, prompt: str | None = None) -> dict[str, Any]:

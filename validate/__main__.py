@@ -3,7 +3,8 @@
     python -m validate --bundle out/bundle --checkpoint models/nano/qwen-vl-nano \\
         --manifest calib_data/manifest.jsonl --out out/bundle/report [--allow-drift]
 
-Exit status: 0 PASS (or FAIL with ``--allow-drift``), 1 FAIL, 2 the inputs could not be used
+Exit status: 0 PASS (or FAIL with ``--allow-drift``, INCONCLUSIVE with ``--accept-inconclusive``),
+1 FAIL or INCONCLUSIVE (a gate could not be judged), 2 the inputs could not be used
 (bad manifest, bundle or checkpoint; the message says which and what to do).
 """
 
@@ -48,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     ap.add_argument("--allow-drift", action="store_true",
                     help="exit 0 even when a metric FAILs (the report still says FAIL)")
+    ap.add_argument("--accept-inconclusive", action="store_true",
+                    help="exit 0 when a gate could not be judged (the report still says "
+                         "INCONCLUSIVE)")
+    ap.add_argument("--gptq", type=Path, default=None,
+                    help="int4: the GPTQ checkpoint the bundle was built from (its dequantised "
+                         "model judges the exporter's own error)")
+    ap.add_argument("--lm-head", choices=("int8", "fp16"), default="int8",
+                    help="int4: the LM head the bundle ships (default int8)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -63,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         items = load_manifest(a.manifest)
+        same = None
+        if a.gptq is not None:
+            from quant.checkpoint import load_gptq_model
+
+            same = load_gptq_model(a.gptq, "fp32", lm_head=a.lm_head)
         report = run_validation(a.bundle, a.checkpoint, items, a.plan,
-                                a.out or a.bundle / "report", stages=stages,
+                                a.out or a.bundle / "report", fake_quant_model=same, stages=stages,
                                 max_items=a.max_items, max_new_tokens=a.max_new_tokens,
                                 device=a.device, threads=a.threads, cache_dir=a.cache_dir,
                                 plots=not a.no_plots)
@@ -80,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[FAIL] {st.name}: {st.error}")
     out = a.out or a.bundle / "report"
     print(f"{report.summary_line()}\nreport: {out / 'drift.html'}")
-    if not report.passed and not a.allow_drift:
+    if report.verdict == "FAIL" and not a.allow_drift:
+        return 1
+    if report.verdict == "INCONCLUSIVE" and not (a.accept_inconclusive or a.allow_drift):
+        print("the report is INCONCLUSIVE: pass --accept-inconclusive to accept it",
+              file=sys.stderr)
         return 1
     return 0
 

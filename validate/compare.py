@@ -158,3 +158,34 @@ class Context:
         return res.text
 
     _pipe: Any = None
+
+
+def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
+                             lm_head: str = "int8", cfg=None):
+    """The PyTorch model with exactly the engine's weights, run in fp32 (``None`` for fp32).
+
+    ``int4``/``edge``: the GPTQ checkpoint ``gptq_dir`` dequantised (the same int4 codes, the
+    embedding/norms as stored, the LM head as the plan ships it: ``quant.checkpoint``).
+    ``fp16``: the reference with every weight rounded to fp16, as the fp16 engine stores them.
+    The engine differs from it only by activation rounding, so any larger gap is the exporter's.
+    """
+    import torch
+
+    from .thresholds import plan_name
+
+    plan = plan_name(plan)
+    if plan == "fp32":
+        return None
+    if plan == "fp16":
+        import copy
+
+        same = copy.deepcopy(model).float().eval()
+        with torch.no_grad():
+            for prm in same.parameters():
+                prm.copy_(prm.to(torch.float16).float())
+        return same
+    if gptq_dir is None:
+        raise ValueError(f"the {plan} plan's same-precision reference needs its GPTQ checkpoint")
+    from quant.checkpoint import load_gptq_model
+
+    return load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg).eval()

@@ -24,9 +24,10 @@ import numpy as np
 
 from runtime.files import atomic_write_bytes
 
-from .thresholds import thresholds_for
+from .thresholds import bound_text, thresholds_for
 
-COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INFO": "#57606a", "N/A": "#9a6700"}
+COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INFO": "#57606a", "N/A": "#9a6700",
+          "INCONCLUSIVE": "#9a6700"}
 BOX_COLORS = {"truth": (255, 200, 0), "ref": (40, 180, 60), "eng": (230, 40, 40)}
 
 
@@ -348,7 +349,7 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
             out.append("<table><tr><th>metric</th><th>value</th><th>threshold</th><th>verdict</th>"
                        "<th>n</th><th>what</th><th>note</th></tr>")
             for m in st.metrics:
-                thr = "info" if m.op == "info" or m.threshold is None else f"{m.op} {m.threshold:g}"
+                thr = bound_text(m.op, m.threshold)
                 out.append(f"<tr><td>{e(m.name)}</td><td class='num'>{_fmt(m.value)}</td>"
                            f"<td>{e(thr)}</td><td>{_badge(m.verdict)}</td><td class='num'>{m.n}"
                            f"</td><td class='muted'>{e(m.description)}</td><td>{e(m.note)}</td>"

@@ -35,14 +35,17 @@ import numpy as np
 
 from . import metrics as M
 from .compare import Context, Prepared, encode_answer, parse_boxes
-from .thresholds import DESCRIPTIONS, STAGES, plan_name, thresholds_for
+from .thresholds import (DESCRIPTIONS, REFERENCE_FLOOR, REFERENCE_FLOOR_MIN_ITEMS, STAGES,
+                         bound_text, plan_name, thresholds_for)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Metric", "NA_NO_BOXES", "Report", "StageResult", "decoder_stage", "encode_answer",
+__all__ = ["INCONCLUSIVE", "Metric", "NA_NO_BOXES", "Report", "StageResult", "decoder_stage", "encode_answer",
            "judge", "parse_boxes", "run_validation", "task_stage", "vision_stage"]
 
 NA_NO_BOXES = "n/a (no boxes in reference answers)"
+#: Verdict of a stage (and report) with a gate that could not be judged: never a pass.
+INCONCLUSIVE = "INCONCLUSIVE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +67,7 @@ class Metric:
     def line(self) -> str:
         v = "-" if self.value is None else f"{self.value:.6g}"
         bound = "" if self.op in ("info",) or self.threshold is None else \
-            f" (need {self.op} {self.threshold:g})"
+            f" (need {bound_text(self.op, self.threshold)})"
         note = f" - {self.note}" if self.note else ""
         return f"[{self.verdict:4}] {self.stage}.{self.name} = {v}{bound}, n={self.n}{note}"
 
@@ -76,6 +79,8 @@ class StageResult:
     items: list[dict[str, Any]] = field(default_factory=list)  # per-item records
     seconds: float = 0.0
     error: str | None = None
+    #: why a gate of this stage could not be judged (the stage is then INCONCLUSIVE, not PASS)
+    inconclusive: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -84,6 +89,8 @@ class StageResult:
         vs = {m.verdict for m in self.metrics}
         if "FAIL" in vs:
             return "FAIL"
+        if self.inconclusive:
+            return INCONCLUSIVE
         return "PASS" if "PASS" in vs else "N/A"
 
     def metric(self, name: str) -> Metric | None:
@@ -91,7 +98,8 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "verdict": self.verdict, "seconds": round(self.seconds, 3),
-                "error": self.error, "metrics": [asdict(m) for m in self.metrics],
+                "error": self.error, "inconclusive": self.inconclusive,
+                "metrics": [asdict(m) for m in self.metrics],
                 "items": self.items}
 
 
@@ -105,7 +113,13 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        return "FAIL" if any(s.verdict == "FAIL" for s in self.stages.values()) else "PASS"
+        """FAIL if a gate failed, else INCONCLUSIVE if a gate could not be judged, else PASS."""
+        vs = {s.verdict for s in self.stages.values()}
+        return "FAIL" if "FAIL" in vs else INCONCLUSIVE if INCONCLUSIVE in vs else "PASS"
+
+    def inconclusive(self) -> list[str]:
+        """``stage: reason`` for every gate that could not be judged."""
+        return [f"{n}: {r}" for n, s in self.stages.items() for r in s.inconclusive]
 
     @property
     def passed(self) -> bool:
@@ -128,11 +142,13 @@ class Report:
         errs = [f"{n}: {s.error}" for n, s in self.stages.items() if s.error]
         if errs:
             tail += "; errors: " + "; ".join(errs)
+        if self.inconclusive():
+            tail += "; inconclusive: " + "; ".join(self.inconclusive())
         return f"drift {self.verdict} (plan {self.plan}): " + ", ".join(parts) + tail
 
     def failed(self) -> list[str]:
         """``stage.metric=value (need op bound)`` for every failed metric."""
-        return [f"{m.stage}.{m.name}={m.value:.4g} (need {m.op} {m.threshold:g})"
+        return [f"{m.stage}.{m.name}={m.value:.4g} (need {bound_text(m.op, m.threshold)})"
                 if m.value is not None and m.threshold is not None else f"{m.stage}.{m.name}"
                 for m in self.failures()]
 
@@ -146,6 +162,7 @@ class Report:
             "stages": {n: s.verdict for n, s in self.stages.items()},
             "failed": self.failed() + [f"{n}: {s.error}" for n, s in self.stages.items()
                                        if s.error],
+            "inconclusive": self.inconclusive(),
             "metrics": {f"{m.stage}.{m.name}": m.value for s in self.stages.values()
                         for m in s.metrics if m.verdict in ("PASS", "FAIL")},
             "n_items": self.meta.get("n_items"), "line": self.summary_line(),
@@ -153,7 +170,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "plan": self.plan, "first_failure": self.first_failure,
-                "summary": self.summary_line(), "failed": self.failed(), "meta": self.meta,
+                "summary": self.summary_line(), "failed": self.failed(),
+                "inconclusive": self.inconclusive(), "meta": self.meta,
                 "stages": {n: s.to_dict() for n, s in self.stages.items()}}
 
 
@@ -223,6 +241,7 @@ class _DecoderTallies:
     e2e_top1: list = field(default_factory=list)
     fq_kl: list = field(default_factory=list)
     fq_top1: list = field(default_factory=list)
+    nll_fq: list = field(default_factory=list)
     nonfinite: int = 0
     identical: list = field(default_factory=list)
     first_div: list = field(default_factory=list)
@@ -263,6 +282,7 @@ def _decoder_item(ctx: Context, p: Prepared, ans: list[int], target: str,
         fq = ctx.logits(ctx.fq, ids, p.ref_feat, sl)
         tl.fq_kl.append(M.kl_divergence(fq, eng))
         tl.fq_top1.append(M.topk_agreement(fq, eng, 1))
+        tl.nll_fq.append(M.token_nll(fq, ans))
         rec["fq_kl_mean"] = M.nanmean(tl.fq_kl[-1])
     eng_gen, _ = ctx.greedy(ctx.eng, p.prompt_ids, p.ref_feat)
     fd = M.first_divergence(p.ref_gen, eng_gen)
@@ -285,6 +305,9 @@ def decoder_stage(ctx: Context, prepared: list[Prepared]) -> StageResult:
         st.error = "no item produced a reference answer to teacher-force"
         return st
     st.metrics = _decoder_metrics(ctx, st.items, tl)
+    if not tl.fq_kl and thresholds_for(ctx.plan)["decoder", "fq_kl_mean"].op != "info":
+        st.inconclusive.append(f"no same-precision reference: the {ctx.plan} exporter's own error "
+                               "was not judged (python -m validate: pass --gptq)")
     return st
 
 
@@ -316,8 +339,13 @@ def _decoder_metrics(ctx: Context, items: list[dict], tl: _DecoderTallies) -> li
         out += [judge("decoder", "e2e_kl_mean", M.nanmean(cat(tl.e2e_kl)), plan, n_tok),
                 judge("decoder", "e2e_top1", float(np.mean(cat(tl.e2e_top1))), plan, n_tok)]
     if tl.fq_kl:
-        out += [judge("decoder", "fq_kl_mean", M.nanmean(cat(tl.fq_kl)), plan, n_tok),
-                judge("decoder", "fq_top1", float(np.mean(cat(tl.fq_top1))), plan, n_tok)]
+        fq_kls, nll_fq = cat(tl.fq_kl), np.mean(cat(tl.nll_fq))
+        out += [judge("decoder", "fq_kl_mean", M.nanmean(fq_kls), plan, n_tok,
+                      "vs the same-precision reference: the exporter's own error"),
+                judge("decoder", "fq_kl_p95", M.percentile(fq_kls, 95)
+                      if not np.isnan(fq_kls).any() else float("nan"), plan, n_tok),
+                judge("decoder", "fq_top1", float(np.mean(cat(tl.fq_top1))), plan, n_tok),
+                judge("decoder", "fq_ppl_ratio", float(np.exp(nll_eng - nll_fq)), plan, n)]
     return out
 
 
@@ -390,7 +418,34 @@ def task_stage(ctx: Context, prepared: list[Prepared]) -> StageResult:
     st.metrics.append(judge("task", "answer_agreement", float(np.mean(tl.agree)), ctx.plan,
                             len(st.items)))
     st.metrics += _grounding_metrics(ctx.plan, tl) + _ocr_metrics(ctx.plan, tl)
+    st.inconclusive = _task_inconclusive(tl)
+    for why in st.inconclusive:
+        log.warning("drift report INCONCLUSIVE: %s", why)
     return st
+
+
+def _task_inconclusive(tl: _TaskTallies) -> list[str]:
+    """Why task gates could not be judged: the reference gave nothing to compare with, or it
+    scores so far below the manifest's truth that it cannot be the model the items were made
+    for (a wrong or broken checkpoint: drift from it proves nothing)."""
+    out = []
+    if tl.g_items and not tl.g_with_ref_boxes:
+        out.append(f"the reference answered none of the {tl.g_items} grounding items with a box:"
+                   " the grounding gates could not be judged")
+    broken = "far below what the manifest's items expect: wrong or broken checkpoint?"
+    n = len(tl.g_truth_ref)
+    if n >= REFERENCE_FLOOR_MIN_ITEMS and M.hit_rate(tl.g_truth_ref) < REFERENCE_FLOOR:
+        hits = sum(v >= 0.5 for v in tl.g_truth_ref)
+        out.append(f"the reference finds {hits}/{n} true boxes (IoU >= 0.5), {broken}")
+    n = len(tl.ocr_em_ref)
+    if n:
+        er = float(np.mean(tl.ocr_em_ref))
+        if er == 0:
+            out.append(f"the reference reads none of the {n} true OCR texts: ocr_em_truth_drop "
+                       "could not be judged")
+        if n >= REFERENCE_FLOOR_MIN_ITEMS and er < REFERENCE_FLOOR:
+            out.append(f"the reference reads {int(round(er * n))}/{n} true OCR texts, {broken}")
+    return out
 
 
 def _grounding_metrics(plan: str, tl: _TaskTallies) -> list[Metric]:
@@ -472,8 +527,10 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
 
     ``reference_model``: the PyTorch reference (``QWenLMHeadModel``, fp32 for exact numbers) or a
     checkpoint directory (loaded in fp32). For an int4 bundle pass the *unquantised* model: the
-    report measures what the bundle lost; ``fake_quant_model`` (the dequantised-GPTQ reference)
-    adds exporter-only diagnostics (``fq_*``). ``items``: a manifest path or ``CalibItem`` list;
+    report measures what the bundle lost; ``fake_quant_model`` is the same-precision reference
+    (``compare.same_precision_reference``: the dequantised GPTQ model for int4, built here for
+    fp16) that the ``fq_*`` rows judge the exporter's own error against; without it an int4
+    report is INCONCLUSIVE. ``items``: a manifest path or ``CalibItem`` list;
     only the validation split is used. ``plan``: thresholds to apply (default: the bundle's
     precision). Writes ``drift.json`` and ``drift.html`` (+ PNG plots) under ``out_dir``.
     ``threads``: intra-op threads of onnxruntime *and* the PyTorch reference during the run
@@ -486,6 +543,10 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     plan = plan_name(plan if plan is not None else read_manifest(bundle_dir).precision)
     model = _load_reference(reference_model)
     model.eval()
+    if fake_quant_model is None and plan == "fp16":
+        from .compare import same_precision_reference
+
+        fake_quant_model = same_precision_reference(model, plan)
     val = _validation_items(items)
     if max_items is not None:
         val = val[:max_items]

@@ -29,8 +29,21 @@ Exact answer agreement and identical greedy tokens are judged only for ``fp32``:
 precision free text forks on near-ties while task accuracy barely moves
 (optimum-intel#1394), so there they are reported, and the grounding / OCR numbers are judged.
 
-Directions: ``>=`` / ``<=`` compare the measured value with the bound; ``info`` is reported, never
-judged (e.g. the first divergent greedy token of a quantised model, which is expected to move).
+Two references. The ``decoder`` rows judge the engine against the fp32 reference: what the bundle
+lost, quantisation included. The ``fq_*`` rows judge it against the *same-precision reference*
+(``validate.compare.same_precision_reference``): for ``int4``/``edge`` the fake-quant model (the
+same int4 codes and int8 head, dequantised, in PyTorch), for ``fp16`` the reference with its
+weights rounded to fp16. What is left between that reference and the engine is activation
+rounding (fp16 activations and KV) plus any exporter bug, so those rows get fp16-level bounds,
+and quantisation loss (``decoder.*``) and exporter error (``decoder.fq_*``) are two verdicts. An
+exporter bug smaller than int4 noise (a final norm x0.9, one layer's key bias zeroed) passes the
+first and fails the second. Measured on the shipped nano model (``python export.py``): see
+README's drift-report section.
+
+Directions: ``>=`` / ``<=`` compare the measured value with the bound; ``within`` is two-sided for
+ratios, ``1/bound <= value <= bound`` (the reference answer becoming markedly *more* likely is as
+much a bug as less likely: a final norm scaled by 0.9 gives ppl ratio 0.69); ``info`` is
+reported, never judged (e.g. the first divergent greedy token of a quantised model).
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ ONE_ITEM_MAX = 0.1
 class Threshold:
     stage: str
     metric: str
-    op: str  # ">=", "<=", "info"
+    op: str  # ">=", "<=", "within" (1/value .. value), "info"
     value: float | None
     why: str
     per_item: bool = False  # a rate over items: never finer than one item (``for_items``)
@@ -74,8 +87,23 @@ class Threshold:
             return "N/A"
         if isinstance(measured, float) and math.isnan(measured):
             return "FAIL"
-        ok = measured >= self.value if self.op == ">=" else measured <= self.value
+        if self.op == "within":
+            ok = 1.0 / self.value <= measured <= self.value
+        else:
+            ok = measured >= self.value if self.op == ">=" else measured <= self.value
         return "PASS" if ok else "FAIL"
+
+    def bound_text(self) -> str:
+        """The bound as the report prints it (``>= 0.99``, ``within 0.952..1.05``)."""
+        return bound_text(self.op, self.value)
+
+
+def bound_text(op: str, value: float | None) -> str:
+    if value is None or op == "info":
+        return "info"
+    if op == "within":
+        return f"within {1.0 / value:.4g}..{value:g}"
+    return f"{op} {value:g}"
 
 
 # Metric descriptions (shared by all plans; the report prints them next to the numbers).
@@ -96,8 +124,11 @@ DESCRIPTIONS = {
     ("decoder", "first_divergence_median"): "median first divergent greedy token (same = length)",
     ("decoder", "e2e_kl_mean"): "mean KL with the engine's own image features (vision+decoder)",
     ("decoder", "e2e_top1"): "top-1 agreement with the engine's own image features",
-    ("decoder", "fq_kl_mean"): "mean KL(fake-quant reference || engine): exporter error only",
-    ("decoder", "fq_top1"): "top-1 agreement with the fake-quant reference",
+    ("decoder", "fq_kl_mean"): "mean KL(same-precision reference || engine): exporter error only",
+    ("decoder", "fq_kl_p95"): "95th percentile of the per-token KL vs the same-precision reference",
+    ("decoder", "fq_top1"): "top-1 agreement with the same-precision reference",
+    ("decoder", "fq_ppl_ratio"): "perplexity of the reference answer, engine / same-precision "
+                                 "reference",
     ("task", "answer_agreement"): "fraction of items whose engine answer equals the reference's",
     ("task", "grounding_iou_ref_mean"): "mean IoU of engine boxes vs the reference model's boxes",
     ("task", "grounding_hit_ref"): "fraction of reference boxes matched at IoU >= 0.5",
@@ -131,8 +162,6 @@ def _common_info() -> list[Threshold]:
         _info("vision", "max_abs", "absolute units vary by model; judged as max_abs_rel_max"),
         _info("decoder", "e2e_kl_mean", "vision and decoder drift combined; judged stage by stage"),
         _info("decoder", "e2e_top1"),
-        _info("decoder", "fq_kl_mean", "only with a fake-quant model: locates exporter bugs"),
-        _info("decoder", "fq_top1"),
         _info("task", "grounding_iou_truth_mean", "model quality, not drift"),
         _info("task", "grounding_hit_truth", "model quality, not drift"),
         _info("task", "grounding_hit_truth_ref", "model quality, not drift"),
@@ -142,7 +171,30 @@ def _common_info() -> list[Threshold]:
     ]
 
 
-def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> list[Threshold]:
+#: fp16 activations and KV over the same weights (fq KL mean, KL p95, top1, ppl ratio). The
+#: nano bundles measure KL 1e-6 (mean) / 6e-6 (p95), top1 1.0, ppl 1.0000 (README); the bounds
+#: sit ~40x above that, for deeper real models (llama.cpp measures fp16-class KL ~1e-5 on 7B),
+#: and under the smallest exporter bugs tried (one layer's key bias zeroed: KL 1.3e-4).
+FQ_FP16 = (5e-5, 2.5e-4, 0.99, 1.005)
+#: int8 KV on top: more rounding noise (not measured yet: no edge exporter in export.py).
+FQ_INT8_KV = (1e-3, 5e-3, 0.97, 1.01)
+
+
+def _same_precision(fq: tuple | None) -> list[Threshold]:
+    """Rows vs the same-precision reference (``fq_*``): the exporter's own error."""
+    if fq is None:  # fp32: the reference *is* the same-precision reference (decoder.* rows)
+        return [_info("decoder", m, "fp32: the decoder rows already judge the exporter")
+                for m in ("fq_kl_mean", "fq_kl_p95", "fq_top1", "fq_ppl_ratio")]
+    kl_mean, kl_p95, top1, ppl = fq
+    why = "same weights on both sides: only activation rounding may remain"
+    return [_t("decoder", "fq_kl_mean", "<=", kl_mean, why),
+            _t("decoder", "fq_kl_p95", "<=", kl_p95, "tail of the exporter's error"),
+            _t("decoder", "fq_top1", ">=", top1, "greedy follows the same-precision argmax"),
+            _t("decoder", "fq_ppl_ratio", "within", ppl, "no systematic shift either way")]
+
+
+def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple,
+          fq: tuple | None = None) -> list[Threshold]:
     cos, rl2, mar = vision
     kl_mean, kl_p95, top1, top5, ppl = decoder
     agree, iou_ref, hit_ref, hit_drop, cer_ref, em_drop = task
@@ -155,7 +207,8 @@ def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> l
         _t("decoder", "kl_p95", "<=", kl_p95, "tail: a few badly broken positions"),
         _t("decoder", "top1", ">=", top1, "greedy decoding follows the argmax"),
         _t("decoder", "top5", ">=", top5, "sampling (top-p 0.3) draws from the head"),
-        _t("decoder", "ppl_ratio", "<=", ppl, "the reference answer may not become less likely"),
+        _t("decoder", "ppl_ratio", "within", ppl, "the reference answer may become neither much "
+           "less nor much more likely"),
         _t("decoder", "nonfinite", "<=", 0, "NaN/Inf logits break decoding"),
         (_t("decoder", "greedy_identical", ">=", greedy, "same graph, same precision: same tokens")
          if greedy is not None else
@@ -173,20 +226,21 @@ def _plan(vision: tuple, decoder: tuple, greedy: float | None, task: tuple) -> l
         _t("task", "ocr_em_truth_drop", "<=", em_drop, "lost OCR exact matches vs truth",
            per_item=True),
     ]
-    return rows + _common_info()
+    return rows + _same_precision(fq) + _common_info()
 
 
 #                vision (cos_min, relL2, maxabs_rel)   decoder (KL mean, KL p95, top1, top5, ppl)
 #                greedy identical    task (agree, IoU ref, hit ref, hit drop, CER ref, EM drop)
+#                same-precision reference (fq KL mean, fq KL p95, fq top1, fq ppl)
 _ROWS: dict[str, list[Threshold]] = {
     "fp32": _plan((0.99999, 1e-3, 1e-3), (1e-4, 5e-4, 0.99, 0.999, 1.001), 0.9,
                   (0.9, 0.95, 0.95, 0.05, 0.02, 0.05)),
     "fp16": _plan((0.999, 0.05, 0.05), (5e-3, 2e-2, 0.97, 0.995, 1.01), None,
-                  (None, 0.85, 0.95, 0.05, 0.05, 0.05)),
+                  (None, 0.85, 0.95, 0.05, 0.05, 0.05), FQ_FP16),
     "int4": _plan((0.999, 0.05, 0.05), (0.1, 0.5, 0.85, 0.95, 1.05), None,
-                  (None, 0.7, 0.85, 0.05, 0.1, 0.05)),
+                  (None, 0.7, 0.85, 0.05, 0.1, 0.05), FQ_FP16),
     "edge": _plan((0.99, 0.15, 0.15), (0.15, 0.6, 0.8, 0.93, 1.08), None,
-                  (None, 0.65, 0.8, 0.08, 0.15, 0.08)),
+                  (None, 0.65, 0.8, 0.08, 0.15, 0.08), FQ_INT8_KV),
 }
 # One table per plan of quant/plans.py, in its order: a plan without thresholds fails here.
 _missing = [n for n in PRECISION_PLANS if n not in _ROWS]
@@ -221,6 +275,13 @@ def table_markdown() -> str:
         cells = []
         for p in PLANS:
             t = thresholds_for(p).get(k)
-            cells.append("info" if t is None or t.op == "info" else f"{t.op} {t.value:g}")
+            cells.append("info" if t is None else t.bound_text())
         lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: A reference that hits fewer than this fraction of the manifest's true boxes (or reads fewer of
+#: its true texts) on at least REFERENCE_FLOOR_MIN_ITEMS items is not a model to judge drift
+#: against: the checkpoint is wrong or broken, and the report says INCONCLUSIVE, loudly.
+REFERENCE_FLOOR = 0.1
+REFERENCE_FLOOR_MIN_ITEMS = 5
