@@ -94,3 +94,28 @@ def test_ci_runs_the_readme_test_command():
     cmd = [ln for ln in ci.splitlines() if "pytest" in ln and not ln.startswith("#")]
     assert len(cmd) == 1 and cmd[0].strip() in readme
     assert re.search(r"^torch==2\.13\.0$", (ROOT / "constraints.txt").read_text(), re.M)
+
+
+def test_inconclusive_drift_report_fails_unless_accepted(nano_ckpt, tmp_path, capsys):
+    """Random nano weights emit no boxes: the grounding gates cannot be judged, so export.py
+    exits 1 with one line and writes no bundle; --accept-inconclusive writes it, and its
+    manifest says INCONCLUSIVE and why (before: PASS with grounding 0/n vs truth)."""
+    import export
+    from calib_data import build
+    from calib_data.manifest import write_manifest
+
+    items = [build.synth_item("calib", j) for j in range(2)]
+    items += [it for it in (build.synth_item("validation", j) for j in range(3))
+              if it.task == "grounding"][:1]
+    man = write_manifest(tmp_path / "m.jsonl", items)
+    out = tmp_path / "b"
+    args = ["--checkpoint", str(nano_ckpt), "--plan", "fp32", "--calib", str(man), "--out",
+            str(out), "--no-demo"]
+    assert export.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "validation INCONCLUSIVE (" in err[0]
+    assert "none of the 1 grounding items with a box" in err[0]
+    assert "--accept-inconclusive" in err[0] and not out.exists()
+    assert export.main([*args, "--accept-inconclusive"]) == 0  # the cached stages are reused
+    v = verify_bundle(out).data["validation"]
+    assert v["verdict"] == "INCONCLUSIVE" and "grounding" in v["inconclusive"][0]

@@ -118,7 +118,7 @@ def test_thresholds_tables():
         assert {("vision", "cosine_min"), ("decoder", "kl_mean"), ("decoder", "top1"),
                 ("task", "grounding_hit_ref")} <= judged[p]
         for t in PLANS[p]:
-            assert t.why and t.op in (">=", "<=", "info")
+            assert t.why and t.op in (">=", "<=", "within", "info")
     # tighter precision -> tighter bounds
     th = {p: thresholds_for(p) for p in PLANS}
     assert th["fp32"]["decoder", "kl_mean"].value < th["fp16"]["decoder", "kl_mean"].value \
@@ -217,8 +217,14 @@ def test_faithful_fp32_bundle_passes_every_stage(faithful_bundle, nano_model, it
     from validate.stages import NA_NO_BOXES
 
     r = _validate("faithful", faithful_bundle, nano_model, items, tmp_path / "report")
-    assert _verdicts(r) == {"vision": "PASS", "decoder": "PASS", "task": "PASS"}, r.summary_line()
-    assert r.passed and r.first_failure is None
+    # random nano weights emit no boxes and read no text: the grounding gates and the OCR
+    # exact-match gate cannot be judged, so the report is INCONCLUSIVE, never a vacuous PASS
+    # (the trained nano model's faithful bundles PASS: tests/test_drift_faults.py)
+    assert _verdicts(r) == {"vision": "PASS", "decoder": "PASS", "task": "INCONCLUSIVE"}, \
+        r.summary_line()
+    assert r.verdict == "INCONCLUSIVE" and not r.passed and r.first_failure is None
+    assert any("none of the 2 grounding items with a box" in w for w in r.inconclusive())
+    assert "inconclusive: task: the reference answered none" in r.summary_line()
     assert r.meta["n_items"] == 5  # the calibration item is never used
     v, d, t = (r.stages[k] for k in ("vision", "decoder", "task"))
     assert v.metric("cosine_min").value > 0.99999
@@ -236,7 +242,8 @@ def test_faithful_fp32_bundle_passes_every_stage(faithful_bundle, nano_model, it
     # report files
     out = tmp_path / "report"
     data = json.loads((out / "drift.json").read_text())
-    assert data["verdict"] == "PASS" and set(data["stages"]) == {"vision", "decoder", "task"}
+    assert data["verdict"] == "INCONCLUSIVE" and data["inconclusive"] == r.inconclusive()
+    assert set(data["stages"]) == {"vision", "decoder", "task"}
     assert all("verdict" in m for s in data["stages"].values() for m in s["metrics"])
     page = (out / "drift.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "Worst items" in page
@@ -402,3 +409,83 @@ def test_rate_drop_gates_never_judge_finer_than_one_item():
     for plan, rows in PLANS.items():
         assert {t.metric for t in rows if t.per_item} == {"grounding_hit_truth_drop",
                                                            "ocr_em_truth_drop"}, plan
+
+
+def test_ppl_ratio_is_judged_both_ways():
+    """Answers becoming much *more* likely is a bug too (a final norm x0.9 gave ratio 0.69)."""
+    from validate.stages import judge
+
+    for plan in PLANS:
+        for name in ("ppl_ratio",) + (("fq_ppl_ratio",) if plan != "fp32" else ()):
+            t = thresholds_for(plan)["decoder", name]
+            assert t.op == "within" and t.judge(1.0) == "PASS", (plan, name)
+            lo, hi = 1.0 / t.value, t.value
+            assert t.judge(lo * 1.0001) == "PASS" and t.judge(hi * 0.9999) == "PASS"
+            assert t.judge(lo * 0.999) == "FAIL" and t.judge(hi * 1.001) == "FAIL", (plan, name)
+    m = judge("decoder", "ppl_ratio", 0.69, "int4", n=5)
+    assert m.verdict == "FAIL" and "need within 0.9524..1.05" in m.line()
+
+
+def test_same_precision_rows_per_plan():
+    """Exporter error is judged against the same-precision reference with fp16-level bounds in
+    every reduced-precision plan; fp32's decoder rows already are that judgement."""
+    for plan in ("fp16", "int4", "edge"):
+        th = thresholds_for(plan)
+        assert th["decoder", "fq_kl_mean"].op == "<="
+        assert th["decoder", "fq_kl_mean"].value < th["decoder", "kl_mean"].value
+    assert thresholds_for("int4")["decoder", "fq_kl_mean"].value \
+        <= thresholds_for("fp16")["decoder", "kl_mean"].value
+    assert thresholds_for("fp32")["decoder", "fq_kl_mean"].op == "info"
+
+
+def _scripted_task(answers_ref, answers_eng, n_grounding=2, n_ocr=0):
+    from types import SimpleNamespace
+
+    from calib_data import build
+    from calib_data.manifest import materialise
+    from validate.compare import Prepared
+    from validate.stages import task_stage
+
+    its = [build.synth_item("validation", j) for j in range(40)]
+    chosen = ([it for it in its if it.task == "grounding"][:n_grounding]
+              + [it for it in its if it.task == "ocr"][:n_ocr])
+    prepared = [Prepared(it, materialise(it), np.zeros(1), [], ref_text=answers_ref(it))
+                for it in chosen]
+    ctx = SimpleNamespace(plan="int4", pipeline_answer=lambda p: answers_eng(p.item))
+    return task_stage(ctx, prepared)
+
+
+def test_unjudged_grounding_is_inconclusive_not_pass():
+    """The reference emits no boxes: the grounding gates are N/A, and the stage says
+    INCONCLUSIVE with the reason (before: PASS, with grounding 0/26 vs truth)."""
+    from validate.stages import Report
+
+    st = _scripted_task(lambda it: "I see shapes.", lambda it: "I see shapes.")
+    assert {m.name: m.verdict for m in st.metrics}["grounding_hit_ref"] == "N/A"
+    assert st.verdict == "INCONCLUSIVE"
+    assert st.inconclusive == ["the reference answered none of the 2 grounding items with a box:"
+                               " the grounding gates could not be judged"]
+    rep = Report("int4", {"task": st}, {"n_items": 2})
+    assert rep.verdict == "INCONCLUSIVE" and not rep.passed
+    assert rep.summary()["inconclusive"] == ["task: " + st.inconclusive[0]]
+    # with the reference's boxes the same stage is judged (and passes)
+    ok = _scripted_task(lambda it: it.answer, lambda it: it.answer)
+    assert ok.verdict == "PASS" and not ok.inconclusive
+    # a FAIL elsewhere still makes the report FAIL
+    bad = _scripted_task(lambda it: it.answer, lambda it: "no box")
+    assert Report("int4", {"task": st, "x": bad}, {}).verdict == "FAIL"
+
+
+def test_reference_far_below_the_manifest_is_flagged_as_broken():
+    """A reference whose boxes miss every true box (and that reads none of the true texts) on
+    the manifest's items is a wrong or broken checkpoint: drift from it proves nothing."""
+    def far_off(it):
+        return "<ref>x</ref><box>(0,0),(10,10)</box>" if it.task == "grounding" else "?"
+
+    st = _scripted_task(far_off, far_off, n_grounding=5, n_ocr=5)
+    assert st.verdict == "INCONCLUSIVE"
+    why = " ".join(st.inconclusive)
+    assert "the reference finds 0/5 true boxes" in why and "wrong or broken checkpoint" in why
+    assert "reads 0/5 true OCR texts" in why
+    # a sound reference on the same items: nothing flagged
+    assert not _scripted_task(lambda it: it.answer, lambda it: it.answer, 5, 5).inconclusive
