@@ -40,8 +40,9 @@ from .thresholds import (DESCRIPTIONS, REFERENCE_FLOOR, REFERENCE_FLOOR_MIN_ITEM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INCONCLUSIVE", "Metric", "NA_NO_BOXES", "Report", "StageResult", "decoder_stage", "encode_answer",
-           "judge", "parse_boxes", "run_validation", "task_stage", "vision_stage"]
+__all__ = ["INCONCLUSIVE", "Metric", "NA_NO_BOXES", "Report", "StageResult", "decoder_stage",
+           "encode_answer", "judge", "parse_boxes", "run_validation", "task_stage",
+           "vision_stage"]
 
 NA_NO_BOXES = "n/a (no boxes in reference answers)"
 #: Verdict of a stage (and report) with a gate that could not be judged: never a pass.
