@@ -80,8 +80,7 @@ def pipeline_loop(pipe, prompt: str, image, n: int) -> tuple[list[float], list[f
     return r.timings["decode_s"], r.timings["decode_engine_s"]
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: build a nano one)")
     ap.add_argument("--plan", default="fp32", choices=("fp32", "fp16", "int4"),
@@ -91,7 +90,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-words", type=int, default=60, help="extra words in the prompt")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _measure(pipe, prompt: str, image, table_ids, feats, n: int, repeats: int):
+    """Per-step times of the pipeline, its engine share and the bare loop, after a warm-up."""
+    pipeline_loop(pipe, prompt, image, min(n, 16))  # warm-up both
+    bare_loop(pipe, table_ids, feats, min(n, 16))
+    pipe_s, engine_s, bare_s, pipe_runs, bare_runs = [], [], [], [], []
+    for _ in range(repeats):  # alternate, so both see the same machine load
+        p, e = pipeline_loop(pipe, prompt, image, n)
+        b = bare_loop(pipe, table_ids, feats, n)
+        pipe_s += p
+        engine_s += e
+        bare_s += b
+        pipe_runs.append(float(np.mean(p)))
+        bare_runs.append(float(np.mean(b)))
+    return pipe_s, engine_s, bare_s, pipe_runs, bare_runs
+
+
+def _record(args, bundle, pipe, prompt_tokens: int, n: int, pipe_s, engine_s, bare_s,
+            pipe_runs, bare_runs) -> dict:
+    """The JSON record: per-token medians, the overhead over the bare loop and the DRAM ceiling."""
+    # medians over every step of every repeat: robust to bursts of load from other processes
+    p_ms, b_ms, e_ms = (1e3 * float(np.median(x)) for x in (pipe_s, bare_s, engine_s))
+    p_q1, b_q1 = (1e3 * float(np.percentile(x, 25)) for x in (pipe_s, bare_s))
+    man = pipe.manifest
+    weights = sum(v["size"] for k, v in man.files.items() if k.startswith("decoder"))
+    ctx = prompt_tokens + n // 2
+    bytes_per_token = weights + ctx * pipe.decoder.kv_bytes_per_token
+    bw = host_read_bandwidth_gbs()["read_gbs"] if pipe.device == "cpu" else None
+    ceiling = bw * 1e9 / bytes_per_token if bw else None
+    return {
+        "bench": "decode", "bundle": str(bundle), "precision": man.precision,
+        "device": pipe.device, "providers": pipe.providers, "threads": args.threads,
+        "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "prompt_tokens": prompt_tokens, "new_tokens": n, "repeats": args.repeats,
+        "pipeline_ms_per_token": round(p_ms, 4),
+        "pipeline_engine_ms_per_token": round(e_ms, 4),
+        "bare_session_run_ms_per_token": round(b_ms, 4),
+        "overhead_pct": round(100 * (p_ms - b_ms) / b_ms, 2),
+        "pipeline_p25_ms_per_token": round(p_q1, 4), "bare_p25_ms_per_token": round(b_q1, 4),
+        "overhead_pct_p25": round(100 * (p_q1 - b_q1) / b_q1, 2),
+        "pipeline_tok_s": round(1e3 / p_ms, 1), "bare_tok_s": round(1e3 / b_ms, 1),
+        "bytes_per_token": bytes_per_token, "memory_bandwidth_gbs": bw and round(bw, 1),
+        "ceiling_tok_s": ceiling and round(ceiling, 1),
+        "pct_of_ceiling": ceiling and round(100 * 1e3 / p_ms / ceiling, 2),
+        "ceiling_note": ("DRAM ceiling = copy bandwidth / (decoder weights + KV read per token); "
+                         "weights this small stay in the CPU caches, so it can be exceeded"
+                         if bytes_per_token < (64 << 20) else "DRAM ceiling"),
+        "run_means_pipeline_ms": [round(1e3 * x, 4) for x in pipe_runs],
+        "run_means_bare_ms": [round(1e3 * x, 4) for x in bare_runs],
+    }
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     tmp = None
     bundle = args.bundle
@@ -114,48 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     table_ids, _ = pipe.prompt_table.table_ids(prep.ids)
     feats = feats.reshape(-1, feats.shape[-1])
 
-    pipeline_loop(pipe, prompt, image, min(n, 16))  # warm-up both
-    bare_loop(pipe, table_ids, feats, min(n, 16))
-    pipe_s, engine_s, bare_s, pipe_runs, bare_runs = [], [], [], [], []
-    for _ in range(args.repeats):  # alternate, so both see the same machine load
-        p, e = pipeline_loop(pipe, prompt, image, n)
-        b = bare_loop(pipe, table_ids, feats, n)
-        pipe_s += p
-        engine_s += e
-        bare_s += b
-        pipe_runs.append(float(np.mean(p)))
-        bare_runs.append(float(np.mean(b)))
-    # medians over every step of every repeat: robust to bursts of load from other processes
-    p_ms, b_ms, e_ms = (1e3 * float(np.median(x)) for x in (pipe_s, bare_s, engine_s))
-    p_q1, b_q1 = (1e3 * float(np.percentile(x, 25)) for x in (pipe_s, bare_s))
-    man = pipe.manifest
-    weights = sum(v["size"] for k, v in man.files.items() if k.startswith("decoder"))
-    ctx = len(prep.ids) + n // 2
-    bytes_per_token = weights + ctx * pipe.decoder.kv_bytes_per_token
-    bw = host_read_bandwidth_gbs()["read_gbs"] if pipe.device == "cpu" else None
-    ceiling = bw * 1e9 / bytes_per_token if bw else None
-    record = {
-        "bench": "decode", "bundle": str(bundle), "precision": man.precision,
-        "device": pipe.device, "providers": pipe.providers, "threads": args.threads,
-        "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "prompt_tokens": len(prep.ids), "new_tokens": n, "repeats": args.repeats,
-        "pipeline_ms_per_token": round(p_ms, 4),
-        "pipeline_engine_ms_per_token": round(e_ms, 4),
-        "bare_session_run_ms_per_token": round(b_ms, 4),
-        "overhead_pct": round(100 * (p_ms - b_ms) / b_ms, 2),
-        "pipeline_p25_ms_per_token": round(p_q1, 4), "bare_p25_ms_per_token": round(b_q1, 4),
-        "overhead_pct_p25": round(100 * (p_q1 - b_q1) / b_q1, 2),
-        "pipeline_tok_s": round(1e3 / p_ms, 1), "bare_tok_s": round(1e3 / b_ms, 1),
-        "bytes_per_token": bytes_per_token, "memory_bandwidth_gbs": bw and round(bw, 1),
-        "ceiling_tok_s": ceiling and round(ceiling, 1),
-        "pct_of_ceiling": ceiling and round(100 * 1e3 / p_ms / ceiling, 2),
-        "ceiling_note": ("DRAM ceiling = copy bandwidth / (decoder weights + KV read per token); "
-                         "weights this small stay in the CPU caches, so it can be exceeded"
-                         if bytes_per_token < (64 << 20) else "DRAM ceiling"),
-        "run_means_pipeline_ms": [round(1e3 * x, 4) for x in pipe_runs],
-        "run_means_bare_ms": [round(1e3 * x, 4) for x in bare_runs],
-    }
-    print(json.dumps(record))
+    times = _measure(pipe, prompt, image, table_ids, feats, n, args.repeats)
+    print(json.dumps(_record(args, bundle, pipe, len(prep.ids), n, *times)))
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -31,8 +31,7 @@ from runtime.errors import cli_main
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.vision", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the nano checkpoint)")
     ap.add_argument("--full-size", metavar="DIR",
@@ -52,33 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), help="PyTorch device (default: cuda if "
                                                               "available)")
     ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return ap
 
-    import onnxruntime as ort
-    import torch
 
-    from exporters.vision import (check_pixels, export_vision, feature_metrics, make_session,
-                                  run_session)
-    from models.checkpoint import load_model
-    from models.config import QwenVLConfig
-
-    if args.batch < 1 or args.iters < 1:
-        ap.error("--batch and --iters must be >= 1")
-    ckpt = args.full_size or args.checkpoint
-    if ckpt is None:
-        from models.nano import default_checkpoint
-
-        ckpt = str(default_checkpoint())
-    cfg = QwenVLConfig.from_pretrained(ckpt)
-    S = cfg.visual.image_size
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tdtype = args.torch_dtype or ("fp16" if device == "cuda" else "fp32")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = [PHOTOS[i % len(PHOTOS)] for i in range(args.batch)]
-    _, pixels = check_pixels(names, S)
+def _export(args: argparse.Namespace, ckpt: str, names: list[str]):
+    """Export (and check) an engine into a temporary directory unless ``--onnx`` names one."""
+    from exporters.vision import export_vision
 
     tmp = None
     export_info = None
@@ -92,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         export_info = {"seconds": round(time.perf_counter() - t, 2),
                        "check_cosine": res.metrics[0].cosine}
         gc.collect()
-    from exporters.vision import onnx_metadata
+    return tmp, export_info, onnx_path
 
-    meta = onnx_metadata(onnx_path)
 
-    # PyTorch eager first, then drop it so the two never hold the weights together.
+def _time_torch(args: argparse.Namespace, ckpt: str, tdtype: str, device: str, pixels: np.ndarray):
+    """Time PyTorch eager, then drop it so the two never hold the weights together."""
+    import torch
+
+    from models.checkpoint import load_model
+
     model = load_model(ckpt, tdtype, prefixes=["transformer.visual."])
     visual = model.transformer.visual.to(device)
     visual.freeze_position_tables()
@@ -115,29 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+    return t_times, t_out
 
-    t = time.perf_counter()
-    sess = make_session(onnx_path, args.providers, threads=args.threads or None)
-    session_s = time.perf_counter() - t
-    o_times, o_out = timed(lambda: run_session(sess, pixels), args.warmup, args.iters)
-    agree = [feature_metrics(n, o, r) for n, o, r in zip(names, o_out, t_out)]
+
+def _record(args: argparse.Namespace, ckpt: str, device: str, tdtype: str, engine: dict,
+            shapes: dict, names: list[str], ort_run: dict, o_times: list[float],
+            t_times: list[float], agree: list) -> dict:
+    """The JSON record: machine, versions, engine, both timings and their agreement."""
+    import onnxruntime as ort
+    import torch
 
     ort_stats = stats(o_times)
     torch_stats = stats(t_times)
-    record = {
+    return {
         "bench": "vision",
         "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": ort.__version__, "numpy": np.__version__},
         "checkpoint": str(ckpt),
-        "engine": {"onnx": str(onnx_path) if args.onnx else "(exported for this run)",
-                   "precision": meta.get("precision", args.precision),
-                   "fp32_islands": meta.get("fp32_islands"), "export": export_info},
-        "shapes": {"input": list(pixels.shape), "output": list(o_out.shape)},
+        "engine": engine,
+        "shapes": shapes,
         "images": names,
-        "ort": {"providers": sess.get_providers(), "session_create_s": round(session_s, 2),
-                "threads": args.threads or "default", **ort_stats},
+        "ort": {**ort_run, **ort_stats},
         "torch_eager": {"device": device, "dtype": tdtype, "threads": torch.get_num_threads(),
                         **torch_stats},
         "torch_over_ort": round(torch_stats["median_ms"] / ort_stats["median_ms"], 3),
@@ -146,6 +128,56 @@ def main(argv: list[str] | None = None) -> int:
                       "max_abs": max(m.max_abs for m in agree)},
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    import torch
+
+    from exporters.vision import check_pixels, feature_metrics, make_session, run_session
+    from models.config import QwenVLConfig
+
+    if args.batch < 1 or args.iters < 1:
+        ap.error("--batch and --iters must be >= 1")
+    ckpt = args.full_size or args.checkpoint
+    if ckpt is None:
+        from models.nano import default_checkpoint
+
+        ckpt = str(default_checkpoint())
+    cfg = QwenVLConfig.from_pretrained(ckpt)
+    S = cfg.visual.image_size
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tdtype = args.torch_dtype or ("fp16" if device == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [PHOTOS[i % len(PHOTOS)] for i in range(args.batch)]
+    _, pixels = check_pixels(names, S)
+
+    tmp, export_info, onnx_path = _export(args, ckpt, names)
+    from exporters.vision import onnx_metadata
+
+    meta = onnx_metadata(onnx_path)
+    t_times, t_out = _time_torch(args, ckpt, tdtype, device, pixels)
+
+    t = time.perf_counter()
+    sess = make_session(onnx_path, args.providers, threads=args.threads or None)
+    session_s = time.perf_counter() - t
+    o_times, o_out = timed(lambda: run_session(sess, pixels), args.warmup, args.iters)
+    agree = [feature_metrics(n, o, r) for n, o, r in zip(names, o_out, t_out)]
+
+    engine = {"onnx": str(onnx_path) if args.onnx else "(exported for this run)",
+              "precision": meta.get("precision", args.precision),
+              "fp32_islands": meta.get("fp32_islands"), "export": export_info}
+    shapes = {"input": list(pixels.shape), "output": list(o_out.shape)}
+    ort_run = {"providers": sess.get_providers(), "session_create_s": round(session_s, 2),
+               "threads": args.threads or "default"}
+    record = _record(args, ckpt, device, tdtype, engine, shapes, names, ort_run, o_times, t_times,
+                     agree)
     print(json.dumps(record))
     if tmp is not None:
         del sess

@@ -730,12 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormal floats make CPU kernels crawl late in training
-    torch.manual_seed(args.seed)
+def _spec(args: argparse.Namespace) -> NanoSpec:
+    """TRAINED_SPEC with the model-size options applied."""
     spec = dataclasses.replace(
         TRAINED_SPEC, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, ffn_dim=args.ffn, vis_width=args.vis_width,
@@ -744,10 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     if spec.vis_width == spec.hidden_size:
         build_parser().error("--vis-width must differ from --hidden-size "
                              "(the original resampler drops kv_proj then)")
-    tok, ranks = make_tokenizer(spec.n_merges)
-    cfg = nano_config(spec, len(ranks))
-    dc = DataConfig(images_per_step=args.images_per_step,
-                    single_object_steps=args.single_object_steps, data_offset=args.data_offset)
+    return spec
+
+
+def _model_and_optimiser(args: argparse.Namespace, cfg: QwenVLConfig
+                         ) -> tuple[QWenLMHeadModel, AuxHeads, torch.optim.AdamW]:
+    """The fresh or warm-started model, its training-only heads and one AdamW over both."""
     model = QWenLMHeadModel(cfg)
     init_weights(model, args.seed)
     model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
@@ -756,15 +754,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.freeze_vision:
         model.transformer.visual.requires_grad_(False)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
     heads = AuxHeads(cfg.hidden_size)
     if warm_heads:
         heads.load_state_dict(warm_heads, strict=False)  # the digit probe may be new
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay) +
                             [{"params": list(heads.parameters()), "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    state_dir = Path(args.state_dir or Path(".cache") / "train_nano" / Path(args.out).name)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    return model, heads, opt
+
+
+def _resume(args: argparse.Namespace, state_dir: Path, model: QWenLMHeadModel, heads: AuxHeads,
+            opt: torch.optim.Optimizer) -> tuple[int, list[dict], float]:
+    """Start step, history and elapsed seconds: the saved state's with --resume, else zeros."""
     start, history, elapsed0 = 0, [], 0.0
     if args.resume and (state_dir / "state.pt").is_file():
         st = torch.load(state_dir / "state.pt", weights_only=False)
@@ -773,9 +774,43 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(st["opt"])
         start, history, elapsed0 = st["step"], st["history"], st["elapsed"]
         print(f"resumed from step {start}", file=sys.stderr)
-    print(f"nano Qwen-VL: {n_params / 1e6:.2f} M parameters, vocab {cfg.vocab_size}, "
-          f"{args.steps} steps x {dc.images_per_step} images", file=sys.stderr)
+    return start, history, elapsed0
 
+
+def _optimise(args: argparse.Namespace, model: QWenLMHeadModel, heads: AuxHeads,
+              opt: torch.optim.Optimizer, batch: Batch, weights: torch.Tensor,
+              lr: float) -> tuple[torch.Tensor, float]:
+    """One optimiser step at ``lr``; returns the loss and the gradient norm before clipping."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    logits, tgt, task, feats = train_logits(model, batch)
+    loss = balanced_loss(logits, tgt, task, weights)
+    if args.aux_weight:
+        loss = loss + args.aux_weight * heads.loss(feats, batch.aux)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+    opt.step()
+    return loss, gnorm
+
+
+def _save_state(args: argparse.Namespace, state_dir: Path, model: QWenLMHeadModel,
+                heads: AuxHeads, opt: torch.optim.Optimizer, done: int, history: list[dict],
+                elapsed: float) -> None:
+    """Write the resumable state that --resume reads back, atomically."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
+                "opt": opt.state_dict(), "step": done,
+                "history": history, "elapsed": elapsed,
+                "args": vars(args)}, buf)
+    atomic_write_bytes(state_dir / "state.pt", buf.getvalue())
+
+
+def _train(args: argparse.Namespace, model: QWenLMHeadModel, heads: AuxHeads,
+           opt: torch.optim.Optimizer, tok, dc: DataConfig, cfg: QwenVLConfig, state_dir: Path,
+           start: int, history: list[dict], elapsed0: float) -> tuple[int, float | None, float]:
+    """The training loop (schedule, validation, states, time budget); returns the last step
+    index, the loss EMA and the start time that the elapsed time counts from."""
     from tqdm import tqdm
     weights = torch.tensor([TASK_WEIGHTS[t] for t in synth.TASKS])
     t0 = time.time() - elapsed0
@@ -789,16 +824,7 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.time() - t0
             progress = max(step / args.steps, elapsed / budget if budget else 0.0)
             lr = lr_at(step, progress, args.lr, args.warmup, args.min_lr_frac)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            logits, tgt, task, feats = train_logits(model, batch)
-            loss = balanced_loss(logits, tgt, task, weights)
-            if args.aux_weight:
-                loss = loss + args.aux_weight * heads.loss(feats, batch.aux)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
-            opt.step()
+            loss, gnorm = _optimise(args, model, heads, opt, batch, weights, lr)
             ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
             pbar.update(1)
             pbar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", gn=f"{gnorm:.2f}", refresh=False)
@@ -810,24 +836,23 @@ def main(argv: list[str] | None = None) -> int:
                 pbar.write(json.dumps(rec))
                 history.append(rec)
             if done % args.ckpt_every == 0 and done < args.steps:
-                buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
-                            "opt": opt.state_dict(), "step": done,
-                            "history": history, "elapsed": time.time() - t0,
-                            "args": vars(args)}, buf)
-                atomic_write_bytes(state_dir / "state.pt", buf.getvalue())
+                _save_state(args, state_dir, model, heads, opt, done, history, time.time() - t0)
             if budget and time.time() - t0 >= budget:
                 pbar.write(f"stopping at step {done}: the {args.minutes:g}-minute budget is spent")
                 break
     pbar.close()
-    train_time = time.time() - t0
-    model.eval()
-    final_val = val_loss(model, tok, dc, cfg, args.val_steps)
-    report = {
+    return step, ema, t0
+
+
+def _report(args: argparse.Namespace, argv: list[str] | None, spec: NanoSpec, n_params: int,
+            n_bpe: int, steps: int, dc: DataConfig, train_time: float, ema: float | None,
+            final_val: dict[str, float], history: list[dict]) -> dict:
+    """training_report.json: the command, the spec, the run's figures and the data it drew from."""
+    return {
         "command": "python -m training.train_nano " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "spec": asdict(spec), "parameters": n_params, "vocab_bpe": len(ranks),
-        "steps": step + 1, "steps_requested": args.steps, "minutes_budget": args.minutes,
-        "images_seen": (step + 1) * dc.images_per_step, "images_per_step": dc.images_per_step,
+        "spec": asdict(spec), "parameters": n_params, "vocab_bpe": n_bpe,
+        "steps": steps, "steps_requested": args.steps, "minutes_budget": args.minutes,
+        "images_seen": steps * dc.images_per_step, "images_per_step": dc.images_per_step,
         "seed": args.seed,
         "train_time_s": round(train_time, 1), "final_train_loss_ema": ema,
         "final_val_loss": final_val, "task_weights": TASK_WEIGHTS, "aux_weight": args.aux_weight,
@@ -840,6 +865,34 @@ def main(argv: list[str] | None = None) -> int:
                  "ocr_words": list(synth.OCR_WORDS), "ocr_number_rate": synth.OCR_NUMBER_RATE,
                  "ocr_number_range": list(synth.OCR_NUMBER_RANGE), "fonts": list(synth.font_names())},
     }
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal floats make CPU kernels crawl late in training
+    torch.manual_seed(args.seed)
+    spec = _spec(args)
+    tok, ranks = make_tokenizer(spec.n_merges)
+    cfg = nano_config(spec, len(ranks))
+    dc = DataConfig(images_per_step=args.images_per_step,
+                    single_object_steps=args.single_object_steps, data_offset=args.data_offset)
+    model, heads, opt = _model_and_optimiser(args, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_dir = Path(args.state_dir or Path(".cache") / "train_nano" / Path(args.out).name)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    start, history, elapsed0 = _resume(args, state_dir, model, heads, opt)
+    print(f"nano Qwen-VL: {n_params / 1e6:.2f} M parameters, vocab {cfg.vocab_size}, "
+          f"{args.steps} steps x {dc.images_per_step} images", file=sys.stderr)
+
+    step, ema, t0 = _train(args, model, heads, opt, tok, dc, cfg, state_dir, start, history,
+                           elapsed0)
+    train_time = time.time() - t0
+    model.eval()
+    final_val = val_loss(model, tok, dc, cfg, args.val_steps)
+    report = _report(args, argv, spec, n_params, len(ranks), step + 1, dc, train_time, ema,
+                     final_val, history)
     if args.eval_n:
         from .evaluate_nano import evaluate
         t1 = time.time()
