@@ -41,7 +41,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,39 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
     unknown = sorted(set(d) - _KNOWN_KEYS)
     if unknown:
         bad(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})")
-    image = d.get("image")
+    image = _parse_image(d.get("image"), bad)
+    task = d.get("task", "caption")
+    if task not in TASKS:
+        bad(f"unknown task '{task}' (use {', '.join(TASKS)})")
+    prompt, ref = _parse_prompt(d, task, bad)
+    raw_split = d.get("split", default_split)
+    split = SPLIT_ALIASES.get(str(raw_split).lower()) if raw_split is not None else None
+    if raw_split is not None and split is None:
+        bad(f"bad split '{raw_split}' (use calib or validation)")
+    answer = d.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        bad("'answer' must be text")
+    truth, size = _parse_truth(d, bad)
+    if task == "ocr" and "text" not in truth and answer is None:
+        log.debug("%s: OCR item without true text: only drift vs the reference is measured", where)
+    sha = d.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not _SHA_RE.match(sha)):
+        bad("'sha256' must be 64 lowercase hex digits")
+    item_id = d.get("id")
+    if item_id is not None and (not isinstance(item_id, str) or not item_id):
+        bad("'id' must be a non-empty string")
+    if len(errors) > n_err:
+        return None
+    if item_id is None:
+        item_id = _default_id(image, prompt, ref)
+    return CalibItem(id=item_id, image=image, prompt=prompt, task=task, split=split or "",
+                     ref=ref, answer=answer, truth=truth, sha256=sha,
+                     size=tuple(size) if size else None, source=d.get("source"),
+                     licence=d.get("licence", d.get("license")), base_dir=base)
+
+
+def _parse_image(image: Any, bad: Callable[[str], None]) -> dict[str, Any] | None:
+    """The entry's image description as a dict (a bare path becomes ``{"file": path}``)."""
     if isinstance(image, str):
         image = {"file": image}
     kinds = ("file", "generator", "skimage")
@@ -331,9 +363,12 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
             bad(f"unknown image generator '{image['generator']}' (use {', '.join(GENERATORS)})")
         if not isinstance(image.get("seed"), int) or isinstance(image.get("seed"), bool):
             bad("a generated image needs an integer 'seed'")
-    task = d.get("task", "caption")
-    if task not in TASKS:
-        bad(f"unknown task '{task}' (use {', '.join(TASKS)})")
+    return image
+
+
+def _parse_prompt(d: dict[str, Any], task: str, bad: Callable[[str], None]
+                  ) -> tuple[str | None, Any]:
+    """(prompt, ref): captions default their prompt, a grounding ref may stand in for one."""
     prompt = d.get("prompt", DEFAULT_CAPTION_PROMPT if task == "caption" else None)
     ref = d.get("ref")
     if prompt is None:
@@ -351,13 +386,11 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
         bad("a grounding item needs a 'ref' (the referring expression) or a prompt")
     if not (prompt or "").strip() and not ref:
         bad("empty prompt")
-    raw_split = d.get("split", default_split)
-    split = SPLIT_ALIASES.get(str(raw_split).lower()) if raw_split is not None else None
-    if raw_split is not None and split is None:
-        bad(f"bad split '{raw_split}' (use calib or validation)")
-    answer = d.get("answer")
-    if answer is not None and not isinstance(answer, str):
-        bad("'answer' must be text")
+    return prompt, ref
+
+
+def _parse_truth(d: dict[str, Any], bad: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
+    """(truth, size): the ground truth, its boxes checked against the image size when given."""
     truth = d.get("truth") or {}
     size = d.get("size")
     if size is not None and not (isinstance(size, list) and len(size) == 2
@@ -378,22 +411,7 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
             bad(f"truth box {j} {box} lies outside the {size[0]}x{size[1]} image")
     if "text" in truth and not isinstance(truth["text"], str):
         bad("truth 'text' must be a string")
-    if task == "ocr" and "text" not in truth and answer is None:
-        log.debug("%s: OCR item without true text: only drift vs the reference is measured", where)
-    sha = d.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA_RE.match(sha)):
-        bad("'sha256' must be 64 lowercase hex digits")
-    item_id = d.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or not item_id):
-        bad("'id' must be a non-empty string")
-    if len(errors) > n_err:
-        return None
-    if item_id is None:
-        item_id = _default_id(image, prompt, ref)
-    return CalibItem(id=item_id, image=image, prompt=prompt, task=task, split=split or "",
-                     ref=ref, answer=answer, truth=truth, sha256=sha,
-                     size=tuple(size) if size else None, source=d.get("source"),
-                     licence=d.get("licence", d.get("license")), base_dir=base)
+    return truth, size
 
 
 def _default_id(image: dict[str, Any], prompt: str, ref: str | None) -> str:
