@@ -506,19 +506,7 @@ def load_manifest(path: str | Path, verify: bool | str = True,
     bad split, duplicate id, hash mismatch, ...), and when the two splits share an image.
     """
     path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"manifest {path} not found (build one with python -m "
-                            "calib_data.build, or pass a folder of images or a JSONL of "
-                            "{\"image\", \"prompt\"} lines)")
-    if default_split not in (None, "auto") and default_split not in SPLIT_ALIASES:
-        raise ManifestError(f"default_split '{default_split}': use auto, calib or validation")
-    if path.is_dir():
-        header, entries, base = {}, _folder_entries(path), path
-    else:
-        header, entries = _read_entries(path)
-        base = path.parent
-    if not entries:
-        raise ManifestError(f"{path}: no items")
+    header, entries, base = _manifest_entries(path, default_split)
     fixed_split = None if default_split in (None, "auto") else default_split
     errors: list[str] = []
     items: list[CalibItem] = []
@@ -532,6 +520,41 @@ def load_manifest(path: str | Path, verify: bool | str = True,
             continue
         seen[it.id] = where
         items.append(it)
+    _note_render_versions(path, header, items)
+    if verify:
+        _verify_images(items, seen, verify, errors)
+    if errors:
+        shown = errors if len(errors) <= MAX_ERROR_LINES else \
+            errors[:MAX_ERROR_LINES] + [f"... and {len(errors) - MAX_ERROR_LINES} more"]
+        raise ManifestError(f"{len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} in "
+                            f"{path}:\n" + "\n".join(shown))
+    if any(not it.split for it in items):
+        _auto_split(items)
+    check_disjoint(items)
+    return CalibSet(items, header, path)
+
+
+def _manifest_entries(path: Path, default_split: str | None
+                      ) -> tuple[dict[str, Any], list[tuple[str, Any]], Path]:
+    """(header, raw entries, base dir for relative images) of a manifest file or image folder."""
+    if not path.exists():
+        raise ManifestError(f"manifest {path} not found (build one with python -m "
+                            "calib_data.build, or pass a folder of images or a JSONL of "
+                            "{\"image\", \"prompt\"} lines)")
+    if default_split not in (None, "auto") and default_split not in SPLIT_ALIASES:
+        raise ManifestError(f"default_split '{default_split}': use auto, calib or validation")
+    if path.is_dir():
+        header, entries, base = {}, _folder_entries(path), path
+    else:
+        header, entries = _read_entries(path)
+        base = path.parent
+    if not entries:
+        raise ManifestError(f"{path}: no items")
+    return header, entries, base
+
+
+def _note_render_versions(path: Path, header: dict[str, Any], items: list[CalibItem]) -> None:
+    """Record the header's render versions on the items; warn when generated pixels may differ."""
     versions = header.get("created_with", {})
     if any(it.kind == "generator" for it in items) and versions:
         now = render_versions()
@@ -543,34 +566,30 @@ def load_manifest(path: str | Path, verify: bool | str = True,
                         ", ".join(f"{k} {now[k]}" for k in diff))
         for it in items:
             it.rendered_with = versions
-    if verify:
-        for it in items:
-            where = seen[it.id]
-            try:
-                p = image_path(it)
-                if p is not None and not p.is_file():
-                    errors.append(f"{where}: image {p} not found (item '{it.id}')")
-                    continue
-                if verify == "exists":
-                    continue
-                actual = image_hash(it)
-                if it.sha256 is None:
-                    it.sha256 = actual
-                elif actual != it.sha256:
-                    errors.append(f"{where}: " + _changed(it, p))
-            except ManifestError as e:
-                errors.append(f"{where}: {e}")
-            except OSError as e:
-                errors.append(f"{where}: cannot read image of item '{it.id}': {e}")
-    if errors:
-        shown = errors if len(errors) <= MAX_ERROR_LINES else \
-            errors[:MAX_ERROR_LINES] + [f"... and {len(errors) - MAX_ERROR_LINES} more"]
-        raise ManifestError(f"{len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} in "
-                            f"{path}:\n" + "\n".join(shown))
-    if any(not it.split for it in items):
-        _auto_split(items)
-    check_disjoint(items)
-    return CalibSet(items, header, path)
+
+
+def _verify_images(items: list[CalibItem], seen: dict[str, str], verify: bool | str,
+                   errors: list[str]) -> None:
+    """Check each image exists (and, unless ``verify == "exists"``, its sha256), filling in
+    missing hashes; appends one error line per bad item."""
+    for it in items:
+        where = seen[it.id]
+        try:
+            p = image_path(it)
+            if p is not None and not p.is_file():
+                errors.append(f"{where}: image {p} not found (item '{it.id}')")
+                continue
+            if verify == "exists":
+                continue
+            actual = image_hash(it)
+            if it.sha256 is None:
+                it.sha256 = actual
+            elif actual != it.sha256:
+                errors.append(f"{where}: " + _changed(it, p))
+        except ManifestError as e:
+            errors.append(f"{where}: {e}")
+        except OSError as e:
+            errors.append(f"{where}: cannot read image of item '{it.id}': {e}")
 
 
 def _auto_split(items: list[CalibItem]) -> None:
