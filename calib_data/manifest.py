@@ -41,7 +41,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,39 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
     unknown = sorted(set(d) - _KNOWN_KEYS)
     if unknown:
         bad(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})")
-    image = d.get("image")
+    image = _parse_image(d.get("image"), bad)
+    task = d.get("task", "caption")
+    if task not in TASKS:
+        bad(f"unknown task '{task}' (use {', '.join(TASKS)})")
+    prompt, ref = _parse_prompt(d, task, bad)
+    raw_split = d.get("split", default_split)
+    split = SPLIT_ALIASES.get(str(raw_split).lower()) if raw_split is not None else None
+    if raw_split is not None and split is None:
+        bad(f"bad split '{raw_split}' (use calib or validation)")
+    answer = d.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        bad("'answer' must be text")
+    truth, size = _parse_truth(d, bad)
+    if task == "ocr" and "text" not in truth and answer is None:
+        log.debug("%s: OCR item without true text: only drift vs the reference is measured", where)
+    sha = d.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not _SHA_RE.match(sha)):
+        bad("'sha256' must be 64 lowercase hex digits")
+    item_id = d.get("id")
+    if item_id is not None and (not isinstance(item_id, str) or not item_id):
+        bad("'id' must be a non-empty string")
+    if len(errors) > n_err:
+        return None
+    if item_id is None:
+        item_id = _default_id(image, prompt, ref)
+    return CalibItem(id=item_id, image=image, prompt=prompt, task=task, split=split or "",
+                     ref=ref, answer=answer, truth=truth, sha256=sha,
+                     size=tuple(size) if size else None, source=d.get("source"),
+                     licence=d.get("licence", d.get("license")), base_dir=base)
+
+
+def _parse_image(image: Any, bad: Callable[[str], None]) -> dict[str, Any] | None:
+    """The entry's image description as a dict (a bare path becomes ``{"file": path}``)."""
     if isinstance(image, str):
         image = {"file": image}
     kinds = ("file", "generator", "skimage")
@@ -331,9 +363,12 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
             bad(f"unknown image generator '{image['generator']}' (use {', '.join(GENERATORS)})")
         if not isinstance(image.get("seed"), int) or isinstance(image.get("seed"), bool):
             bad("a generated image needs an integer 'seed'")
-    task = d.get("task", "caption")
-    if task not in TASKS:
-        bad(f"unknown task '{task}' (use {', '.join(TASKS)})")
+    return image
+
+
+def _parse_prompt(d: dict[str, Any], task: str, bad: Callable[[str], None]
+                  ) -> tuple[str | None, Any]:
+    """(prompt, ref): captions default their prompt, a grounding ref may stand in for one."""
     prompt = d.get("prompt", DEFAULT_CAPTION_PROMPT if task == "caption" else None)
     ref = d.get("ref")
     if prompt is None:
@@ -351,13 +386,11 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
         bad("a grounding item needs a 'ref' (the referring expression) or a prompt")
     if not (prompt or "").strip() and not ref:
         bad("empty prompt")
-    raw_split = d.get("split", default_split)
-    split = SPLIT_ALIASES.get(str(raw_split).lower()) if raw_split is not None else None
-    if raw_split is not None and split is None:
-        bad(f"bad split '{raw_split}' (use calib or validation)")
-    answer = d.get("answer")
-    if answer is not None and not isinstance(answer, str):
-        bad("'answer' must be text")
+    return prompt, ref
+
+
+def _parse_truth(d: dict[str, Any], bad: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
+    """(truth, size): the ground truth, its boxes checked against the image size when given."""
     truth = d.get("truth") or {}
     size = d.get("size")
     if size is not None and not (isinstance(size, list) and len(size) == 2
@@ -378,22 +411,7 @@ def _parse_entry(d: Any, where: str, base: Path, default_split: str | None,
             bad(f"truth box {j} {box} lies outside the {size[0]}x{size[1]} image")
     if "text" in truth and not isinstance(truth["text"], str):
         bad("truth 'text' must be a string")
-    if task == "ocr" and "text" not in truth and answer is None:
-        log.debug("%s: OCR item without true text: only drift vs the reference is measured", where)
-    sha = d.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA_RE.match(sha)):
-        bad("'sha256' must be 64 lowercase hex digits")
-    item_id = d.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or not item_id):
-        bad("'id' must be a non-empty string")
-    if len(errors) > n_err:
-        return None
-    if item_id is None:
-        item_id = _default_id(image, prompt, ref)
-    return CalibItem(id=item_id, image=image, prompt=prompt, task=task, split=split or "",
-                     ref=ref, answer=answer, truth=truth, sha256=sha,
-                     size=tuple(size) if size else None, source=d.get("source"),
-                     licence=d.get("licence", d.get("license")), base_dir=base)
+    return truth, size
 
 
 def _default_id(image: dict[str, Any], prompt: str, ref: str | None) -> str:
@@ -488,19 +506,7 @@ def load_manifest(path: str | Path, verify: bool | str = True,
     bad split, duplicate id, hash mismatch, ...), and when the two splits share an image.
     """
     path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"manifest {path} not found (build one with python -m "
-                            "calib_data.build, or pass a folder of images or a JSONL of "
-                            "{\"image\", \"prompt\"} lines)")
-    if default_split not in (None, "auto") and default_split not in SPLIT_ALIASES:
-        raise ManifestError(f"default_split '{default_split}': use auto, calib or validation")
-    if path.is_dir():
-        header, entries, base = {}, _folder_entries(path), path
-    else:
-        header, entries = _read_entries(path)
-        base = path.parent
-    if not entries:
-        raise ManifestError(f"{path}: no items")
+    header, entries, base = _manifest_entries(path, default_split)
     fixed_split = None if default_split in (None, "auto") else default_split
     errors: list[str] = []
     items: list[CalibItem] = []
@@ -514,6 +520,41 @@ def load_manifest(path: str | Path, verify: bool | str = True,
             continue
         seen[it.id] = where
         items.append(it)
+    _note_render_versions(path, header, items)
+    if verify:
+        _verify_images(items, seen, verify, errors)
+    if errors:
+        shown = errors if len(errors) <= MAX_ERROR_LINES else \
+            errors[:MAX_ERROR_LINES] + [f"... and {len(errors) - MAX_ERROR_LINES} more"]
+        raise ManifestError(f"{len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} in "
+                            f"{path}:\n" + "\n".join(shown))
+    if any(not it.split for it in items):
+        _auto_split(items)
+    check_disjoint(items)
+    return CalibSet(items, header, path)
+
+
+def _manifest_entries(path: Path, default_split: str | None
+                      ) -> tuple[dict[str, Any], list[tuple[str, Any]], Path]:
+    """(header, raw entries, base dir for relative images) of a manifest file or image folder."""
+    if not path.exists():
+        raise ManifestError(f"manifest {path} not found (build one with python -m "
+                            "calib_data.build, or pass a folder of images or a JSONL of "
+                            "{\"image\", \"prompt\"} lines)")
+    if default_split not in (None, "auto") and default_split not in SPLIT_ALIASES:
+        raise ManifestError(f"default_split '{default_split}': use auto, calib or validation")
+    if path.is_dir():
+        header, entries, base = {}, _folder_entries(path), path
+    else:
+        header, entries = _read_entries(path)
+        base = path.parent
+    if not entries:
+        raise ManifestError(f"{path}: no items")
+    return header, entries, base
+
+
+def _note_render_versions(path: Path, header: dict[str, Any], items: list[CalibItem]) -> None:
+    """Record the header's render versions on the items; warn when generated pixels may differ."""
     versions = header.get("created_with", {})
     if any(it.kind == "generator" for it in items) and versions:
         now = render_versions()
@@ -525,34 +566,30 @@ def load_manifest(path: str | Path, verify: bool | str = True,
                         ", ".join(f"{k} {now[k]}" for k in diff))
         for it in items:
             it.rendered_with = versions
-    if verify:
-        for it in items:
-            where = seen[it.id]
-            try:
-                p = image_path(it)
-                if p is not None and not p.is_file():
-                    errors.append(f"{where}: image {p} not found (item '{it.id}')")
-                    continue
-                if verify == "exists":
-                    continue
-                actual = image_hash(it)
-                if it.sha256 is None:
-                    it.sha256 = actual
-                elif actual != it.sha256:
-                    errors.append(f"{where}: " + _changed(it, p))
-            except ManifestError as e:
-                errors.append(f"{where}: {e}")
-            except OSError as e:
-                errors.append(f"{where}: cannot read image of item '{it.id}': {e}")
-    if errors:
-        shown = errors if len(errors) <= MAX_ERROR_LINES else \
-            errors[:MAX_ERROR_LINES] + [f"... and {len(errors) - MAX_ERROR_LINES} more"]
-        raise ManifestError(f"{len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} in "
-                            f"{path}:\n" + "\n".join(shown))
-    if any(not it.split for it in items):
-        _auto_split(items)
-    check_disjoint(items)
-    return CalibSet(items, header, path)
+
+
+def _verify_images(items: list[CalibItem], seen: dict[str, str], verify: bool | str,
+                   errors: list[str]) -> None:
+    """Check each image exists (and, unless ``verify == "exists"``, its sha256), filling in
+    missing hashes; appends one error line per bad item."""
+    for it in items:
+        where = seen[it.id]
+        try:
+            p = image_path(it)
+            if p is not None and not p.is_file():
+                errors.append(f"{where}: image {p} not found (item '{it.id}')")
+                continue
+            if verify == "exists":
+                continue
+            actual = image_hash(it)
+            if it.sha256 is None:
+                it.sha256 = actual
+            elif actual != it.sha256:
+                errors.append(f"{where}: " + _changed(it, p))
+        except ManifestError as e:
+            errors.append(f"{where}: {e}")
+        except OSError as e:
+            errors.append(f"{where}: cannot read image of item '{it.id}': {e}")
 
 
 def _auto_split(items: list[CalibItem]) -> None:

@@ -54,50 +54,20 @@ def train_bpe(corpus: str, n_merges: int) -> dict[bytes, int]:
     # each unique word as a list of symbols (bytes); freq per word
     syms: list[list[bytes]] = [[bytes([b]) for b in w] for w in words]
     freq: list[int] = list(words.values())
-
-    pair_count: dict[tuple[bytes, bytes], int] = defaultdict(int)
-    where: dict[tuple[bytes, bytes], set[int]] = defaultdict(set)
-    for wi, s in enumerate(syms):
-        for a, b in zip(s, s[1:]):
-            pair_count[(a, b)] += freq[wi]
-            where[(a, b)].add(wi)
-    heap = [(-c, a, b) for (a, b), c in pair_count.items()]
-    heapq.heapify(heap)
+    pair_count, where, heap = _pair_index(syms, freq)
 
     added = 0
     while added < n_merges:
-        # pop the best pair whose heap entry is current (lazy deletion)
-        while heap:
-            negc, a, b = heapq.heappop(heap)
-            if pair_count.get((a, b), 0) == -negc and negc < 0:
-                break
-        else:
+        best = _pop_best(heap, pair_count)
+        if best is None:
             log.warning("train_bpe: corpus exhausted after %d of %d merges", added, n_merges)
             break
+        a, b = best
         new = a + b
         if new not in ranks:
             ranks[new] = len(ranks)
             added += 1
-        touched: dict[tuple[bytes, bytes], int] = {}
-        for wi in sorted(where.pop((a, b), ())):
-            s, f = syms[wi], freq[wi]
-            for x, y in zip(s, s[1:]):  # remove this word's old pairs
-                pair_count[(x, y)] -= f
-                touched[(x, y)] = 0
-            out: list[bytes] = []
-            i = 0
-            while i < len(s):
-                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            syms[wi] = out
-            for x, y in zip(out, out[1:]):
-                pair_count[(x, y)] += f
-                where[(x, y)].add(wi)
-                touched[(x, y)] = 0
+        touched = _merge_pair(a, b, syms, freq, pair_count, where)
         pair_count.pop((a, b), None)
         for p in touched:
             c = pair_count.get(p, 0)
@@ -107,6 +77,60 @@ def train_bpe(corpus: str, n_merges: int) -> dict[bytes, int]:
                 pair_count.pop(p, None)
                 where.pop(p, None)
     return ranks
+
+
+def _pair_index(syms: list[list[bytes]], freq: list[int]):
+    """Weighted count of every adjacent pair, the words holding it, and a max-heap of counts."""
+    pair_count: dict[tuple[bytes, bytes], int] = defaultdict(int)
+    where: dict[tuple[bytes, bytes], set[int]] = defaultdict(set)
+    for wi, s in enumerate(syms):
+        for a, b in zip(s, s[1:]):
+            pair_count[(a, b)] += freq[wi]
+            where[(a, b)].add(wi)
+    heap = [(-c, a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+    return pair_count, where, heap
+
+
+def _pop_best(heap: list[tuple[int, bytes, bytes]],
+              pair_count: dict[tuple[bytes, bytes], int]) -> tuple[bytes, bytes] | None:
+    """Pop the best pair whose heap entry is current (lazy deletion); None when none is left."""
+    while heap:
+        negc, a, b = heapq.heappop(heap)
+        if pair_count.get((a, b), 0) == -negc and negc < 0:
+            return a, b
+    return None
+
+
+def _merge_pair(a: bytes, b: bytes, syms: list[list[bytes]], freq: list[int],
+                pair_count: dict[tuple[bytes, bytes], int],
+                where: dict[tuple[bytes, bytes], set[int]]) -> dict[tuple[bytes, bytes], int]:
+    """Merge ``(a, b)`` left to right in every word holding it, updating the pair index.
+
+    Returns the pairs whose counts changed (insertion-ordered, as the heap pushes depend on it).
+    """
+    new = a + b
+    touched: dict[tuple[bytes, bytes], int] = {}
+    for wi in sorted(where.pop((a, b), ())):
+        s, f = syms[wi], freq[wi]
+        for x, y in zip(s, s[1:]):  # remove this word's old pairs
+            pair_count[(x, y)] -= f
+            touched[(x, y)] = 0
+        out: list[bytes] = []
+        i = 0
+        while i < len(s):
+            if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                out.append(new)
+                i += 2
+            else:
+                out.append(s[i])
+                i += 1
+        syms[wi] = out
+        for x, y in zip(out, out[1:]):
+            pair_count[(x, y)] += f
+            where[(x, y)].add(wi)
+            touched[(x, y)] = 0
+    return touched
 
 
 _COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "pink",

@@ -94,8 +94,6 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
     ``quantize_config.json`` (``None``: the ``QuantResult``'s). Tokenizer, generation and
     remote-code files are copied from the source directory when known.
     """
-    from .fake_quant import check_gptq_shape
-
     if isinstance(quant, QuantResult):
         config = config or quant.config
         quant = quant.tensors
@@ -111,49 +109,66 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
         raise GPTQCheckpointError(
             f"the GPTQ tensors cover {len(names) - len(missing)} of {len(names)} Linears (first "
             f"missing {missing[0]}): quantise every decoder layer before saving")
-    quant_names = set(names)
-    shapes = expected_shapes(cfg)
-
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in tensors:
-            mod, _, leaf = name.rpartition(".")
-            if mod in quant_names:
-                if leaf == "weight":
-                    g = quant[mod]
-                    n_out, k_in = shapes[name]
-                    try:
-                        check_gptq_shape(mod, g, n_out, k_in)
-                    except PackingError as e:
-                        raise GPTQCheckpointError(str(e)) from None
-                    if g.n_groups != k_in // qc.group_size:
-                        raise GPTQCheckpointError(
-                            f"{mod} has {g.n_groups} groups for {k_in} inputs but group_size is "
-                            f"{qc.group_size}: pass the QuantConfig the tensors were made with")
-                    yield f"{mod}.qweight", torch.from_numpy(np.ascontiguousarray(g.qweight))
-                    yield f"{mod}.qzeros", torch.from_numpy(np.ascontiguousarray(g.qzeros))
-                    yield f"{mod}.scales", torch.from_numpy(g.scales.astype(np.float16))
-                    yield f"{mod}.g_idx", torch.from_numpy(g.g_idx.astype(np.int32))
-                    if f"{mod}.bias" not in shapes:  # bias-free Linear: zeros, as AutoGPTQ
-                        yield f"{mod}.bias", torch.zeros(n_out, dtype=torch.float16)
-                elif leaf == "bias":  # GPTQTensors.bias if set, else the source's bias
-                    b = quant[mod].bias
-                    yield name, (torch.from_numpy(b.astype(np.float16)) if b is not None
-                                 else t.detach().to(torch.float16))
-                continue
-            yield name, t.detach().to(torch.float16)
-
+    stream = _gptq_stream(tensors, quant, set(names), expected_shapes(cfg), qc)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, only_checkpoint_dirs) as tmp:
-        if src_dir is not None and src_dir.is_dir():
-            for f in sorted(src_dir.iterdir()):
-                if (f.is_file() and f.name not in _WEIGHT_FILES
-                        and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")):
-                    shutil.copy2(f, tmp / f.name)
+        _copy_side_files(src_dir, tmp)
         (tmp / "config.json").write_text(json.dumps(gptq_config_dict(cfg, qc), indent=2) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(qc.quantize_config(), indent=2) + "\n")
-        write_shards(stream(), tmp, max_shard_bytes)
+        write_shards(stream, tmp, max_shard_bytes)
     log.info("wrote GPTQ checkpoint %s (%d quantised Linears)", out_dir, len(names))
     return out_dir
+
+
+def _gptq_stream(tensors: Iterator[tuple[str, torch.Tensor]], quant: Mapping[str, GPTQTensors],
+                 quant_names: set[str], shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in source order: GPTQ parts for quantised Linears, fp16 else.
+
+    A generator, so the source is streamed one tensor at a time into the shard writer.
+    """
+    for name, t in tensors:
+        mod, _, leaf = name.rpartition(".")
+        if mod in quant_names:
+            if leaf == "weight":
+                yield from _gptq_parts(mod, quant[mod], shapes, qc)
+            elif leaf == "bias":  # GPTQTensors.bias if set, else the source's bias
+                b = quant[mod].bias
+                yield name, (torch.from_numpy(b.astype(np.float16)) if b is not None
+                             else t.detach().to(torch.float16))
+            continue
+        yield name, t.detach().to(torch.float16)
+
+
+def _gptq_parts(mod: str, g: GPTQTensors, shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """One Linear's qweight/qzeros/scales/g_idx (+ zero bias when bias-free), shape-checked."""
+    from .fake_quant import check_gptq_shape
+
+    n_out, k_in = shapes[f"{mod}.weight"]
+    try:
+        check_gptq_shape(mod, g, n_out, k_in)
+    except PackingError as e:
+        raise GPTQCheckpointError(str(e)) from None
+    if g.n_groups != k_in // qc.group_size:
+        raise GPTQCheckpointError(
+            f"{mod} has {g.n_groups} groups for {k_in} inputs but group_size is "
+            f"{qc.group_size}: pass the QuantConfig the tensors were made with")
+    yield f"{mod}.qweight", torch.from_numpy(np.ascontiguousarray(g.qweight))
+    yield f"{mod}.qzeros", torch.from_numpy(np.ascontiguousarray(g.qzeros))
+    yield f"{mod}.scales", torch.from_numpy(g.scales.astype(np.float16))
+    yield f"{mod}.g_idx", torch.from_numpy(g.g_idx.astype(np.int32))
+    if f"{mod}.bias" not in shapes:  # bias-free Linear: zeros, as AutoGPTQ
+        yield f"{mod}.bias", torch.zeros(n_out, dtype=torch.float16)
+
+
+def _copy_side_files(src_dir: Path | None, tmp: Path) -> None:
+    """Copy the tokenizer / generation / remote-code files of the source (not its weights)."""
+    if src_dir is not None and src_dir.is_dir():
+        for f in sorted(src_dir.iterdir()):
+            if (f.is_file() and f.name not in _WEIGHT_FILES
+                    and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")):
+                shutil.copy2(f, tmp / f.name)
 
 
 # ---------------------------------------------------------------------------------------------

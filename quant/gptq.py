@@ -268,15 +268,37 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Qu
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str,
           compute_dtype: torch.dtype, round_scales_fp16: bool) -> QuantizedWeight:
-    bits, gs, sym = config.bits, config.group_size, config.sym
-    maxq = (1 << bits) - 1
+    gs = config.group_size
     n_out, k = weight.shape
+    _check_gptq_inputs(hessian, k, gs, name)
+    wt, h, perm = _prepare(weight, hessian, config, compute_dtype)
+    u, damp = _inverse_cholesky(h, config.damp_percent, name)
+    del h
+    codes, qt, scales, zeros = _quantize_columns(wt, u, config, compute_dtype, round_scales_fp16)
+    del u, wt
+    g_idx = torch.arange(k, dtype=torch.int32) // gs
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, qt, g_idx = codes[inv], qt[inv], g_idx[inv]
+    return QuantizedWeight(codes=codes.T.contiguous(), scales=scales.T.float().contiguous(),
+                           zeros=zeros.T.to(torch.int32).contiguous(), g_idx=g_idx.contiguous(),
+                           dequant=qt.T.float().contiguous(), damp=damp)
+
+
+def _check_gptq_inputs(hessian: torch.Tensor, k: int, gs: int, name: str) -> None:
+    """Refuse group sizes, Hessian shapes and NaN/Inf activations GPTQ cannot handle."""
     if k % gs:
         raise QuantError(f"{name}: in_features {k} is not a multiple of group_size {gs}")
     if hessian.shape != (k, k):
         raise QuantError(f"{name}: Hessian {tuple(hessian.shape)} does not match in_features {k}")
     if not torch.isfinite(hessian).all():
         raise QuantError(f"{name}: the calibration activations contain NaN/Inf")
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+             compute_dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """W^T and H in ``compute_dtype`` with dead inputs zeroed, permuted for ``desc_act``."""
     # Work on W^T [K, N]: a weight column is then a contiguous row, and the per-column
     # error propagation a contiguous rank-1 update (a strided one is ~20x slower).
     wt = weight.detach().to(compute_dtype).T.contiguous()
@@ -291,9 +313,17 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         wt = wt[perm]
         h = h[perm][:, perm]
-    u, damp = _inverse_cholesky(h, config.damp_percent, name)
-    del h
+    return wt, h, perm
 
+
+def _quantize_columns(wt: torch.Tensor, u: torch.Tensor, config: QuantConfig,
+                      compute_dtype: torch.dtype, round_scales_fp16: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop in lazy batches; updates ``wt`` in place. Returns codes, dequant,
+    scales, zeros (``[K, N]``, ``[K, N]``, ``[G, N]``, ``[G, N]``)."""
+    bits, gs, sym = config.bits, config.group_size, config.sym
+    maxq = (1 << bits) - 1
+    k, n_out = wt.shape
     # Lazy-batch width aligned with the groups, so a group starting inside a batch lies in it.
     bs = config.block_cols
     bs = gs * max(1, bs // gs) if gs <= bs else gs
@@ -331,14 +361,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name
                 w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
         if i2 < k:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
-    del u, wt
-    g_idx = torch.arange(k, dtype=torch.int32) // gs
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes, qt, g_idx = codes[inv], qt[inv], g_idx[inv]
-    return QuantizedWeight(codes=codes.T.contiguous(), scales=scales.T.float().contiguous(),
-                           zeros=zeros.T.to(torch.int32).contiguous(), g_idx=g_idx.contiguous(),
-                           dequant=qt.T.float().contiguous(), damp=damp)
+    return codes, qt, scales, zeros
 
 
 class Hessian:
@@ -523,14 +546,7 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
     config = config or QuantConfig()
     cfg = source.cfg
     config.validate((cfg.hidden_size, cfg.ffn_dim))
-    if not calib_batches:
-        raise QuantError("no calibration inputs: build them with quant.calibration.build_calibration")
-    inputs = []
-    for x in calib_batches:
-        if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
-            raise QuantError(f"calibration inputs must be [B, T, {cfg.hidden_size}] hidden states, "
-                             f"got {tuple(x.shape)}")
-        inputs.append(x.detach().float())
+    inputs = _checked_inputs(calib_batches, cfg.hidden_size)
     n_tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
     stages = STAGES if config.true_sequential else (tuple(s for st in STAGES for s in st),)
     n_blocks = source.num_blocks() if max_blocks is None else min(max_blocks, source.num_blocks())
@@ -539,68 +555,15 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
     timing = result.extra.setdefault("timing", {"load_s": 0.0, "collect_s": 0.0, "gptq_s": 0.0,
                                                  "final_s": 0.0})
     t_start = time.perf_counter()
-    try:
-        from tqdm import tqdm
-        bar = tqdm(range(n_blocks), desc="GPTQ", unit="block", disable=not progress)
-    except ImportError:  # pragma: no cover
-        bar = range(n_blocks)
+    bar = _progress_bar(n_blocks, progress)
     for i in bar:
         t0 = time.perf_counter()
         block = source.load(i)
         timing["load_s"] += time.perf_counter() - t0
-        deltas: dict[str, torch.Tensor] = {}
-        damps: dict[str, float] = {}
-        secs: dict[str, float] = {}
-        for stage in stages:
-            t0 = time.perf_counter()
-            hessians = _collect_hessians(block, stage, inputs, cfg)
-            timing["collect_s"] += time.perf_counter() - t0
-            for suffix in stage:
-                full = f"transformer.h.{i}.{suffix}"
-                lin: nn.Linear = block.get_submodule(suffix)
-                t0 = time.perf_counter()
-                qw = gptq_quantize_weight(lin.weight, hessians[suffix].h, config, full)
-                secs[suffix] = time.perf_counter() - t0
-                timing["gptq_s"] += secs[suffix]
-                # bias None for bias-free Linears (the checkpoint writer stores zeros for them)
-                bias = lin.bias.detach().numpy() if lin.bias is not None else None
-                result.tensors[full] = qw.pack(bias=bias)
-                deltas[suffix] = lin.weight.detach() - qw.dequant
-                damps[suffix] = qw.damp
-                lin.weight.data = qw.dequant
-                if lin.bias is not None:  # the checkpoint stores biases in fp16
-                    lin.bias.data = lin.bias.data.half().float()
-                del qw
-            del hessians
-        # Final pass: exact output error per Linear, and the next block's inputs.
-        err = {s: 0.0 for s in deltas}
-        ref = {s: 0.0 for s in deltas}
-
-        def post_hook(suffix: str):
-            def fn(mod, args, out):
-                x = args[0]
-                d = x @ deltas[suffix].T
-                y_q = out if mod.bias is None else out - mod.bias
-                err[suffix] += float(d.double().pow(2).sum())
-                ref[suffix] += float((y_q + d).double().pow(2).sum())
-            return fn
-
-        t0 = time.perf_counter()
-        hooks = [block.get_submodule(s).register_forward_hook(post_hook(s)) for s in deltas]
-        try:
-            for j, x in enumerate(inputs):
-                inputs[j] = _block_forward(block, x, cfg)
-        finally:
-            for hk in hooks:
-                hk.remove()
-        timing["final_s"] += time.perf_counter() - t0
-        for suffix in LINEAR_SUFFIXES:
-            full = f"transformer.h.{i}.{suffix}"
-            ll = LayerLoss(full, err[suffix], err[suffix] / max(ref[suffix], 1e-30), n_tokens,
-                           damps[suffix], secs[suffix])
-            result.losses.append(ll)
-            log.info("GPTQ %-32s loss %.4e (%.3e/token) rel %.3e  damp %.3g  %.2fs", full,
-                     ll.loss, ll.per_token, ll.rel_loss, ll.damp, ll.seconds)
+        deltas, damps, secs = _quantize_block(block, i, stages, inputs, cfg, config, result,
+                                              timing)
+        err, ref = _final_pass(block, deltas, inputs, cfg, timing)
+        _record_losses(result, i, err, ref, damps, secs, n_tokens)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(rel=f"{max(err[s] / max(ref[s], 1e-30) for s in err):.2e}")
         del deltas
@@ -613,6 +576,101 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
              "worst %s, %.1fs", len(result.tensors), n_blocks, len(inputs), n_tokens,
              s["rel_loss_mean"], s["worst"], result.seconds)
     return result
+
+
+def _checked_inputs(calib_batches: Sequence[torch.Tensor], hidden_size: int) -> list[torch.Tensor]:
+    """Detached fp32 copies of the block-0 inputs, refusing empty or mis-shaped ones."""
+    if not calib_batches:
+        raise QuantError("no calibration inputs: build them with quant.calibration.build_calibration")
+    inputs = []
+    for x in calib_batches:
+        if x.dim() != 3 or x.shape[-1] != hidden_size:
+            raise QuantError(f"calibration inputs must be [B, T, {hidden_size}] hidden states, "
+                             f"got {tuple(x.shape)}")
+        inputs.append(x.detach().float())
+    return inputs
+
+
+def _progress_bar(n_blocks: int, progress: bool):
+    """A tqdm bar over the blocks, or a plain range when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+        return tqdm(range(n_blocks), desc="GPTQ", unit="block", disable=not progress)
+    except ImportError:  # pragma: no cover
+        return range(n_blocks)
+
+
+def _quantize_block(block: nn.Module, i: int, stages, inputs: list[torch.Tensor], cfg,
+                    config: QuantConfig, result: QuantResult, timing: dict[str, float]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+    """GPTQ block ``i``'s Linears stage by stage, writing the fake-quant weights back.
+
+    Returns the weight deltas (for the exact output error), the dampings and the seconds.
+    """
+    deltas: dict[str, torch.Tensor] = {}
+    damps: dict[str, float] = {}
+    secs: dict[str, float] = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        hessians = _collect_hessians(block, stage, inputs, cfg)
+        timing["collect_s"] += time.perf_counter() - t0
+        for suffix in stage:
+            full = f"transformer.h.{i}.{suffix}"
+            lin: nn.Linear = block.get_submodule(suffix)
+            t0 = time.perf_counter()
+            qw = gptq_quantize_weight(lin.weight, hessians[suffix].h, config, full)
+            secs[suffix] = time.perf_counter() - t0
+            timing["gptq_s"] += secs[suffix]
+            # bias None for bias-free Linears (the checkpoint writer stores zeros for them)
+            bias = lin.bias.detach().numpy() if lin.bias is not None else None
+            result.tensors[full] = qw.pack(bias=bias)
+            deltas[suffix] = lin.weight.detach() - qw.dequant
+            damps[suffix] = qw.damp
+            lin.weight.data = qw.dequant
+            if lin.bias is not None:  # the checkpoint stores biases in fp16
+                lin.bias.data = lin.bias.data.half().float()
+            del qw
+        del hessians
+    return deltas, damps, secs
+
+
+def _final_pass(block: nn.Module, deltas: dict[str, torch.Tensor], inputs: list[torch.Tensor],
+                cfg, timing: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Exact output error per Linear, replacing ``inputs`` by the next block's inputs in place."""
+    err = {s: 0.0 for s in deltas}
+    ref = {s: 0.0 for s in deltas}
+
+    def post_hook(suffix: str):
+        def fn(mod, args, out):
+            x = args[0]
+            d = x @ deltas[suffix].T
+            y_q = out if mod.bias is None else out - mod.bias
+            err[suffix] += float(d.double().pow(2).sum())
+            ref[suffix] += float((y_q + d).double().pow(2).sum())
+        return fn
+
+    t0 = time.perf_counter()
+    hooks = [block.get_submodule(s).register_forward_hook(post_hook(s)) for s in deltas]
+    try:
+        for j, x in enumerate(inputs):
+            inputs[j] = _block_forward(block, x, cfg)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    timing["final_s"] += time.perf_counter() - t0
+    return err, ref
+
+
+def _record_losses(result: QuantResult, i: int, err: dict[str, float], ref: dict[str, float],
+                   damps: dict[str, float], secs: dict[str, float], n_tokens: int) -> None:
+    """Append and log one ``LayerLoss`` per Linear of block ``i``."""
+    for suffix in LINEAR_SUFFIXES:
+        full = f"transformer.h.{i}.{suffix}"
+        ll = LayerLoss(full, err[suffix], err[suffix] / max(ref[suffix], 1e-30), n_tokens,
+                       damps[suffix], secs[suffix])
+        result.losses.append(ll)
+        log.info("GPTQ %-32s loss %.4e (%.3e/token) rel %.3e  damp %.3g  %.2fs", full,
+                 ll.loss, ll.per_token, ll.rel_loss, ll.damp, ll.seconds)
 
 
 def quantize_checkpoint(path: str | Path, calib_batches: Sequence[torch.Tensor],
