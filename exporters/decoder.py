@@ -274,6 +274,16 @@ def _gptq_to_nbits_chunked(t: GPTQTensors, group_size: int, rows: int = 2048) ->
         perm=p0.perm, K=p0.K, N=n, block_size=p0.block_size, bits=p0.bits)
 
 
+@dataclass
+class _LayerShared:
+    """Graph names every layer reads: positions, the int32 mask, rotary tables, plain-mode bias."""
+    pos: str
+    mask_i32: str
+    cos: str
+    sin: str
+    attn_bias: str | None
+
+
 class _DecoderGraph:
     def __init__(self, src: WeightSource, s: _Settings, g: _GraphWriter,
                  quant: Mapping[str, GPTQTensors] | None):
@@ -388,12 +398,35 @@ class _DecoderGraph:
 
     # -- graph --------------------------------------------------------------------------------
     def build(self) -> tuple[list, list]:
-        g, cfg, s = self.g, self.cfg, self.s
-        hid, H, D, L, V = self.hid, self.H, self.D, self.L, self.V
+        g = self.g
         inputs = [_value_info(spec) for spec in self.io.input_specs()]
         outputs = [_value_info(spec) for spec in self.io.output_specs()]
+        x, zero_i = self._embeddings()
+        shared = self._positions(zero_i)
 
-        # ---- embeddings: prompt-table trick ----
+        # ---- blocks ----
+        resid = x
+        pending = None  # output of the previous sub-block, added to resid by the next norm
+        eps = float(self.cfg.layer_norm_epsilon)
+        t0 = time.perf_counter()
+        for i in range(self.L):
+            if i:
+                log.debug("decoder layer %d/%d written (%.0f MiB, %.1f s)", i, self.L,
+                          g.offset / 2**20, time.perf_counter() - t0)
+            resid, pending = self._layer(i, resid, pending, shared, eps)
+        lnf = g.init("transformer.ln_f.weight", self.small("transformer.ln_f.weight"), "norm")
+        h = g.op("SkipSimplifiedLayerNormalization", [pending, resid, lnf], n_out=1,
+                 scope="/ln_f", domain=MS_DOMAIN, epsilon=eps)
+        logits, ldt = self.lm_head(h)
+        if np.dtype(ldt) != np.dtype(np.float32):
+            g.op("Cast", [logits], n_out=[LOGITS], scope="/lm_head", to=TensorProto.FLOAT)
+        else:
+            g.op("Identity", [logits], n_out=[LOGITS], scope="/lm_head")
+        return inputs, outputs
+
+    def _embeddings(self) -> tuple[str, str]:
+        """Prompt-table trick: ids >= vocab pick image rows. -> (hidden states, int64 zero)."""
+        g, hid, V = self.g, self.hid, self.V
         sc = "/embed"
         vocab = g.const(V, np.int64)
         is_img = g.op("GreaterOrEqual", [INPUT_IDS, vocab], scope=sc)
@@ -411,9 +444,11 @@ class _DecoderGraph:
         img_idx = g.op("Where", [is_img, shifted, zero_i], scope=sc)
         img_rows = g.op("Gather", [table, img_idx], scope=sc, axis=0)
         is_img3 = g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc)
-        x = g.op("Where", [is_img3, img_rows, tok], scope=sc)
+        return g.op("Where", [is_img3, img_rows, tok], scope=sc), zero_i
 
-        # ---- positions and masks (shared by all layers) ----
+    def _positions(self, zero_i: str) -> _LayerShared:
+        """Positions, masks and the rotary tables, shared by all layers."""
+        g, cfg, s, D = self.g, self.cfg, self.s, self.D
         sc = "/positions"
         csum = g.op("CumSum", [ATTENTION_MASK, g.const(1, np.int64)], scope=sc)
         seq = g.op("Shape", [INPUT_IDS], scope=sc, start=1, end=2)
@@ -427,53 +462,41 @@ class _DecoderGraph:
         cos_c = g.init("rotary.cos_cache", cos[:, : D // 2].numpy().astype(self.A), "rope")
         sin_c = g.init("rotary.sin_cache", sin[:, : D // 2].numpy().astype(self.A), "rope")
         attn_bias = self._plain_mask(seq) if s.attention == "plain" else None
+        return _LayerShared(pos, mask_i32, cos_c, sin_c, attn_bias)
 
-        # ---- blocks ----
-        resid = x
-        pending = None  # output of the previous sub-block, added to resid by the next norm
-        eps = float(cfg.layer_norm_epsilon)
-        t0 = time.perf_counter()
-        for i in range(L):
-            if i:
-                log.debug("decoder layer %d/%d written (%.0f MiB, %.1f s)", i, L,
-                          g.offset / 2**20, time.perf_counter() - t0)
-            p = f"transformer.h.{i}"
-            sc = f"/layers.{i}"
-            ln1 = g.init(f"{p}.ln_1.weight", self.small(f"{p}.ln_1.weight"), "norm")
-            if pending is None:
-                h = g.op("SimplifiedLayerNormalization", [resid, ln1], scope=sc + "/ln_1", axis=-1,
-                         epsilon=eps, stash_type=1)
-            else:
-                h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [pending, resid, ln1],
-                                      n_out=[None, "", "", None], scope=sc + "/ln_1",
-                                      domain=MS_DOMAIN, epsilon=eps)
-            qkv = self.linear(h, f"{p}.attn.c_attn", sc + "/attn/c_attn")
-            q, k, v = g.op("Split", [qkv, g.const([hid] * 3, np.int64)], n_out=3,
-                           scope=sc + "/attn", axis=-1)
-            q = g.op("RotaryEmbedding", [q, pos, cos_c, sin_c], scope=sc + "/attn/rope_q",
-                     domain=MS_DOMAIN, num_heads=H, interleaved=0)
-            k = g.op("RotaryEmbedding", [k, pos, cos_c, sin_c], scope=sc + "/attn/rope_k",
-                     domain=MS_DOMAIN, num_heads=H, interleaved=0)
-            a = self._attention(i, q, k, v, mask_i32, attn_bias, sc + "/attn")
-            a = self.linear(a, f"{p}.attn.c_proj", sc + "/attn/c_proj")
-            ln2 = g.init(f"{p}.ln_2.weight", self.small(f"{p}.ln_2.weight"), "norm")
-            h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [a, resid, ln2],
-                                  n_out=[None, "", "", None], scope=sc + "/ln_2",
-                                  domain=MS_DOMAIN, epsilon=eps)
-            up = self.linear(h, f"{p}.mlp.w1", sc + "/mlp/w1")
-            gate = self.linear(h, f"{p}.mlp.w2", sc + "/mlp/w2")
-            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope=sc + "/mlp")], scope=sc + "/mlp")
-            pending = self.linear(g.op("Mul", [up, act], scope=sc + "/mlp"), f"{p}.mlp.c_proj",
-                                  sc + "/mlp/c_proj")
-        lnf = g.init("transformer.ln_f.weight", self.small("transformer.ln_f.weight"), "norm")
-        h = g.op("SkipSimplifiedLayerNormalization", [pending, resid, lnf], n_out=1,
-                 scope="/ln_f", domain=MS_DOMAIN, epsilon=eps)
-        logits, ldt = self.lm_head(h)
-        if np.dtype(ldt) != np.dtype(np.float32):
-            g.op("Cast", [logits], n_out=[LOGITS], scope="/lm_head", to=TensorProto.FLOAT)
+    def _layer(self, i: int, resid: str, pending: str | None, sh: _LayerShared,
+               eps: float) -> tuple[str, str]:
+        """One transformer block; -> (residual stream, MLP output not yet added to it)."""
+        g, hid, H = self.g, self.hid, self.H
+        p = f"transformer.h.{i}"
+        sc = f"/layers.{i}"
+        ln1 = g.init(f"{p}.ln_1.weight", self.small(f"{p}.ln_1.weight"), "norm")
+        if pending is None:
+            h = g.op("SimplifiedLayerNormalization", [resid, ln1], scope=sc + "/ln_1", axis=-1,
+                     epsilon=eps, stash_type=1)
         else:
-            g.op("Identity", [logits], n_out=[LOGITS], scope="/lm_head")
-        return inputs, outputs
+            h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [pending, resid, ln1],
+                                  n_out=[None, "", "", None], scope=sc + "/ln_1",
+                                  domain=MS_DOMAIN, epsilon=eps)
+        qkv = self.linear(h, f"{p}.attn.c_attn", sc + "/attn/c_attn")
+        q, k, v = g.op("Split", [qkv, g.const([hid] * 3, np.int64)], n_out=3,
+                       scope=sc + "/attn", axis=-1)
+        q = g.op("RotaryEmbedding", [q, sh.pos, sh.cos, sh.sin], scope=sc + "/attn/rope_q",
+                 domain=MS_DOMAIN, num_heads=H, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, sh.pos, sh.cos, sh.sin], scope=sc + "/attn/rope_k",
+                 domain=MS_DOMAIN, num_heads=H, interleaved=0)
+        a = self._attention(i, q, k, v, sh.mask_i32, sh.attn_bias, sc + "/attn")
+        a = self.linear(a, f"{p}.attn.c_proj", sc + "/attn/c_proj")
+        ln2 = g.init(f"{p}.ln_2.weight", self.small(f"{p}.ln_2.weight"), "norm")
+        h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [a, resid, ln2],
+                              n_out=[None, "", "", None], scope=sc + "/ln_2",
+                              domain=MS_DOMAIN, epsilon=eps)
+        up = self.linear(h, f"{p}.mlp.w1", sc + "/mlp/w1")
+        gate = self.linear(h, f"{p}.mlp.w2", sc + "/mlp/w2")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope=sc + "/mlp")], scope=sc + "/mlp")
+        pending = self.linear(g.op("Mul", [up, act], scope=sc + "/mlp"), f"{p}.mlp.c_proj",
+                              sc + "/mlp/c_proj")
+        return resid, pending
 
     def _attention(self, i: int, q: str, k: str, v: str, mask_i32: str, attn_bias: str | None,
                    scope: str) -> str:
@@ -605,15 +628,7 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level,
                   lm_head_accuracy_level, attention, max_positions)
     if PRECISION_PLANS[plan].quantized:
-        if quant_tensors is None:
-            raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
-                                     "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
-        names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers)
-                 for sfx in LINEAR_SUFFIXES]
-        missing = [n for n in names if n not in quant_tensors]
-        if missing:
-            raise DecoderExportError(f"quant_tensors lacks {len(missing)} of {len(names)} Linears, "
-                                     f"first {missing[0]}")
+        _require_quant_tensors(cfg, quant_tensors)
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
     # .onnx and .data are written beside out_path, then moved into place: data first, the
@@ -623,39 +638,69 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
             gw = _GraphWriter(f, data_name)
             dg = _DecoderGraph(src, s, gw, quant_tensors)
             inputs, outputs = dg.build()
-        graph = helper.make_graph(gw.nodes, "qwenvl_decoder", inputs, outputs, initializer=gw.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="qwenvl-edge", producer_version="0.1.0")
-        m.ir_version = IR_VERSION
-        meta = {
-            "qwenvl_edge.engine": "decoder", "plan": s.plan, "act_dtype": s.act_dtype,
-            "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "num_layers": str(cfg.num_hidden_layers),
-            "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
-            "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
-            "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
-            "settings": json.dumps(asdict(s)),
-        }
-        helper.set_model_props(m, meta)
+        m, meta = _decoder_model(gw, dg, inputs, outputs)
         (tmp / out_path.name).write_bytes(m.SerializeToString())
         if check:
             _check(m, tmp)
         os.replace(tmp / data_name, out_path.parent / data_name)
         os.replace(tmp / out_path.name, out_path)
 
+    res = _export_result(out_path, out_path.parent / data_name, gw, dg, inputs, outputs, meta, t0)
+    log.info("%s", res.summary())
+    return res
+
+
+def _require_quant_tensors(cfg: QwenVLConfig,
+                           quant_tensors: Mapping[str, GPTQTensors] | None) -> None:
+    """A quantised plan needs GPTQ tensors for every Linear of every layer."""
+    if quant_tensors is None:
+        raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
+                                 "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
+    names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers)
+             for sfx in LINEAR_SUFFIXES]
+    missing = [n for n in names if n not in quant_tensors]
+    if missing:
+        raise DecoderExportError(f"quant_tensors lacks {len(missing)} of {len(names)} Linears, "
+                                 f"first {missing[0]}")
+
+
+def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
+                   outputs: list) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The ModelProto of the written graph and the metadata the runtime reads from it."""
+    s, cfg = dg.s, dg.cfg
+    graph = helper.make_graph(gw.nodes, "qwenvl_decoder", inputs, outputs, initializer=gw.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                helper.make_opsetid(MS_DOMAIN, 1)],
+                          producer_name="qwenvl-edge", producer_version="0.1.0")
+    m.ir_version = IR_VERSION
+    meta = {
+        "qwenvl_edge.engine": "decoder", "plan": s.plan, "act_dtype": s.act_dtype,
+        "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "num_layers": str(cfg.num_hidden_layers),
+        "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
+        "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
+        "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
+        "settings": json.dumps(asdict(s)),
+    }
+    helper.set_model_props(m, meta)
+    return m, meta
+
+
+def _export_result(out_path: Path, data_path: Path, gw: _GraphWriter, dg: _DecoderGraph,
+                   inputs: list, outputs: list, meta: dict[str, str],
+                   t0: float) -> DecoderExportResult:
+    """Summary of a finished export: I/O, op counts, weight and file sizes."""
+    s = dg.s
     op_counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in gw.nodes)
     wb = dict(gw.bytes)
     per_token = sum(v for k, v in wb.items() if k in ("linear", "lm_head", "norm"))
-    res = DecoderExportResult(
-        onnx_path=out_path, data_path=out_path.parent / data_name, plan=s.plan, settings=asdict(s),
+    return DecoderExportResult(
+        onnx_path=out_path, data_path=data_path, plan=s.plan, settings=asdict(s),
         inputs=[IOSpec(i.name, _np_name(i.type.tensor_type.elem_type), _dims(i)) for i in inputs],
         outputs=[IOSpec(o.name, _np_name(o.type.tensor_type.elem_type), _dims(o)) for o in outputs],
         op_counts=dict(op_counts), weight_bytes=wb, bytes_per_token=per_token,
         kv_bytes_per_token=dg.io.kv_bytes_per_token,
-        file_bytes=out_path.stat().st_size + (out_path.parent / data_name).stat().st_size,
+        file_bytes=out_path.stat().st_size + data_path.stat().st_size,
         seconds=time.perf_counter() - t0, metadata=meta)
-    log.info("%s", res.summary())
-    return res
 
 
 def _check(m: onnx.ModelProto, directory: Path) -> None:

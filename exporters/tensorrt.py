@@ -169,16 +169,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
     t0 = time.perf_counter()
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and \
-            int(trt.__version__.split(".")[0]) < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves <stem>.onnx.data next to it
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    builder, network, parser = _parse_onnx(trt, logger, onnx_path)
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
@@ -196,7 +187,37 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
     atomic_write_bytes(plan, bytes(serialized))
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - t0
-    meta = {"tensorrt": trt.__version__, "gpu": gpu, "strongly_typed": True,
+    meta_path = _write_engine_metadata(plan, trt.__version__, gpu, onnx_path, image_size,
+                                       (min_batch, opt_batch, max_batch), seconds)
+    log.info("wrote %s in %.0f s", plan, seconds)
+    return EngineBuild(plan=plan, metadata=meta_path, timing_cache=cache_path, gpu=gpu,
+                       trt_version=version, seconds=seconds)
+
+
+def _parse_onnx(trt: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any, Any]:
+    """A strongly typed (explicit batch before TensorRT 10) network parsed from ``onnx_path``.
+
+    Returns ``(builder, network, parser)``; the parser (and ``logger``) must outlive the build.
+    """
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and \
+            int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves <stem>.onnx.data next to it
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    return builder, network, parser
+
+
+def _write_engine_metadata(plan: Path, trt_version: str, gpu: str, onnx_path: Path,
+                           image_size: int, batches: tuple[int, int, int],
+                           seconds: float) -> Path:
+    """Write ``<plan>.json`` (TensorRT version, GPU, profile, source graph hash); returns it."""
+    min_batch, opt_batch, max_batch = batches
+    meta = {"tensorrt": trt_version, "gpu": gpu, "strongly_typed": True,
             "profile": {"min": [min_batch, 3, image_size, image_size],
                         "opt": [opt_batch, 3, image_size, image_size],
                         "max": [max_batch, 3, image_size, image_size]},
@@ -204,9 +225,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, min_batch: int = 1,
             "build_seconds": round(seconds, 1)}
     meta_path = plan.with_name(plan.name + ".json")
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
-    log.info("wrote %s in %.0f s", plan, seconds)
-    return EngineBuild(plan=plan, metadata=meta_path, timing_cache=cache_path, gpu=gpu,
-                       trt_version=version, seconds=seconds)
+    return meta_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,12 +284,36 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got "
                          f"{min_batch}/{opt_batch}/{max_batch}")
     if precision is None:
-        import onnx
+        precision = _onnx_precision(onnx_path)
+    min_cosine, atol = _check_tolerances(precision, tolerances, check_reference, atol, min_cosine)
+    try:
+        rel_onnx = os.path.relpath(onnx_path, out_dir)
+    except ValueError:
+        rel_onnx = str(onnx_path)
 
-        meta = {m.key: m.value
-                for m in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-        precision = meta.get("qwenvl_edge.precision", "fp32")
-    # Tolerances of the export check, translated to polygraphy's flags.
+    has_inputs, has_ref = _write_check_data(out_dir, check_pixels, check_reference, max_batch)
+    settings = TrtCommandSettings(onnx=rel_onnx, image_size=image_size, min_batch=min_batch,
+                                  opt_batch=opt_batch, max_batch=max_batch,
+                                  min_cosine=min_cosine, atol=atol)
+    script = _script_text(settings, precision, has_inputs, has_ref)
+    path = out_dir / SCRIPT_NAME
+    atomic_write_bytes(path, script.encode(), mode=0o755)
+    log.info("wrote %s (trtexec --stronglyTyped build + polygraphy checks)", path)
+    return path
+
+
+def _onnx_precision(onnx_path: Path) -> str:
+    """The precision the exporter recorded in the graph's metadata (fp32 when absent)."""
+    import onnx
+
+    meta = {m.key: m.value
+            for m in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return meta.get("qwenvl_edge.precision", "fp32")
+
+
+def _check_tolerances(precision: str, tolerances: Any, check_reference: np.ndarray | None,
+                      atol: float | None, min_cosine: float | None) -> tuple[float, float]:
+    """Tolerances of the export check, translated to polygraphy's flags: (min_cosine, atol)."""
     if tolerances is not None:
         min_cosine = min_cosine if min_cosine is not None else tolerances.min_cosine
     min_cosine = min_cosine if min_cosine is not None else (0.9995 if precision == "fp16"
@@ -279,11 +322,15 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
         peak = float(np.max(np.abs(check_reference))) if check_reference is not None else 1.0
         rel = getattr(tolerances, "max_abs_rel", None) or (0.05 if precision == "fp16" else 1e-3)
         atol = float(f"{rel * peak:.3g}")
-    try:
-        rel_onnx = os.path.relpath(onnx_path, out_dir)
-    except ValueError:
-        rel_onnx = str(onnx_path)
+    return min_cosine, atol
 
+
+def _write_check_data(out_dir: Path, check_pixels: np.ndarray | None,
+                      check_reference: np.ndarray | None, max_batch: int) -> tuple[bool, bool]:
+    """Write the polygraphy input/reference files in ``max_batch`` chunks, removing stale ones.
+
+    Returns ``(has_inputs, has_ref)``.
+    """
     has_inputs = check_pixels is not None
     has_ref = has_inputs and check_reference is not None
     if has_inputs:
@@ -296,14 +343,7 @@ def write_trt_commands(onnx_path: str | Path, out_dir: str | Path, image_size: i
     for name, written in ((CHECK_INPUTS, has_inputs), (CHECK_REFERENCE, has_ref)):
         if not written:  # stale data of an earlier export would check the wrong engine
             (out_dir / name).unlink(missing_ok=True)
-    settings = TrtCommandSettings(onnx=rel_onnx, image_size=image_size, min_batch=min_batch,
-                                  opt_batch=opt_batch, max_batch=max_batch,
-                                  min_cosine=min_cosine, atol=atol)
-    script = _script_text(settings, precision, has_inputs, has_ref)
-    path = out_dir / SCRIPT_NAME
-    atomic_write_bytes(path, script.encode(), mode=0o755)
-    log.info("wrote %s (trtexec --stronglyTyped build + polygraphy checks)", path)
-    return path
+    return has_inputs, has_ref
 
 
 def trt_command_files(out_dir: str | Path) -> list[Path]:
@@ -313,6 +353,16 @@ def trt_command_files(out_dir: str | Path) -> list[Path]:
 
 
 def _script_text(s: TrtCommandSettings, precision: str, has_inputs: bool, has_ref: bool) -> str:
+    trtexec, poly_ort, poly_ref = _script_commands(s, has_inputs)
+    ref_block = f"""
+    echo "== the built engine vs the PyTorch fp32 reference features (saved at export time)"
+    {poly_ref}""" if has_ref else ""
+    return (_script_header(s, precision) + _SCRIPT_ENGINE_DIR
+            + _script_steps(trtexec, poly_ort, ref_block))
+
+
+def _script_commands(s: TrtCommandSettings, has_inputs: bool) -> tuple[str, str, str]:
+    """The trtexec build and the two polygraphy comparisons, one flag per continued line."""
     q = shlex.quote
     S = s.image_size
     shapes = [("min", s.min_batch), ("opt", s.opt_batch), ("max", s.max_batch)]
@@ -337,9 +387,11 @@ def _script_text(s: TrtCommandSettings, precision: str, has_inputs: bool, has_re
                                + trt_flags + ort + data + compare)
     poly_ref = J.join(['"$POLYGRAPHY" run "$ENGINE_DIR/vision.plan"', "--model-type engine",
                        "--trt"] + data + [f"--load-outputs {CHECK_REFERENCE}"] + compare)
-    ref_block = f"""
-    echo "== the built engine vs the PyTorch fp32 reference features (saved at export time)"
-    {poly_ref}""" if has_ref else ""
+    return trtexec, poly_ort, poly_ref
+
+
+def _script_header(s: TrtCommandSettings, precision: str) -> str:
+    """Shebang, usage comment and shell options of the script."""
     return f"""#!/usr/bin/env bash
 # Build and check the TensorRT vision engine ON THE TARGET (Jetson / GPU box); written by
 # qwenvl-edge exporters/tensorrt.py next to {s.onnx} ({precision}).
@@ -358,7 +410,11 @@ def _script_text(s: TrtCommandSettings, precision: str, has_inputs: bool, has_re
 # onnxruntime-gpu use "cuda cpu").
 set -euo pipefail
 cd "$(dirname "$0")"
+"""
 
+
+# Finds the GPU name and TensorRT version on the target, hence the engine directory.
+_SCRIPT_ENGINE_DIR = f"""
 TRTEXEC=${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}
 POLYGRAPHY=${{POLYGRAPHY:-polygraphy}}
 ORT_PROVIDERS=${{ORT_PROVIDERS:-cpu}}
@@ -384,7 +440,12 @@ fi
 SLUG=$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
 ENGINE_DIR="engines/${{SLUG:-unknown-gpu}}-trt${{TRT_VERSION}}"
 mkdir -p "$ENGINE_DIR"
-STEP=${{1:-all}}
+"""
+
+
+def _script_steps(trtexec: str, poly_ort: str, ref_block: str) -> str:
+    """The ``build`` and ``check`` steps of the script."""
+    return f"""STEP=${{1:-all}}
 
 if [ "$STEP" = all ] || [ "$STEP" = build ]; then
     echo "== building $ENGINE_DIR/vision.plan ($GPU_NAME, TensorRT $TRT_VERSION)"
@@ -399,6 +460,7 @@ if [ "$STEP" = all ] || [ "$STEP" = check ]; then
     {poly_ort}{ref_block}
 fi
 """
+
 
 
 
