@@ -21,7 +21,7 @@ from .thresholds import PLANS, STAGES
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / "calib_data" / "manifest.jsonl"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m validate",
         description="Staged drift check of an exported bundle (vision, decoder, task) against the "
@@ -58,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-head", choices=("int8", "fp16"), default="int8",
                     help="int4: the LM head the bundle ships (default int8)")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def _print_report(report, out: Path) -> None:
+    """Every judged metric and stage error, then the summary line and where the report is."""
+    for st in report.stages.values():
+        for m in st.metrics:
+            if m.verdict != "INFO":
+                print(m.line())
+        if st.error:
+            print(f"[FAIL] {st.name}: {st.error}")
+    print(f"{report.summary_line()}\nreport: {out / 'drift.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -86,14 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.verbose:
             raise
         return report_error(e)
-    for st in report.stages.values():
-        for m in st.metrics:
-            if m.verdict != "INFO":
-                print(m.line())
-        if st.error:
-            print(f"[FAIL] {st.name}: {st.error}")
-    out = a.out or a.bundle / "report"
-    print(f"{report.summary_line()}\nreport: {out / 'drift.html'}")
+    _print_report(report, a.out or a.bundle / "report")
     if report.verdict == "FAIL" and not a.allow_drift:
         return 1
     if report.verdict == "INCONCLUSIVE" and not (a.accept_inconclusive or a.allow_drift):

@@ -320,6 +320,26 @@ def _b64(png: bytes) -> str:
 
 
 def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | None]]) -> str:
+    """The self-contained HTML report: header, one section per stage, the worst items, gates."""
+    e = html.escape
+    out = _html_header(report)
+    _html_stages(report, plots, out)
+    out.append("<h2>Worst items</h2><p class='legend muted'>boxes:<span style='background:"
+               "rgb(255,200,0)'></span>ground truth<span style='background:rgb(40,180,60)'></span>"
+               "reference model<span style='background:rgb(230,40,40)'></span>engine</p>"
+               "<div class='cards'>")
+    _html_cards(report, cards, out)
+    out.append("</div>")
+    out.append("<h2>Thresholds</h2><p class='muted'>validate/thresholds.py, plan "
+               f"{e(report.plan)}: " + ", ".join(
+                   e(f"{k[0]}.{k[1]} {t.op} {t.value:g}") for k, t in
+                   thresholds_for(report.plan).items() if t.op != "info") + "</p>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _html_header(report) -> list[str]:
+    """Title, run metadata and the table of stage verdicts."""
     e = html.escape
     meta = report.meta
     rows = []
@@ -341,6 +361,12 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
            f"{e(str(meta.get('providers')))})</td></tr></table>",
            "<h2>Stages</h2><table><tr><th>stage</th><th>verdict</th><th>time</th><th>error</th>"
            "</tr>" + "".join(rows) + "</table>"]
+    return out
+
+
+def _html_stages(report, plots: dict[str, bytes], out: list[str]) -> None:
+    """Each stage's metric table and its plots."""
+    e = html.escape
     for name, st in report.stages.items():
         out.append(f"<h2>{e(name)} {_badge(st.verdict)}</h2>")
         if st.error:
@@ -359,10 +385,11 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
                     "task": ["iou_scatter"]}.get(name, []):
             if key in plots:
                 out.append(f"<div class='plots'><img alt='{key}' src='{_b64(plots[key])}'></div>")
-    out.append("<h2>Worst items</h2><p class='legend muted'>boxes:<span style='background:"
-               "rgb(255,200,0)'></span>ground truth<span style='background:rgb(40,180,60)'></span>"
-               "reference model<span style='background:rgb(230,40,40)'></span>engine</p>"
-               "<div class='cards'>")
+
+
+def _html_cards(report, cards: list[tuple[str, bytes | None]], out: list[str]) -> None:
+    """One card per worst item: its thumbnail, per-stage numbers, prompt and both answers."""
+    e = html.escape
     recs = _item_records(report)
     items = {it.id: it for it in report.items}
     for item_id, thumb in cards:
@@ -396,13 +423,6 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
             + (f"<div class='muted'>reference answer</div><pre>{e(str(t.get('ref_text')))}</pre>"
                f"<div class='muted'>engine answer</div><pre>{e(str(t.get('eng_text')))}</pre>"
                if t else "") + "</div>")
-    out.append("</div>")
-    out.append("<h2>Thresholds</h2><p class='muted'>validate/thresholds.py, plan "
-               f"{e(report.plan)}: " + ", ".join(
-                   e(f"{k[0]}.{k[1]} {t.op} {t.value:g}") for k, t in
-                   thresholds_for(report.plan).items() if t.op != "info") + "</p>")
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 def write_report(report, out_dir: str | Path, plots: bool = True, worst: int = 8) -> Path:
