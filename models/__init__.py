@@ -6,8 +6,7 @@ torch: benchmarks and the runtime-side tools read config facts without it.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from runtime.lazy import lazy_exports
 
 _LAZY = {
     "CheckpointError": "checkpoint", "CheckpointReader": "checkpoint", "load_model": "checkpoint",
@@ -20,14 +19,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'models' has no attribute '{name}'")
-    value = getattr(import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -106,3 +106,30 @@ def image_prompt_inputs(model, n_items: int, seed: int = 0, vocab_hi: int = 500)
         with torch.no_grad():
             out.append(model.embed(ids, feats))
     return out
+
+
+def bundle_variant(src: Path, dst: Path, engine: str, edit) -> Path:
+    """A copy of bundle ``src`` whose ``engine``.onnx initializers were changed by ``edit``
+    (the fault-injection tests of test_validate and test_drift_faults)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from exporters.bundle import read_manifest, write_bundle
+
+    work = dst.parent / f".{dst.name}-work"
+    work.mkdir(parents=True)
+    m = onnx.load(str(src / f"{engine}.onnx"))  # loads external data too
+    inits = {i.name: i for i in m.graph.initializer}
+    changed = edit({n: numpy_helper.to_array(i) for n, i in inits.items()})
+    assert changed, "the fault changed nothing"
+    for name, arr in changed.items():
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    onnx.save(m, str(work / f"{engine}.onnx"))  # nano: one small file
+    other = "decoder" if engine == "vision" else "vision"
+    man = read_manifest(src).data
+    fields = {k: v for k, v in man.items()
+              if k not in ("format_version", "created", "versions", "files", "engines")}
+    return write_bundle(dst, {f"{engine}.onnx": work / f"{engine}.onnx",
+                              f"{other}.onnx": src / f"{other}.onnx",
+                              "tokenizer/qwen.tiktoken": src / "tokenizer" / "qwen.tiktoken"},
+                        fields)

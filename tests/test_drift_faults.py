@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import bundle_variant
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "nano" / "qwen-vl-nano"
 MAX_NEW = 40  # a grounding answer with its box fits
@@ -102,32 +104,6 @@ def _report(plan, fault, bundle, trained, same, items):
                                                fake_quant_model=same[plan], threads=1,
                                                plots=False, **kw)
     return _reports[plan, fault]
-
-
-def _variant(src: Path, dst: Path, engine: str, edit) -> Path:
-    """A copy of bundle ``src`` whose ``engine``.onnx initializers were changed by ``edit``."""
-    import onnx
-    from onnx import numpy_helper
-
-    from exporters.bundle import read_manifest, write_bundle
-
-    work = dst.parent / f".{dst.name}-work"
-    work.mkdir(parents=True)
-    m = onnx.load(str(src / f"{engine}.onnx"))  # loads external data too
-    inits = {i.name: i for i in m.graph.initializer}
-    changed = edit({n: numpy_helper.to_array(i) for n, i in inits.items()})
-    assert changed, "the fault changed nothing"
-    for name, arr in changed.items():
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-    onnx.save(m, str(work / f"{engine}.onnx"))  # nano: one small file
-    other = "decoder" if engine == "vision" else "vision"
-    man = read_manifest(src).data
-    fields = {k: v for k, v in man.items()
-              if k not in ("format_version", "created", "versions", "files", "engines")}
-    return write_bundle(dst, {f"{engine}.onnx": work / f"{engine}.onnx",
-                              f"{other}.onnx": src / f"{other}.onnx",
-                              "tokenizer/qwen.tiktoken": src / "tokenizer" / "qwen.tiktoken"},
-                        fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +203,7 @@ def test_faithful_bundle_passes(plan, bundles, trained, same_precision, items):
 def test_injected_fault_fails_at_its_stage(plan, fault, bundles, trained, same_precision, items,
                                            tmp_path_factory):
     engine, edit = FAULTS[fault]
-    b = _variant(bundles[plan], tmp_path_factory.mktemp("fault") / "bundle", engine, edit)
+    b = bundle_variant(bundles[plan], tmp_path_factory.mktemp("fault") / "bundle", engine, edit)
     r = _report(plan, fault, b, trained, same_precision, items)
     print(f"\n| {fault} | {plan} | {r.verdict} | {r.first_failure} | {', '.join(r.failed())} |")
     assert r.verdict == "FAIL" and r.first_failure == engine, r.summary_line()

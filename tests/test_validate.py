@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import bundle_variant
+
 from validate import metrics as M
 from validate.thresholds import PLANS, plan_name, table_markdown, thresholds_for
 
@@ -162,30 +164,6 @@ def faithful_bundle(tmp_path_factory, nano_ckpt, nano_model) -> Path:
                         manifest_fields(nano_ckpt, "fp32"))
 
 
-def _variant(src: Path, dst: Path, engine: str, edit) -> Path:
-    """A copy of bundle ``src`` whose ``engine``.onnx initializers were changed by ``edit``."""
-    import onnx
-    from onnx import numpy_helper
-
-    from exporters.bundle import read_manifest, write_bundle
-
-    work = dst.parent / f".{dst.name}-work"
-    work.mkdir(parents=True)
-    m = onnx.load(str(src / f"{engine}.onnx"))  # loads external data too
-    inits = {i.name: i for i in m.graph.initializer}
-    for name, arr in edit({n: numpy_helper.to_array(i) for n, i in inits.items()}).items():
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-    onnx.save(m, str(work / f"{engine}.onnx"))  # nano: one small file, no external data
-    other = "decoder" if engine == "vision" else "vision"
-    man = read_manifest(src).data
-    fields = {k: v for k, v in man.items()
-              if k not in ("format_version", "created", "versions", "files", "engines")}
-    return write_bundle(dst, {f"{engine}.onnx": work / f"{engine}.onnx",
-                              f"{other}.onnx": src / f"{other}.onnx",
-                              "tokenizer/qwen.tiktoken": src / "tokenizer" / "qwen.tiktoken"},
-                        fields)
-
-
 @pytest.fixture(scope="module")
 def items():
     from calib_data import build
@@ -261,7 +239,7 @@ def test_zeroed_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_mode
         return {k: np.zeros_like(w[k]) for k in ("transformer.h.1.attn.c_proj.weight_t",
                                                  "transformer.h.1.mlp.c_proj.weight_t")}
 
-    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "zeroed", "decoder", zero_layer)
+    b = bundle_variant(faithful_bundle, tmp_path_factory.mktemp("f") / "zeroed", "decoder", zero_layer)
     r = _validate("zeroed", b, nano_model, items)
     assert r.stages["vision"].verdict == "PASS"
     assert r.stages["decoder"].verdict == "FAIL" and r.first_failure == "decoder", r.summary_line()
@@ -272,7 +250,7 @@ def test_zeroed_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_mode
 def test_scaled_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_model, items,
                                                       tmp_path_factory):
     key = "transformer.h.0.mlp.c_proj.weight_t"
-    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "scaled", "decoder",
+    b = bundle_variant(faithful_bundle, tmp_path_factory.mktemp("f") / "scaled", "decoder",
                  lambda w: {key: w[key] * np.float32(0.9)})  # one layer's MLP output 10 % short
     r = _validate("scaled", b, nano_model, items)
     assert r.stages["vision"].verdict == "PASS"
@@ -281,7 +259,7 @@ def test_scaled_decoder_layer_fails_the_decoder_stage(faithful_bundle, nano_mode
 
 def test_permuted_vision_projection_fails_the_vision_stage(faithful_bundle, nano_model, items,
                                                            tmp_path_factory):
-    b = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "perm", "vision",
+    b = bundle_variant(faithful_bundle, tmp_path_factory.mktemp("f") / "perm", "vision",
                  lambda w: {"proj": w["proj"].T.copy()})  # x @ proj.T instead of x @ proj
     r = _validate("perm", b, nano_model, items)
     assert r.stages["vision"].verdict == "FAIL" and r.first_failure == "vision", r.summary_line()
@@ -328,7 +306,7 @@ def test_cli_user_jsonl_and_exit_codes(faithful_bundle, nano_ckpt, tmp_path, tmp
             "--threads", "1", "--no-plots"]
     assert main(["--bundle", str(faithful_bundle), "--out", str(tmp_path / "ok"), *args]) == 0
     assert json.loads((tmp_path / "ok" / "drift.json").read_text())["verdict"] == "PASS"
-    bad = _variant(faithful_bundle, tmp_path_factory.mktemp("f") / "cli", "vision",
+    bad = bundle_variant(faithful_bundle, tmp_path_factory.mktemp("f") / "cli", "vision",
                    lambda w: {"proj": w["proj"] * np.float32(-1)})
     assert main(["--bundle", str(bad), "--out", str(tmp_path / "bad"), *args]) == 1
     assert main(["--bundle", str(bad), "--out", str(tmp_path / "bad2"), "--allow-drift",
