@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"GPTQ group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
-    p.add_argument("--lm-head", choices=["int8", "fp16"], default="int8",
-                   help="LM head precision in the int4 plan (default int8)")
+    p.add_argument("--lm-head", choices=["int8", "int4", "fp16"], default="int8",
+                   help="LM head precision in the int4 and edge plans (default int8; int4: groups "
+                        "of 32, see bench/RESULTS.md for its size and KL)")
     p.add_argument("--target", choices=["gpu", "cpu"], default="gpu",
                    help="what runs the int4 decoder: gpu (fp16 activations, exact MatMulNBits) or "
                         "cpu (fp32 activations and KV cache, int8-quantised MatMulNBits inputs: "

@@ -30,6 +30,10 @@ Precision plans (``plan``):
   tensors, act-order expressed as a ``Gather`` of the activation columns (no ``g_idx``); LM head
   int8 per channel (``MatMulNBits`` bits 8) or fp16; embedding table and norms fp16; activations
   fp16 or fp32 (``act_dtype``); KV fp16.
+* ``edge``: ``int4``, with the embedding table as int8 rows and one fp16 scale per row, gathered
+  and dequantised in the graph (``GatherBlockQuantized``, quant/embedding.py): half the table's
+  bytes. ``embed`` overrides the table's dtype (``int4``: blocks of 32) and ``lm_head="int4"``
+  gives a MatMulNBits int4 head (groups of 32) for any quantised plan.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ from torch import nn
 from models.config import QwenVLConfig
 from models.qwen_vl import rotary_cos_sin
 from quant.fake_quant import LINEAR_SUFFIXES, check_gptq_shape
-from quant.packing import (GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits,
-                           quantize_int8_per_channel)
+from quant.embedding import EMBED_MODES, QUANT_BITS, quantize_embedding
+from quant.lm_head import head_weights
+from quant.packing import GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits
 from quant.plans import DEFAULT_GROUP_SIZE
 from quant.plans import PLANS as PRECISION_PLANS
 from quant.plans import exportable_plans
@@ -232,6 +237,7 @@ class _Settings:
     act_dtype: str
     kv_dtype: str
     lm_head: str
+    embed: str
     group_size: int
     accuracy_level: int
     lm_head_accuracy_level: int
@@ -383,16 +389,8 @@ class _DecoderGraph:
         if mode in ("fp32", "fp16"):
             dt = _NP[mode]
             return self.fp_linear(x, "lm_head", dt, scope, cast_back=False), dt
-        # int8 per output channel, quantised in row chunks (a 151936 x 4096 head in fp32 is 2.5 GB)
-        w = self.get("lm_head.weight")
-        n, k = w.shape
-        parts = [quantize_int8_per_channel(w[i:i + 8192].float().numpy())
-                 for i in range(0, n, 8192)]
-        del w
-        mm = MatMulNBitsWeights(B=np.concatenate([p.B for p in parts]),
-                                scales=np.concatenate([p.scales for p in parts]), zero_points=None,
-                                perm=None, K=k, N=n, block_size=parts[0].block_size, bits=8)
-        del parts
+        # int8 per output channel / int4 per group, quantised in row chunks (quant/lm_head.py)
+        mm = head_weights(self.get("lm_head.weight"), mode)
         return self.nbits(x, "lm_head", mm, None, scope, "lm_head",
                           self.s.lm_head_accuracy_level), self.A
 
@@ -432,10 +430,8 @@ class _DecoderGraph:
         is_img = g.op("GreaterOrEqual", [INPUT_IDS, vocab], scope=sc)
         zero_i = g.const(0, np.int64)
         tok_ids = g.op("Where", [is_img, zero_i, INPUT_IDS], scope=sc)
-        wte = g.init("transformer.wte.weight", _np(self.get("transformer.wte.weight"),
-                                                   self.small_dtype), "embedding")
-        tok = g.op("Gather", [wte, tok_ids], scope=sc, axis=0)
-        if np.dtype(self.small_dtype) != np.dtype(self.A):
+        tok, tok_dtype = self._token_rows(tok_ids, sc)
+        if np.dtype(tok_dtype) != np.dtype(self.A):
             tok = self.cast(tok, self.A, sc)
         img = IMAGE_EMBEDS if self.A == np.float32 else self.cast(IMAGE_EMBEDS, self.A, sc)
         # row 0 of the table is a zero row, so an empty image_embeds still gathers
@@ -445,6 +441,22 @@ class _DecoderGraph:
         img_rows = g.op("Gather", [table, img_idx], scope=sc, axis=0)
         is_img3 = g.op("Unsqueeze", [is_img, g.const([-1], np.int64)], scope=sc)
         return g.op("Where", [is_img3, img_rows, tok], scope=sc), zero_i
+
+    def _token_rows(self, tok_ids: str, sc: str) -> tuple[str, Any]:
+        """Embedding rows of ``tok_ids`` -> (name, numpy dtype): a plain fp table, or int8/int4
+        codes dequantised by ``GatherBlockQuantized`` (fp16 scales, so fp16 rows)."""
+        g, w = self.g, self.get("transformer.wte.weight")
+        if self.s.embed not in QUANT_BITS:
+            dt = _NP[self.s.embed]
+            wte = g.init("transformer.wte.weight", _np(w, dt), "embedding")
+            return g.op("Gather", [wte, tok_ids], scope=sc, axis=0), dt
+        q = quantize_embedding(w, self.s.embed)
+        del w
+        data = g.init("transformer.wte.qweight", q.data, "embedding")
+        scales = g.init("transformer.wte.scales", q.scales, "embedding")
+        # zero point 2**(bits-1) is the kernel's default: not stored
+        return g.op("GatherBlockQuantized", [data, tok_ids, scales], scope=sc, domain=MS_DOMAIN,
+                    bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1), np.float16
 
     def _positions(self, zero_i: str) -> _LayerShared:
         """Positions, masks and the rotary tables, shared by all layers."""
@@ -566,15 +578,18 @@ class _DecoderGraph:
 # ---------------------------------------------------------------------------------------------
 
 def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_size,
-              accuracy_level, lm_head_accuracy_level, attention, max_positions) -> _Settings:
+              accuracy_level, lm_head_accuracy_level, attention, max_positions,
+              embed=None) -> _Settings:
     if plan not in PLANS:
         raise DecoderExportError(f"unknown decoder plan '{plan}': use one of {', '.join(PLANS)}")
     spec = PRECISION_PLANS[plan]
     act = act_dtype or spec.act_dtype
     kv = kv_dtype or spec.kv_dtype
     head = lm_head or spec.lm_head
+    embed = embed or spec.embed
     for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _NP),
-                          ("lm_head", head, ("int8", "fp16", "fp32")),
+                          ("lm_head", head, ("int8", "int4", "fp16", "fp32")),
+                          ("embed", embed, EMBED_MODES),
                           ("attention", attention, ("mha", "plain"))):
         if val not in ok:
             raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
@@ -598,8 +613,8 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
         # NTK / logN change RoPE past seq_length: the cache ends there so longer contexts fail
         exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)
         max_positions = cfg.max_position_embeddings if exact else cfg.seq_length
-    return _Settings(plan, act, kv, head, group_size, accuracy_level, lm_head_accuracy_level,
-                     attention, int(max_positions))
+    return _Settings(plan, act, kv, head, embed, group_size, accuracy_level,
+                     lm_head_accuracy_level, attention, int(max_positions))
 
 
 def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
@@ -607,8 +622,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                    group_size: int = DEFAULT_GROUP_SIZE, lm_head: str | None = None,
                    act_dtype: str | None = None, kv_dtype: str | None = None,
                    accuracy_level: int = 0, lm_head_accuracy_level: int | None = None,
-                   attention: str = "mha",
-                   max_positions: int | None = None, check: bool = True) -> DecoderExportResult:
+                   attention: str = "mha", max_positions: int | None = None,
+                   check: bool = True, embed: str | None = None) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
     ``model``: the PyTorch reference, a ``WeightSource`` or a checkpoint directory (weights are read
@@ -621,12 +636,13 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     ``lm_head_accuracy_level`` (default: the same) for an int8 head, whose ORT CPU kernel is fast
     only at 4. ``attention``:
     ``mha`` (com.microsoft MultiHeadAttention) or ``plain`` (MatMul/Softmax fallback).
+    ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``).
     """
     t0 = time.perf_counter()
     src = _as_source(model)
     cfg = src.cfg
     s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level,
-                  lm_head_accuracy_level, attention, max_positions)
+                  lm_head_accuracy_level, attention, max_positions, embed)
     if PRECISION_PLANS[plan].quantized:
         _require_quant_tensors(cfg, quant_tensors)
     out_path = Path(out_path)
@@ -654,7 +670,7 @@ def _require_quant_tensors(cfg: QwenVLConfig,
                            quant_tensors: Mapping[str, GPTQTensors] | None) -> None:
     """A quantised plan needs GPTQ tensors for every Linear of every layer."""
     if quant_tensors is None:
-        raise DecoderExportError("plan 'int4' needs quant_tensors (GPTQ tensors per Linear, "
+        raise DecoderExportError("a quantised plan (int4, edge) needs quant_tensors (GPTQ tensors per Linear, "
                                  "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
     names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers)
              for sfx in LINEAR_SUFFIXES]
@@ -675,7 +691,7 @@ def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
     m.ir_version = IR_VERSION
     meta = {
         "qwenvl_edge.engine": "decoder", "plan": s.plan, "act_dtype": s.act_dtype,
-        "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "num_layers": str(cfg.num_hidden_layers),
+        "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "embed": s.embed, "num_layers": str(cfg.num_hidden_layers),
         "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
         "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
         "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from models.checkpoint import expected_shapes
 from models.config import QwenVLConfig
+from quant.embedding import table_bytes
 from quant.plans import DTYPE_BITS, PLANS, PrecisionPlan
 
 GB = 1e9
@@ -123,8 +124,8 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                 linear += n * bits["linear"] / 8
         elif name == "lm_head.weight":
             head += n * bits["lm_head"] / 8 + (shape[0] * 4 if bits["lm_head"] == 8 else 0)
-        elif name == "transformer.wte.weight":
-            embed += n * bits["embed"] / 8
+        elif name == "transformer.wte.weight":  # codes + fp16 scales (quant/embedding.py)
+            embed += table_bytes(shape[0], shape[1], spec.embed)
         else:
             other += n * bits["small"] / 8
     kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (kv_bits or bits["kv"]) / 8

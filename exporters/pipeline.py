@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from models.checkpoint import CheckpointReader
 from models.config import QwenVLConfig
-from quant.plans import DEFAULT_GROUP_SIZE, PLANS, exportable_plans
+from quant.plans import DEFAULT_GROUP_SIZE, PLANS, QUANTIZED_VISION, exportable_plans, traced_vision
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
 from runtime.files import sha256_file
 
@@ -40,7 +41,7 @@ class ExportError(EdgeError, RuntimeError):
 @dataclass
 class ExportOptions:
     checkpoint: Path | None = None  # None: the bundled nano checkpoint
-    plan: str = "int4"  # fp32 | fp16 | int4
+    plan: str = "int4"  # fp32 | fp16 | int4 | edge
     calib: Path | None = None  # manifest JSONL/JSON, or a folder of images
     out: Path = Path("out/bundle")
     work_dir: Path | None = None  # default: <out>.work beside the bundle
@@ -56,7 +57,7 @@ class ExportOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     desc_act: bool = False
     damp_percent: float = 0.01
-    lm_head: str = "int8"  # int8 | fp16 (int4 plan)
+    lm_head: str = "int8"  # int8 | int4 | fp16 (quantised plans)
     cpu: bool = False  # decoder tuned for onnxruntime on CPU (the plan's "cpu" target)
     demo: bool = True
     demo_prompt: str | None = None
@@ -180,7 +181,9 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         raise ExportError(f"plan '{opts.plan}' cannot be exported: use one of "
                           f"{', '.join(exportable_plans())}")
     if ckpt.quantized and not PLANS[opts.plan].quantized:
-        raise ExportError(f"{ckpt.path} is already GPTQ-quantised: only --plan int4 can use it")
+        raise ExportError(f"{ckpt.path} is already GPTQ-quantised: only a quantised plan "
+                          f"({', '.join(n for n in exportable_plans() if PLANS[n].quantized)}) "
+                          "can use it")
     report = ExportReport(bundle=None, memory=_memory_plan(ckpt.cfg, opts))
     work = opts.resolved_work_dir()
     work.mkdir(parents=True, exist_ok=True)
@@ -188,7 +191,7 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         flow = _Flow(opts, ckpt, ckpt.digest(), work, report, bar)
         calib_items, val_items, data_key = flow.data()
         gptq_dir = flow.quant(calib_items, data_key)
-        files = flow.engines(calib_items, gptq_dir)
+        files = flow.engines(calib_items, gptq_dir, data_key)
         candidate = flow.candidate(files)
         report_files = flow.validate(candidate, val_items, data_key, gptq_dir)
         report.bundle = flow.bundle(files, report_files)
@@ -247,10 +250,16 @@ class _Flow:
         self._done(res)
         return res.path / "gptq"
 
-    def engines(self, calib_items: list, gptq_dir: Path | None) -> dict[str, Path]:
+    def engines(self, calib_items: list, gptq_dir: Path | None,
+                data_key: str = "") -> dict[str, Path]:
         opts, ckpt = self.opts, self.ckpt
         vprec = PLANS[opts.plan].vision
-        vres = run_stage(self.work, "vision", stage_key(ckpt=self.digest, precision=vprec),
+        vkey = stage_key(ckpt=self.digest, precision=vprec)
+        if vprec in QUANTIZED_VISION:  # calibrated: the calibration set and settings count too
+            from quant.vision_int8 import Int8Config
+
+            vkey = stage_key(v=vkey, data=data_key, int8=Int8Config().to_dict())
+        vres = run_stage(self.work, "vision", vkey,
                          lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
         self._done(vres)
         qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
@@ -305,6 +314,7 @@ class _Flow:
 
         ckpt, opts = self.ckpt, self.opts
         fields = manifest_fields(ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
+                                 vision_precision=PLANS[opts.plan].vision,
                                  validation=_validation_summary(self.report.validation),
                                  memory_plan={k: v for k, v in asdict(self.report.memory).items()})
         try:
@@ -374,15 +384,60 @@ def _reference_model(ckpt: LoadedCheckpoint, prefixes: list[str] | None = None) 
 
 def _export_vision(ckpt: LoadedCheckpoint, precision: str, items: list,
                    tmp: Path) -> dict[str, Any]:
+    """The vision engine of ``precision``; an int8 one is the fp32 graph statically quantised
+    on the calibration split's images (``items``), then checked against that fp32 graph."""
     from .vision import export_vision
 
     # A path lets export_vision load (and free while exporting) the tower itself.
     source: Any = _reference_model(ckpt, ["transformer.visual."]) if ckpt.quantized else ckpt.path
     photos = [it for it in items if it.task in ("caption", "vqa")][:3] or items[:3]
-    res = export_vision(source, tmp / "vision.onnx", precision=precision,
-                        check_images=_materialise(photos, tmp.parent / "images"),
-                        config=ckpt.cfg)
-    return res.to_dict()
+    traced = traced_vision(precision)
+    dest = tmp / "vision.onnx" if traced == precision else tmp / "traced" / "vision.onnx"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    photo_images = _materialise(photos, tmp.parent / "images")
+    res = export_vision(source, dest, precision=traced, check_images=photo_images,
+                        config=ckpt.cfg, write_trt_script=traced == precision)
+    if traced == precision:
+        return res.to_dict()
+    info = _quantize_vision(ckpt, res, photo_images, items, tmp)
+    shutil.rmtree(dest.parent)  # the fp32 graph was only the quantiser's input
+    return info
+
+
+def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: list,
+                     tmp: Path) -> dict[str, Any]:
+    """int8 QDQ engine (quant/vision_int8.py) from the traced fp32 graph, calibrated on the
+    calibration split only; checked on the export's photos against the fp32 engine (itself
+    checked against PyTorch) with the int8 tolerances, and given its TensorRT commands."""
+    from quant.vision_int8 import calibration_images, quantize_vision
+
+    from .check_images import check_pixels
+    from .tensorrt import trt_command_files, write_trt_commands
+    from .vision import VisionCheckError, VisionTolerances, compare_vision, make_session, run_session
+
+    image_size = ckpt.cfg.visual.image_size
+    calib = calibration_images(items, image_size)
+    out = tmp / "vision.onnx"
+    q = quantize_vision(traced.onnx_path, out, calib, cache_dir=tmp / "traced")
+    names, pixels = check_pixels(photos, image_size)
+    ref = run_session(make_session(traced.onnx_path), pixels)
+    tol = VisionTolerances.for_precision("int8")
+    metrics = compare_vision(out, ref, pixels, names=names, tolerances=tol)
+    for m in metrics:
+        log.info("check int8 vs fp32 engine [%s]: %s", "ok" if m.passed else "FAIL", m.line())
+    failed = [m for m in metrics if not m.passed]
+    if failed:
+        out.unlink()
+        raise VisionCheckError("int8 vision engine check FAILED: " + "; ".join(
+            f"{m.name}: " + ", ".join(m.failures) for m in failed), metrics)
+    write_trt_commands(out, tmp, image_size=image_size, precision="int8", check_pixels=pixels,
+                       check_reference=ref, tolerances=tol)
+    info = traced.to_dict()
+    info.update(precision="int8", onnx_path=str(out), traced=str(traced.precision),
+                int8=q.to_dict(), int8_metrics=[m.to_dict() for m in metrics],
+                int8_tolerances=tol.to_dict(),
+                files=[str(out)] + [str(p) for p in trt_command_files(tmp)])
+    return info
 
 
 def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportOptions,
@@ -423,8 +478,9 @@ def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
                      opts: ExportOptions) -> dict[str, Any]:
     from .bundle import manifest_fields, write_bundle
 
-    write_bundle(tmp / "bundle", files, manifest_fields(ckpt.path, opts.plan,
-                                                        checkpoint_id=str(ckpt.path), cfg=ckpt.cfg))
+    write_bundle(tmp / "bundle", files, manifest_fields(
+        ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
+        vision_precision=PLANS[opts.plan].vision))
     return {}
 
 

@@ -41,6 +41,13 @@ class VisionTolerances:
             return cls(min_cosine=0.99999, max_rel_l2=1e-3, max_abs_rel=1e-3)
         if precision == "fp16":
             return cls(min_cosine=0.9995, max_rel_l2=0.03, max_abs_rel=0.05)
+        if precision == "int8":  # the edge plan's vision drift bounds, said once there
+            from validate.thresholds import thresholds_for
+
+            t = thresholds_for("edge")
+            return cls(min_cosine=t["vision", "cosine_min"].value,
+                       max_rel_l2=t["vision", "rel_l2_max"].value,
+                       max_abs_rel=t["vision", "max_abs_rel_max"].value)
         raise ValueError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
 
     def to_dict(self) -> dict[str, Any]:

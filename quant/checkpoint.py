@@ -303,12 +303,13 @@ def load_gptq_checkpoint(path: str | Path, cfg: QwenVLConfig | None = None
 
 def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
                     lm_head: str = "fp16", prefixes=None,
-                    cfg: QwenVLConfig | None = None) -> nn.Module:
+                    cfg: QwenVLConfig | None = None, embed: str = "fp16") -> nn.Module:
     """The fake-quant reference: a ``QWenLMHeadModel`` holding the dequantised GPTQ weights.
 
     ``lm_head``: ``fp16`` (as stored), or ``int8`` (the per-channel int8 head the default ``int4``
-    plan exports; see ``quant.lm_head``). ``prefixes``: load only those parameters (the rest stay
-    on the meta device), as ``models.checkpoint.load_model``.
+    plan exports; see ``quant.lm_head``). ``embed``: ``fp16`` (as stored) or the ``int8`` /
+    ``int4`` rows the ``edge`` plan gathers (``quant.embedding``). ``prefixes``: load only those
+    parameters (the rest stay on the meta device), as ``models.checkpoint.load_model``.
     """
     from .lm_head import quantize_lm_head
 
@@ -344,6 +345,11 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     if lm_head != "fp16" and not model.lm_head.weight.is_meta:
         head = quantize_lm_head(model.lm_head.weight.detach(), lm_head)
         model.lm_head.weight.data = head.dequantized.to(dtype)
+    wte = model.transformer.wte.weight
+    if embed != "fp16" and not wte.is_meta:
+        from .embedding import embedding_weight
+
+        wte.data = embedding_weight(wte.detach(), embed).to(dtype)
     model.source_path = str(path)
     model.quant_config = read_quant_config(path, cfg)
     return model

@@ -40,7 +40,7 @@ class PrecisionPlan:
     vision: str  # vision engine weights/matmuls (fp32 | fp16 | int8)
     linear_bits: int  # the five decoder Linears per layer (32 | 16 | 4)
     lm_head: str  # fp32 | fp16 | int8 (per output channel)
-    embed: str  # embedding table
+    embed: str  # embedding table (fp32 | fp16 | int8 rows + fp16 row scales: quant/embedding.py)
     small: str  # norms and biases
     targets: dict[str, TargetSettings]  # "gpu" (the default) and "cpu"
     group_size: int | None = None  # int4 Linears only
@@ -87,6 +87,14 @@ def _same(act: str, kv: str) -> dict[str, TargetSettings]:
 _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
                  "cpu": TargetSettings("fp32", "fp32", accuracy_level=4)}
 
+# edge: int8 vision (quant/vision_int8.py), int8 embedding rows with an fp16 scale per row
+# (quant/embedding.py), the int4 decoder's targets. The KV cache stays fp16 (gpu) / fp32 (cpu):
+# onnxruntime 1.32's CPU GroupQueryAttention does take an int8 cache (``kv_cache_bit_width`` 8,
+# ``k_quant_type`` / ``v_quant_type`` PER_TENSOR or PER_CHANNEL with static fp32 scales; checked on
+# a tiny graph), but MultiHeadAttention, which this decoder uses, takes float caches only, and
+# static KV scales would need calibrating: an int8 KV is future work on the GQA decoder.
+_EDGE_TARGETS = dict(_INT4_TARGETS)
+
 PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
     PrecisionPlan("fp32", vision="fp32", linear_bits=32, lm_head="fp32", embed="fp32",
                   small="fp32", targets=_same("fp32", "fp32"),
@@ -97,10 +105,9 @@ PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
     PrecisionPlan("int4", vision="fp16", linear_bits=4, lm_head="int8", embed="fp16",
                   small="fp16", targets=_INT4_TARGETS, group_size=DEFAULT_GROUP_SIZE,
                   note="GPTQ int4 decoder, int8 LM head, fp16 vision"),
-    PrecisionPlan("edge", vision="int8", linear_bits=4, lm_head="int8", embed="fp16",
-                  small="fp16", targets={"gpu": TargetSettings("fp16", "int8")},
-                  group_size=DEFAULT_GROUP_SIZE, exportable=False,
-                  note="int8 vision + int4 decoder + int8 KV (no exporter yet)"),
+    PrecisionPlan("edge", vision="int8", linear_bits=4, lm_head="int8", embed="int8",
+                  small="fp16", targets=_EDGE_TARGETS, group_size=DEFAULT_GROUP_SIZE,
+                  note="int8 vision, GPTQ int4 decoder, int8 LM head, int8 embedding rows"),
 )}
 
 
@@ -117,10 +124,19 @@ def exportable_plans() -> tuple[str, ...]:
     return tuple(n for n, p in PLANS.items() if p.exportable)
 
 
+#: Vision precisions produced by quantising a traced graph, and the precision traced for them.
+QUANTIZED_VISION = {"int8": "fp32"}  # static QDQ int8 (quant/vision_int8.py) reads the fp32 graph
+
+
+def traced_vision(precision: str) -> str:
+    """The precision the vision graph is traced in for an engine of ``precision``."""
+    return QUANTIZED_VISION.get(precision, precision)
+
+
 def vision_precisions() -> tuple[str, ...]:
-    """Vision-engine precisions the exporter builds (those of the exportable plans)."""
-    return tuple(dict.fromkeys(PLANS[n].vision for n in exportable_plans()))
+    """Vision graphs the exporter traces (those the exportable plans need, int8 via fp32)."""
+    return tuple(dict.fromkeys(traced_vision(PLANS[n].vision) for n in exportable_plans()))
 
 
-__all__ = ["DEFAULT_GROUP_SIZE", "DTYPE_BITS", "PLANS", "PrecisionPlan", "TargetSettings",
-           "exportable_plans", "get_plan", "vision_precisions"]
+__all__ = ["DEFAULT_GROUP_SIZE", "DTYPE_BITS", "PLANS", "PrecisionPlan", "QUANTIZED_VISION",
+           "TargetSettings", "exportable_plans", "get_plan", "traced_vision", "vision_precisions"]

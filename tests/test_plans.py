@@ -23,28 +23,40 @@ def test_export_offers_only_exportable_plans():
     import export
 
     opt = next(a for a in export.build_parser()._actions if "--plan" in a.option_strings)
-    assert tuple(opt.choices) == exportable_plans() == ("fp32", "fp16", "int4")
-    assert not PLANS["edge"].exportable  # planned and judged, not built yet
+    assert tuple(opt.choices) == exportable_plans() == ("fp32", "fp16", "int4", "edge")
+    assert export.build_parser().parse_args(["--plan", "edge", "--target", "cpu"]).plan == "edge"
     with pytest.raises(SystemExit):
-        export.build_parser().parse_args(["--plan", "edge"])
+        export.build_parser().parse_args(["--plan", "int3"])
 
 
-def test_unexportable_plan_is_refused_with_one_line(nano_ckpt, tmp_path):
+def test_unexportable_plan_is_refused_with_one_line(nano_ckpt, tmp_path, monkeypatch):
+    from exporters import pipeline
     from exporters.pipeline import ExportError, ExportOptions, run_export
 
+    monkeypatch.setitem(pipeline.PLANS, "edge", dataclasses.replace(PLANS["edge"],
+                                                                    exportable=False))
+    monkeypatch.setattr(pipeline, "exportable_plans", lambda: ("fp32", "fp16", "int4"))
     with pytest.raises(ExportError, match="plan 'edge' cannot be exported: use one of fp32"):
         run_export(ExportOptions(checkpoint=nano_ckpt, plan="edge", out=tmp_path / "b"))
 
 
-def test_edge_can_still_be_planned():
+def test_edge_plan_row_describes_what_is_built():
+    """int8 vision and embedding rows, the int4 decoder's targets and KV (no int8 KV is built)."""
     from exporters.memory_plan import plan_memory
     from models.config import qwen_vl_chat_config
+    from quant.embedding import table_bytes
+    from quant.plans import traced_vision, vision_precisions
 
+    edge, int4 = PLANS["edge"], PLANS["int4"]
+    assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int8", "int8", 4)
+    assert edge.targets == int4.targets and edge.exportable
+    assert traced_vision("int8") == "fp32" and "int8" not in vision_precisions()
     cfg = qwen_vl_chat_config()
-    edge = plan_memory(cfg, "edge", "agx-orin-32gb")
-    int4 = plan_memory(cfg, "int4", "agx-orin-32gb")
-    assert edge.kv_bytes_per_token == int4.kv_bytes_per_token / 2  # int8 KV
-    assert edge.decoder_linear_bytes == int4.decoder_linear_bytes
+    e, i = plan_memory(cfg, "edge", "agx-orin-32gb"), plan_memory(cfg, "int4", "agx-orin-32gb")
+    assert e.kv_bytes_per_token == i.kv_bytes_per_token
+    assert e.decoder_linear_bytes == i.decoder_linear_bytes
+    assert e.embed_bytes == table_bytes(cfg.vocab_size, cfg.hidden_size, "int8")
+    assert e.embed_bytes == pytest.approx(i.embed_bytes / 2, rel=1e-3)  # + one fp16 scale a row
 
 
 def test_targets_of_the_plans():

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gptq", type=Path, default=None,
                     help="int4: the GPTQ checkpoint the bundle was built from (its dequantised "
                          "model judges the exporter's own error)")
-    ap.add_argument("--lm-head", choices=("int8", "fp16"), default="int8",
+    ap.add_argument("--lm-head", choices=("int8", "int4", "fp16"), default="int8",
                     help="int4: the LM head the bundle ships (default int8)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -91,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         same = None
         if a.gptq is not None:
             from quant.checkpoint import load_gptq_model
+            from quant.plans import PLANS as PRECISION_PLANS
+            from runtime.bundle import read_manifest
 
-            same = load_gptq_model(a.gptq, "fp32", lm_head=a.lm_head)
+            from .thresholds import plan_name
+
+            plan = plan_name(a.plan or read_manifest(a.bundle).precision)
+            same = load_gptq_model(a.gptq, "fp32", lm_head=a.lm_head,
+                                   embed=PRECISION_PLANS[plan].embed)
         report = run_validation(a.bundle, a.checkpoint, items, a.plan,
                                 a.out or a.bundle / "report", fake_quant_model=same, stages=stages,
                                 max_items=a.max_items, max_new_tokens=a.max_new_tokens,

@@ -165,7 +165,8 @@ def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
     """The PyTorch model with exactly the engine's weights, run in fp32 (``None`` for fp32).
 
     ``int4``/``edge``: the GPTQ checkpoint ``gptq_dir`` dequantised (the same int4 codes, the
-    embedding/norms as stored, the LM head as the plan ships it: ``quant.checkpoint``).
+    norms as stored, the embedding table and LM head as the plan ships them: fp16 or int8 rows,
+    ``quant.checkpoint``).
     ``fp16``: the reference with every weight rounded to fp16, as the fp16 engine stores them.
     The engine differs from it only by activation rounding, so any larger gap is the exporter's.
     """
@@ -187,5 +188,7 @@ def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
     if gptq_dir is None:
         raise ValueError(f"the {plan} plan's same-precision reference needs its GPTQ checkpoint")
     from quant.checkpoint import load_gptq_model
+    from quant.plans import PLANS as PRECISION_PLANS
 
-    return load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg).eval()
+    return load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg,
+                           embed=PRECISION_PLANS[plan].embed).eval()

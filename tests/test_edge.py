@@ -1,0 +1,128 @@
+"""The edge plan: int8 vision + int4 decoder with int8 embedding rows, end to end on a nano."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import bundle_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_embedding_rows_dequantise_within_half_a_scale(mode):
+    """Every value is within half its block's scale of the fp table (plus the fp16 rounding of
+    the row), and onnxruntime's GatherBlockQuantized returns exactly ``dequantized``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quant.embedding import quantize_embedding, table_bytes
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((300, 128)) * rng.uniform(0.01, 2, (300, 1))).astype(np.float32)
+    w[7] = 0  # an all-zero row (padding rows of the real table)
+    q = quantize_embedding(w, mode, chunk_rows=64)  # chunked == whole
+    deq = q.dequantized()
+    scale = np.repeat(q.scales.astype(np.float32), q.block_size, axis=1)
+    assert np.all(np.abs(deq - w) <= scale / 2 + np.abs(w) * 2.0 ** -11 + 1e-12)
+    assert not np.any(deq[7]) and q.nbytes == table_bytes(300, 128, mode)
+    whole = quantize_embedding(w, mode, chunk_rows=10 ** 6)
+    assert np.array_equal(q.data, whole.data) and np.array_equal(q.scales, whole.scales)
+
+    node = helper.make_node("GatherBlockQuantized", ["data", "ids", "scales"], ["rows"],
+                            domain="com.microsoft", bits=q.bits, block_size=q.block_size,
+                            gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT16, None)],
+        initializer=[numpy_helper.from_array(q.data, "data"),
+                     numpy_helper.from_array(q.scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([0, 7, 299, 5, 5])
+    assert np.array_equal(sess.run(None, {"ids": ids})[0].astype(np.float32), deq[ids])
+
+
+def test_edge_decoder_matches_its_same_precision_reference(nano_model, tmp_path):
+    """The edge decoder's logits equal the fake-quant model with the same int4 codes, int8 head
+    and int8 embedding rows (fp32 activations: only summation order differs), and differ from
+    it with the fp16 table."""
+    import torch
+
+    from exporters.decoder import export_decoder, run_decoder
+    from runtime.engines import open_session
+    from quant.embedding import embedding_weight
+    from quant.fake_quant import fake_quant_model, rtn_gptq_tensors
+
+    qt = rtn_gptq_tensors(nano_model, group_size=32)
+    res = export_decoder(nano_model, tmp_path / "decoder.onnx", plan="edge", quant_tensors=qt,
+                         group_size=32, act_dtype="fp32", kv_dtype="fp32", accuracy_level=0)
+    assert res.op_counts.get("com.microsoft::GatherBlockQuantized") == 1
+    assert res.weight_bytes["embedding"] < 0.6 * nano_model.transformer.wte.weight.numel() * 2
+    fq = fake_quant_model(nano_model, qt, lm_head="int8")
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp16_table = fq(ids).logits[0].numpy()
+        fq.transformer.wte.weight.data = embedding_weight(fq.transformer.wte.weight, "int8")
+        ref = fq(ids).logits[0].numpy()
+    got = run_decoder(open_session(res.onnx_path, ["CPUExecutionProvider"]), ids.numpy())[0][0]
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert np.abs(got - fp16_table).max() > 10 * np.abs(got - ref).max()
+
+
+@pytest.fixture(scope="module")
+def edge_bundle(nano_ckpt, tmp_path_factory) -> Path:
+    """``export.py --plan edge`` on a random nano (validation skipped: random weights are not
+    a model to judge drift on; the shipped nano's report is in README)."""
+    from exporters.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("edge") / "bundle"
+    rep = run_export(ExportOptions(checkpoint=nano_ckpt, plan="edge", out=out, n_calib=8,
+                                   skip_validation=True, demo=False))
+    return rep.bundle
+
+
+def test_edge_export_writes_a_bundle_the_runtime_answers_with(edge_bundle, images):
+    import onnx
+
+    from runtime import Pipeline
+    from runtime.bundle import verify_bundle
+
+    man = verify_bundle(edge_bundle)
+    assert man.precision == "edge" and man.data["vision_precision"] == "int8"
+    assert not [f for f in man.files if "traced" in f]  # the fp32 graph was only an input
+    vision = onnx.load(str(edge_bundle / "vision.onnx"), load_external_data=False)
+    ops = {n.op_type for n in vision.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in vision.metadata_props}
+    assert meta["qwenvl_edge.precision"] == "int8"
+    decoder = onnx.load(str(edge_bundle / "decoder.onnx"), load_external_data=False)
+    assert "GatherBlockQuantized" in {n.op_type for n in decoder.graph.node}
+    res = Pipeline.from_bundle(edge_bundle, device="cpu", threads=1).chat(
+        "What is in the picture?", images=[str(images[0])], max_new_tokens=4,
+        temperature=0.0).result()
+    assert len(res.token_ids) > 0
+
+
+def test_broken_int8_vision_scale_fails_at_the_vision_stage(edge_bundle, nano_model, tmp_path):
+    """A weight scale of the int8 patch embedding off by 2x (a packing bug) FAILs the vision
+    stage of the drift report, which the faithful bundle passes."""
+    from calib_data.manifest import load_manifest
+    from validate.stages import run_validation
+
+    def double_conv_scale(inits):
+        name = next(n for n in inits if n.startswith("conv_w") and n.endswith("_scale"))
+        return {name: inits[name] * 2}
+
+    items = [it for it in load_manifest(ROOT / "calib_data" / "manifest.jsonl")
+             if it.split == "validation"][:2]
+    broken = bundle_variant(edge_bundle, tmp_path / "broken", "vision", double_conv_scale)
+    reports = {b.name: run_validation(b, nano_model, items, "edge", stages=("vision",),
+                                      threads=1, plots=False) for b in (edge_bundle, broken)}
+    assert reports[edge_bundle.name].stages["vision"].verdict == "PASS"
+    assert reports["broken"].verdict == "FAIL" and reports["broken"].first_failure == "vision"
