@@ -67,7 +67,8 @@ def full_size_bytes() -> dict[str, dict[str, int]]:
 
     cfg = qwen_vl_chat_config()
     v, h = cfg.vocab_size, cfg.hidden_size
-    head = {"fp16": v * h * 2, "int8": v * h + v * 4, "int4": v * h // 2 + v * (h // INT4_GROUP) * 4}
+    head = {"fp16": v * h * 2, "int8": v * h + v * 2,  # gpu target: fp16 MatMulNBits scales
+            "int4": v * h // 2 + v * (h // INT4_GROUP) * 2}
     return {"embed": {m: table_bytes(v, h, m) for m in ("fp16", "int8", "int4")},
             "lm_head": head}
 

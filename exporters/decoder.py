@@ -455,8 +455,9 @@ class _DecoderGraph:
         data = g.init("transformer.wte.qweight", q.data, "embedding")
         scales = g.init("transformer.wte.scales", q.scales, "embedding")
         # zero point 2**(bits-1) is the kernel's default: not stored
-        return g.op("GatherBlockQuantized", [data, tok_ids, scales], scope=sc, domain=MS_DOMAIN,
-                    bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1), np.float16
+        rows = g.op("GatherBlockQuantized", [data, tok_ids, scales], scope=sc, domain=MS_DOMAIN,
+                    bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+        return rows, np.float16
 
     def _positions(self, zero_i: str) -> _LayerShared:
         """Positions, masks and the rotary tables, shared by all layers."""
@@ -670,8 +671,8 @@ def _require_quant_tensors(cfg: QwenVLConfig,
                            quant_tensors: Mapping[str, GPTQTensors] | None) -> None:
     """A quantised plan needs GPTQ tensors for every Linear of every layer."""
     if quant_tensors is None:
-        raise DecoderExportError("a quantised plan (int4, edge) needs quant_tensors (GPTQ tensors per Linear, "
-                                 "from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
+        raise DecoderExportError("a quantised plan (int4, edge) needs quant_tensors (GPTQ tensors "
+                                 "per Linear, from quant.gptq or quant.fake_quant.rtn_gptq_tensors)")
     names = [f"transformer.h.{i}.{sfx}" for i in range(cfg.num_hidden_layers)
              for sfx in LINEAR_SUFFIXES]
     missing = [n for n in names if n not in quant_tensors]

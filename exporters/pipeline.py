@@ -19,7 +19,8 @@ from typing import Any
 
 from models.checkpoint import CheckpointReader
 from models.config import QwenVLConfig
-from quant.plans import DEFAULT_GROUP_SIZE, PLANS, QUANTIZED_VISION, exportable_plans, traced_vision
+from quant.plans import (DEFAULT_GROUP_SIZE, PLANS, QUANTIZED_VISION, exportable_plans,
+                         traced_vision)
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
 from runtime.files import sha256_file
 
@@ -413,7 +414,8 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
 
     from .check_images import check_pixels
     from .tensorrt import trt_command_files, write_trt_commands
-    from .vision import VisionCheckError, VisionTolerances, compare_vision, make_session, run_session
+    from .vision import (VisionCheckError, VisionTolerances, compare_vision, make_session,
+                         run_session)
 
     image_size = ckpt.cfg.visual.image_size
     calib = calibration_images(items, image_size)

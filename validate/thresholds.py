@@ -22,8 +22,20 @@ How the numbers were chosen (from published quantisation results and the issues 
   top-1 >= 0.85, ppl ratio <= 1.05. Vision is fp16 as in the fp16 plan. Grounding has no
   published int4 numbers, so we ask 85 % of boxes to stay at IoU >= 0.5 of the
   reference's box and hit-rate vs truth to drop by at most 5 points.
-* ``edge``: int8 ViT (calibrated) + int4 decoder + int8 KV. ModelOpt/Polygraphy-style int8 ViTs
-  keep cosine ~0.99-0.995; int8 KV adds a little KL on top of int4. Bounds widen accordingly.
+* ``edge``: the ``int4`` decoder with int8 embedding rows (one fp16 scale per row), and an int8
+  ViT (static QDQ, calibrated on the calib split). Measured on the shipped nano model
+  (``python export.py --plan edge``, 26 + 26 validation items; README): decoder KL mean 0.0078,
+  p95 0.037, top-1 0.933, ppl ratio 0.988, the int4 plan's own figures (KL 0.008, top-1 0.93):
+  int8 rows move each embedding by at most half a step of 1/127 of its row's peak, invisible
+  next to int4. So the decoder and task rows are ``int4``'s, the task drops held to the issue's
+  5 points. Vision: worst image cosine 0.9990, rel L2 0.045, max-abs 0.107 of the peak.
+  ModelOpt/Polygraphy-style int8 ViTs keep cosine ~0.99-0.995, and issue 19 asks >= 0.99 per
+  image; rel L2 0.15 is what cosine 0.99 allows (sqrt(2 (1 - 0.99)) = 0.14); max-abs 0.15 of
+  the peak sits 1.4x above the nano's 0.107 (int8 rounds the largest features hardest).
+  The KV cache is fp16 as in ``int4`` (quant/plans.py: no int8 KV is built), so the ``fq_*``
+  rows are ``int4``'s fp16-level bounds; measured fq KL mean 1.4e-6, p95 7.0e-6, top-1 0.997,
+  ppl 1.00006 (the same-precision reference holds the same int8 rows, so the table costs the
+  exporter nothing).
 
 Exact answer agreement and identical greedy tokens are judged only for ``fp32``: with reduced
 precision free text forks on near-ties while task accuracy barely moves
@@ -32,13 +44,13 @@ precision free text forks on near-ties while task accuracy barely moves
 Two references. The ``decoder`` rows judge the engine against the fp32 reference: what the bundle
 lost, quantisation included. The ``fq_*`` rows judge it against the *same-precision reference*
 (``validate.compare.same_precision_reference``): for ``int4``/``edge`` the fake-quant model (the
-same int4 codes and int8 head, dequantised, in PyTorch), for ``fp16`` the reference with its
-weights rounded to fp16. What is left between that reference and the engine is activation
-rounding (fp16 activations and KV) plus any exporter bug, so those rows get fp16-level bounds,
-and quantisation loss (``decoder.*``) and exporter error (``decoder.fq_*``) are two verdicts. An
-exporter bug smaller than int4 noise (a final norm x0.9, one layer's key bias zeroed) passes the
-first and fails the second. Measured on the shipped nano model (``python export.py``): see
-README's drift-report section.
+same int4 codes, int8 head and, for ``edge``, int8 embedding rows, dequantised, in PyTorch), for
+``fp16`` the reference with its weights rounded to fp16. What is left between that reference and
+the engine is activation rounding (fp16 activations and KV) plus any exporter bug, so those rows
+get fp16-level bounds, and quantisation loss (``decoder.*``) and exporter error
+(``decoder.fq_*``) are two verdicts. An exporter bug smaller than int4 noise (a final norm x0.9,
+one layer's key bias zeroed) passes the first and fails the second. Measured on the shipped nano
+model (``python export.py``): see README's drift-report section.
 
 Directions: ``>=`` / ``<=`` compare the measured value with the bound; ``within`` is two-sided for
 ratios, ``1/bound <= value <= bound`` (the reference answer becoming markedly *more* likely is as
@@ -176,8 +188,6 @@ def _common_info() -> list[Threshold]:
 #: sit ~40x above that, for deeper real models (llama.cpp measures fp16-class KL ~1e-5 on 7B),
 #: and under the smallest exporter bugs tried (one layer's key bias zeroed: KL 1.3e-4).
 FQ_FP16 = (5e-5, 2.5e-4, 0.99, 1.005)
-#: int8 KV on top: more rounding noise (not measured yet: no edge exporter in export.py).
-FQ_INT8_KV = (1e-3, 5e-3, 0.97, 1.01)
 
 
 def _same_precision(fq: tuple | None) -> list[Threshold]:
@@ -239,8 +249,8 @@ _ROWS: dict[str, list[Threshold]] = {
                   (None, 0.85, 0.95, 0.05, 0.05, 0.05), FQ_FP16),
     "int4": _plan((0.999, 0.05, 0.05), (0.1, 0.5, 0.85, 0.95, 1.05), None,
                   (None, 0.7, 0.85, 0.05, 0.1, 0.05), FQ_FP16),
-    "edge": _plan((0.99, 0.15, 0.15), (0.15, 0.6, 0.8, 0.93, 1.08), None,
-                  (None, 0.65, 0.8, 0.08, 0.15, 0.08), FQ_INT8_KV),
+    "edge": _plan((0.99, 0.15, 0.15), (0.1, 0.5, 0.85, 0.95, 1.05), None,
+                  (None, 0.7, 0.85, 0.05, 0.1, 0.05), FQ_FP16),
 }
 # One table per plan of quant/plans.py, in its order: a plan without thresholds fails here.
 _missing = [n for n in PRECISION_PLANS if n not in _ROWS]
