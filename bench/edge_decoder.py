@@ -9,7 +9,7 @@ Each variant is a bundle of the edge plan (gpu target: fp16 activations and KV) 
 on the manifest's validation items (``validate``'s decoder stage: KL mean / p95, top-1, top-5),
 and the bytes of its table / head are read off the ONNX initializers. The full-size bytes are
 computed from the full Qwen-VL-Chat shapes with the same formulas (``quant.embedding``), not
-measured. Prints one JSON record; asserts nothing.
+measured. Prints one JSON record (each variant also to stderr as it finishes); asserts nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     p.add_argument("--max-items", type=int, default=None, help="validation items (default all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=[f"{e}:{h}" for e, h in VARIANTS],
+                   metavar="EMBED:HEAD", help="variants to build (default: all five)")
     return p
 
 
@@ -47,10 +50,10 @@ def _part_bytes(onnx_path: Path) -> dict[str, int]:
     import onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
-    out = {"embed": 0, "lm_head": 0}
+    out = {"embed_bytes": 0, "lm_head_bytes": 0}
     for t in m.graph.initializer:
-        part = "embed" if t.name.startswith("transformer.wte.") else \
-            "lm_head" if t.name.startswith("lm_head.") else None
+        part = "embed_bytes" if t.name.startswith("transformer.wte.") else \
+            "lm_head_bytes" if t.name.startswith("lm_head.") else None
         if part:
             n = 1
             for d in t.dims:
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
         vision = None
-        for embed, head in VARIANTS:
+        for embed, head in (v.split(":") for v in args.variants):
             out = Path(tmp) / f"{embed}-{head}"
             build_bundle(ckpt, out, plan="edge", model=model, quant_tensors=quant,
                          vision_onnx=vision, decoder_kwargs={"embed": embed, "lm_head": head})
@@ -108,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"embed": embed, "lm_head": head, "items": summ.get("n_items"),
                          **_part_bytes(out / "decoder.onnx"),
                          **{k: m.get(f"decoder.{k}") for k in METRICS}})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     rec = {"bench": "edge_decoder", "host": host(load_avg=list(os.getloadavg())),
            "checkpoint": str(args.checkpoint or "nano"), "gptq": bool(args.gptq),
            "variants": rows,
            "full_size_bytes": full_size_bytes()}
-    print(json.dumps(rec, indent=2))
+    print(json.dumps(rec))
     return 0
 
 

@@ -127,3 +127,27 @@ def test_broken_int8_vision_scale_fails_at_the_vision_stage(edge_bundle, nano_mo
     # measured: cosine 0.980, rel L2 0.21, max-abs 0.29 of the peak (bounds 0.99 / 0.15 / 0.15)
     assert reports["broken"].verdict == "FAIL" and reports["broken"].first_failure == "vision"
 
+
+
+def test_bench_edge_decoder_nano():
+    """The table/head size-vs-drift bench runs and its sizes follow the formulas."""
+    import json
+    import subprocess
+    import sys
+
+    from quant.embedding import table_bytes
+
+    r = subprocess.run([sys.executable, "-m", "bench.edge_decoder", "--max-items", "2",
+                        "--variants", "fp16:int8", "int8:int8", "int8:int4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    rows = {(v["embed"], v["lm_head"]): v for v in rec["variants"]}
+    assert rows["int8", "int8"]["embed_bytes"] == table_bytes(1088, 128, "int8")  # nano table
+    assert rows["int8", "int8"]["embed_bytes"] < rows["fp16", "int8"]["embed_bytes"] / 1.9
+    assert rows["int8", "int4"]["lm_head_bytes"] < rows["int8", "int8"]["lm_head_bytes"]
+    assert all(0 <= v["kl_mean"] and 0 < v["top1"] <= 1 for v in rows.values())
+    full = rec["full_size_bytes"]["embed"]
+    assert full["int8"] == 151936 * 4096 + 151936 * 2 and full["fp16"] == 151936 * 4096 * 2
