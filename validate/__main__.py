@@ -53,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 0 when a gate could not be judged (the report still says "
                          "INCONCLUSIVE)")
     ap.add_argument("--gptq", type=Path, default=None,
-                    help="int4: the GPTQ checkpoint the bundle was built from (its dequantised "
+                    help="int4, edge: the GPTQ checkpoint the bundle was built from (its dequantised "
                          "model judges the exporter's own error)")
     ap.add_argument("--lm-head", choices=("int8", "int4", "fp16"), default="int8",
-                    help="int4: the LM head the bundle ships (default int8)")
+                    help="int4, edge: the LM head the bundle ships (default int8)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
