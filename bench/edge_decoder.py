@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bench.common import host
 
@@ -76,7 +75,7 @@ def full_size_bytes() -> dict[str, dict[str, int]]:
             "lm_head": head}
 
 
-def _quant_tensors(model, gptq: Path | None):
+def _quant_tensors(gptq: Path | None):
     if gptq is None:
         return None  # build_bundle's round-to-nearest stand-in
     from quant.checkpoint import load_gptq_checkpoint
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load_model(ckpt, "fp32")
-    quant = _quant_tensors(model, args.gptq)
+    quant = _quant_tensors(args.gptq)
     items = load_manifest(args.manifest)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
