@@ -692,7 +692,8 @@ def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
     m.ir_version = IR_VERSION
     meta = {
         "qwenvl_edge.engine": "decoder", "plan": s.plan, "act_dtype": s.act_dtype,
-        "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "embed": s.embed, "num_layers": str(cfg.num_hidden_layers),
+        "kv_dtype": s.kv_dtype, "lm_head": s.lm_head, "embed": s.embed,
+        "num_layers": str(cfg.num_hidden_layers),
         "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
         "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
         "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),

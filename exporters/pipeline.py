@@ -192,7 +192,7 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         flow = _Flow(opts, ckpt, ckpt.digest(), work, report, bar)
         calib_items, val_items, data_key = flow.data()
         gptq_dir = flow.quant(calib_items, data_key)
-        files = flow.engines(calib_items, gptq_dir, data_key)
+        files = flow.engines(calib_items, gptq_dir)
         candidate = flow.candidate(files)
         report_files = flow.validate(candidate, val_items, data_key, gptq_dir)
         report.bundle = flow.bundle(files, report_files)
@@ -251,15 +251,15 @@ class _Flow:
         self._done(res)
         return res.path / "gptq"
 
-    def engines(self, calib_items: list, gptq_dir: Path | None,
-                data_key: str = "") -> dict[str, Path]:
+    def engines(self, calib_items: list, gptq_dir: Path | None) -> dict[str, Path]:
         opts, ckpt = self.opts, self.ckpt
         vprec = PLANS[opts.plan].vision
         vkey = stage_key(ckpt=self.digest, precision=vprec)
         if vprec in QUANTIZED_VISION:  # calibrated: the calibration set and settings count too
             from quant.vision_int8 import Int8Config
 
-            vkey = stage_key(v=vkey, data=data_key, int8=Int8Config().to_dict())
+            vkey = stage_key(v=vkey, calib=[(it.id, it.sha256) for it in calib_items],
+                             int8=Int8Config().to_dict())
         vres = run_stage(self.work, "vision", vkey,
                          lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
         self._done(vres)
