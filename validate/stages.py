@@ -548,7 +548,8 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     only the validation split is used. ``plan``: thresholds to apply (default: the bundle's
     precision). ``target``: whose bounds (quant/plans.py targets; default: the bundle manifest's
     ``target``, else ``gpu``); its same-precision reference must compute as that target does
-    (``compare.same_precision_reference(..., target=)``). Writes ``drift.json`` and ``drift.html`` (+ PNG plots) under ``out_dir``.
+    (``compare.same_precision_reference(..., target=)``). Writes ``drift.json`` and
+    ``drift.html`` (+ PNG plots) under ``out_dir``.
     ``threads``: intra-op threads of onnxruntime *and* the PyTorch reference during the run
     (restored afterwards); on a busy machine 1 can be far faster than oversubscribed threads.
     """

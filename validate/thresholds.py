@@ -40,6 +40,13 @@ exporter bug smaller than int4 noise (a final norm x0.9, one layer's key bias ze
 first and fails the second. Measured on the shipped nano model (``python export.py``): see
 README's drift-report section.
 
+Targets (``thresholds_for(plan, target)``, the ``targets`` of quant/plans.py): a target that
+computes differently gets its own exporter-error rows (``_TARGET_FQ``); today the int4 ``cpu``
+target, whose MatMulNBits quantises its inputs to int8 and whose same-precision reference does
+the same (``FQ_INT8_ACT``). Every other row, and every other target, is the plan's.
+``fingerprint(plan, target)`` digests every number that decides a verdict (export.py keys its
+cached drift report on it).
+
 Directions: ``>=`` / ``<=`` compare the measured value with the bound; ``within`` is two-sided for
 ratios, ``1/bound <= value <= bound`` (the reference answer becoming markedly *more* likely is as
 much a bug as less likely: a final norm scaled by 0.9 gives ppl ratio 0.69); ``info`` is
