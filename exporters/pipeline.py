@@ -231,6 +231,10 @@ class _Flow:
         items = _load_items(self.opts)
         calib = [it for it in items if it.split == "calib"][: self.opts.n_calib]
         val = [it for it in items if it.split == "validation"][: self.opts.n_val]
+        if not val and not self.opts.skip_validation:  # found now, not after GPTQ
+            raise ExportError(f"{self.opts.calib or DEFAULT_MANIFEST} has no 'validation' items: "
+                              "the drift report needs some; add them, or pass "
+                              "--skip-validation to build an unchecked bundle")
         self._done()
         return calib, val, stage_key(ids=[(it.id, it.sha256) for it in calib + val])
 

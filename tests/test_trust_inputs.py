@@ -81,6 +81,27 @@ def test_context_beyond_the_model_is_refused(nano_ckpt, tmp_path, capsys, monkey
     assert code == 2 and len(err) == 1 and "2048" in err[0] and context in err[0], err
 
 
+def test_manifest_without_validation_items_is_refused_before_gptq(nano_ckpt, tmp_path, capsys,
+                                                                  monkeypatch):
+    """It used to be refused by the drift report, after GPTQ and both engine exports."""
+    from exporters import pipeline
+
+    monkeypatch.setattr(pipeline, "_quantize", lambda *a: pytest.fail("GPTQ started"))
+    root = Path(__file__).resolve().parents[1] / "calib_data" / "manifest.jsonl"
+    lines = root.read_text().splitlines()
+    calib_only = tmp_path / "calib_data" / "manifest.jsonl"  # beside the shipped one's images
+    calib_only.parent.mkdir()
+    calib_only.write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
+                                                  if json.loads(ln)["split"] == "calib"]))
+    code = export.main(["--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "b"),
+                        "--no-demo", "--calib", str(calib_only), "--n-calib", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no 'validation' items" in err[0], err
+    with pytest.raises(SystemExit):  # and a negative count is not a Python slice
+        export.main(["--n-val", "-1", "--out", str(tmp_path / "b")])
+    assert "--n-val: must be at least 1" in capsys.readouterr().err
+
+
 def test_reader_names_non_finite_tensors(nano_ckpt, tmp_path):
     from models.checkpoint import CheckpointError, CheckpointReader, check_finite, load_model
 
