@@ -33,6 +33,7 @@ drift gate could not be judged: not written unless --accept-inconclusive), 2 usa
 def build_parser() -> argparse.ArgumentParser:
     from exporters.memory_plan import PROFILES
     from quant.plans import DEFAULT_GROUP_SIZE, exportable_plans
+    from runtime.__main__ import positive_int
 
     p = argparse.ArgumentParser(
         prog="export.py", description=__doc__.split("\n\n")[0] + ".",
@@ -65,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the bundle when a drift gate could not be judged (e.g. the "
                         "reference model emits no boxes); the report still says INCONCLUSIVE")
     p.add_argument("--skip-validation", action="store_true", help="do not run the drift report")
-    p.add_argument("--n-calib", type=int, default=None, help="use at most N calibration items")
-    p.add_argument("--n-val", type=int, default=None, help="use at most N validation items")
+    p.add_argument("--n-calib", type=positive_int, default=None,
+                   help="use at most N calibration items")
+    p.add_argument("--n-val", type=positive_int, default=None,
+                   help="use at most N validation items")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"GPTQ group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")

@@ -15,6 +15,8 @@ Manifest keys (format_version 1)::
     created, versions {toolkit, python, torch, onnx, onnxruntime, numpy, tiktoken}
     source           {checkpoint, index_sha256}
     precision        plan name (fp32 | fp16 | int4 | edge)
+    target           what the decoder was built for: gpu | cpu (``export.py --target``; absent:
+                     gpu). The drift report applies that target's bounds
     model            {vocab_size, n_vocab, n_queries, image_size, hidden, layers, heads, head_dim,
                       max_context, special_ids {eod, im_start, im_end, img_start, img_end,
                       img_pad, ref_start, ref_end, box_start, box_end}}   (required)

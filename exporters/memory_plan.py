@@ -106,6 +106,10 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
         raise ValueError(f"unknown plan '{plan}': choose one of {', '.join(PLANS)}")
     if device not in PROFILES:
         raise ValueError(f"unknown device profile '{device}': choose one of {', '.join(PROFILES)}")
+    if context is not None and not 0 < context <= cfg.seq_length:
+        raise ValueError(f"--context {context}: the model addresses 1..{cfg.seq_length} tokens "
+                         "(config.json seq_length; longer contexts need dynamic NTK / logN "
+                         "scaling, not implemented): choose a context within it")
     spec = PLANS[plan]
     bits = plan_bits(spec, target if target in spec.targets else "gpu")
     prof = PROFILES[device]

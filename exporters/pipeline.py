@@ -185,6 +185,8 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         raise ExportError(f"{ckpt.path} is already GPTQ-quantised: only a quantised plan "
                           f"({', '.join(n for n in exportable_plans() if PLANS[n].quantized)}) "
                           "can use it")
+    if PLANS[opts.plan].quantized and not ckpt.quantized:  # before the calibration pass
+        _quant_config(opts).validate((ckpt.cfg.hidden_size, ckpt.cfg.ffn_dim))
     report = ExportReport(bundle=None, memory=_memory_plan(ckpt.cfg, opts))
     work = opts.resolved_work_dir()
     work.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,10 @@ class _Flow:
         items = _load_items(self.opts)
         calib = [it for it in items if it.split == "calib"][: self.opts.n_calib]
         val = [it for it in items if it.split == "validation"][: self.opts.n_val]
+        if not val and not self.opts.skip_validation:  # found now, not after GPTQ
+            raise ExportError(f"{self.opts.calib or DEFAULT_MANIFEST} has no 'validation' items: "
+                              "the drift report needs some; add them, or pass "
+                              "--skip-validation to build an unchecked bundle")
         self._done()
         return calib, val, stage_key(ids=[(it.id, it.sha256) for it in calib + val])
 
@@ -284,12 +290,16 @@ class _Flow:
                  gptq_dir: Path | None) -> dict[str, Path]:
         """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift`` and on
         INCONCLUSIVE without ``--accept-inconclusive`` (or ``--allow-drift``)."""
+        from validate.thresholds import fingerprint
+
         opts, report = self.opts, self.report
         if opts.skip_validation:
             self._done()
             return {}
         ckey = next(s.key for s in report.stages if s.name == "candidate")
-        vkey = stage_key(c=ckey, data=data_key, plan=opts.plan, same_precision=True)
+        # keyed on the bounds too: a changed threshold re-judges (and re-runs) the report
+        vkey = stage_key(c=ckey, data=data_key, plan=opts.plan, same_precision=True,
+                         gates=fingerprint(opts.plan, opts.target))
         valres = run_stage(self.work, "validate", vkey,
                            lambda tmp: _validate(candidate, self.ckpt, val_items, opts, tmp,
                                                  gptq_dir))
@@ -316,6 +326,7 @@ class _Flow:
         ckpt, opts = self.ckpt, self.opts
         fields = manifest_fields(ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
                                  vision_precision=PLANS[opts.plan].vision,
+                                 target=opts.target,
                                  validation=_validation_summary(self.report.validation),
                                  memory_plan={k: v for k, v in asdict(self.report.memory).items()})
         try:
@@ -351,20 +362,27 @@ def _materialise(items: list, cache: Path) -> list:
     return [materialise(it, cache) for it in items]
 
 
+def _quant_config(opts: ExportOptions) -> Any:
+    """The GPTQ settings of an export (``quant.gptq.QuantConfig``)."""
+    from quant.gptq import QuantConfig
+
+    return QuantConfig(bits=4, group_size=opts.group_size, sym=True, desc_act=opts.desc_act,
+                       damp_percent=opts.damp_percent)
+
+
 def _quantize(ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
               tmp: Path) -> dict[str, Any]:
     from models.checkpoint import load_model
     from quant.calibration import CalibItem, build_calibration
     from quant.checkpoint import save_gptq_checkpoint
-    from quant.gptq import QuantConfig, quantize_decoder
+    from quant.gptq import quantize_decoder
 
     model = load_model(ckpt.path, "fp32", cfg=ckpt.cfg)
     images = _materialise(items, tmp.parent / "images")
     calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
              for it, img in zip(items, images)]
     batches = build_calibration(model, calib, ckpt.path)
-    qcfg = QuantConfig(bits=4, group_size=opts.group_size, sym=True, desc_act=opts.desc_act,
-                       damp_percent=opts.damp_percent)
+    qcfg = _quant_config(opts)
     result = quantize_decoder(model, batches, qcfg)
     save_gptq_checkpoint(model, result, qcfg, tmp / "gptq")
     return {"layers": len(result.losses),
@@ -482,7 +500,7 @@ def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
 
     write_bundle(tmp / "bundle", files, manifest_fields(
         ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
-        vision_precision=PLANS[opts.plan].vision))
+        vision_precision=PLANS[opts.plan].vision, target=opts.target))
     return {}
 
 
@@ -496,9 +514,10 @@ def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOpt
 
     reference = _reference_model(ckpt)
     same = same_precision_reference(reference, opts.plan, gptq_dir, opts.lm_head,
-                                    ckpt.cfg if gptq_dir == ckpt.path else None)
+                                    ckpt.cfg if gptq_dir == ckpt.path else None, opts.target)
     rep = run_validation(bundle, reference, items, opts.plan, tmp / "report",
-                         cache_dir=tmp.parent / "images", fake_quant_model=same)
+                         cache_dir=tmp.parent / "images", fake_quant_model=same,
+                         target=opts.target)
     return rep.summary() if hasattr(rep, "summary") else dict(rep)
 
 
@@ -506,7 +525,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
                  model: Any = None, quant_tensors: Mapping[str, Any] | None = None,
                  vision_precision: str = "fp32", vision_onnx: str | Path | None = None,
                  checkpoint_id: str | None = None,
-                 decoder_kwargs: Mapping[str, Any] | None = None) -> Path:
+                 decoder_kwargs: Mapping[str, Any] | None = None, target: str = "gpu") -> Path:
     """Both engines of an in-memory model and a bundle, without GPTQ calibration or the drift
     report: the quick path for tests and benchmarks (``run_export`` is the checked one).
 
@@ -514,7 +533,8 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
     ``quant_tensors``: GPTQ tensors for ``plan="int4"`` (default: round-to-nearest, group 128 or
     the largest power of two dividing the width). ``vision_onnx``: reuse an exported vision
     engine instead of exporting it again. ``decoder_kwargs``: more ``export_decoder`` arguments
-    (``act_dtype``, ``kv_dtype``, ``lm_head``, ...).
+    (``act_dtype``, ``kv_dtype``, ``lm_head``, ...). ``target``: the plan's executor settings
+    (``export.py --target``), recorded in the manifest.
     """
     import tempfile
 
@@ -533,6 +553,8 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         kwargs: dict[str, Any] = {}
         if PLANS[plan].quantized:
             kwargs = _rtn_quant(model, quant_tensors)
+        if target != "gpu":
+            kwargs.update(PLANS[plan].target(target).decoder_kwargs())
         kwargs.update(decoder_kwargs or {})
         export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
         if vision_onnx is None:
@@ -543,7 +565,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         files = {"vision.onnx": Path(vision_onnx), "decoder.onnx": t / "decoder.onnx",
                  **ckpt.tokenizer_file()}
         fields = manifest_fields(ckpt.path, plan, checkpoint_id, cfg=ckpt.cfg,
-                                 vision_precision=vision_precision)
+                                 vision_precision=vision_precision, target=target)
         return write_bundle(out, files, fields)
 
 

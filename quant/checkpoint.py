@@ -303,14 +303,18 @@ def load_gptq_checkpoint(path: str | Path, cfg: QwenVLConfig | None = None
 
 def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
                     lm_head: str = "fp16", prefixes=None,
-                    cfg: QwenVLConfig | None = None, embed: str = "fp16") -> nn.Module:
+                    cfg: QwenVLConfig | None = None, embed: str = "fp16",
+                    int8_acts: bool = False) -> nn.Module:
     """The fake-quant reference: a ``QWenLMHeadModel`` holding the dequantised GPTQ weights.
 
     ``lm_head``: ``fp16`` (as stored), or ``int8`` (the per-channel int8 head the default ``int4``
     plan exports; see ``quant.lm_head``). ``embed``: ``fp16`` (as stored) or the ``int8`` /
     ``int4`` rows the ``edge`` plan gathers (``quant.embedding``). ``prefixes``: load only those
     parameters (the rest stay on the meta device), as ``models.checkpoint.load_model``.
+    ``int8_acts``: the Linears' inputs quantised as the ``cpu`` target's MatMulNBits does
+    (``quant.fake_quant.int8_activations``).
     """
+    from .fake_quant import int8_activations
     from .lm_head import quantize_lm_head
 
     dtype = parse_dtype(dtype)
@@ -350,6 +354,8 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         from .embedding import embedding_weight
 
         wte.data = embedding_weight(wte.detach(), embed).to(dtype)
+    if int8_acts:
+        int8_activations(model, {m: t.g_idx for m, t in tensors.items()}, lm_head == "int8")
     model.source_path = str(path)
     model.quant_config = read_quant_config(path, cfg)
     return model

@@ -6,6 +6,12 @@ biases) and applying the LM-head treatment (int8 per channel / fp16). An int4 en
 activations must then match this model to float rounding; any larger gap is an exporter bug, not
 quantisation error.
 
+``int8_activations`` adds what ``MatMulNBits`` does with ``accuracy_level`` 4 (the int4 plan's
+``cpu`` target): each input row is quantised to int8, symmetric, per weight block along K
+(scale = amax / 127 in float32, round half to even), before the product. With it the fake-quant
+model matches such an engine to float rounding too (checked against onnxruntime's kernel in
+tests/test_gptq.py), so the drift report can judge that target's exporter error as tightly.
+
 ``rtn_gptq_tensors`` makes GPTQ-layout tensors by round-to-nearest (optionally with an act-order
 ``g_idx``) for tests and for timing runs on random weights, where real GPTQ adds nothing.
 """
@@ -57,14 +63,64 @@ def check_gptq_shape(name: str, t: GPTQTensors, out_features: int, in_features: 
                            f"{(in_features * t.bits // 32, out_features)}")
 
 
+def int8_block_quant(x: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [..., K] as ``MatMulNBits`` accuracy level 4 sees it: int8 codes per block, dequantised.
+
+    ``groups``: the column order that makes the blocks contiguous (a GPTQ ``g_idx`` argsort) and
+    the block count as ``groups.shape[0]``; None for one block over all of K (the int8 LM head).
+    Float32 throughout, as the kernel computes it (no transcendental: the same on every CPU).
+    """
+    xf = x.float()
+    k = xf.shape[-1]
+    if groups is None:
+        xb = xf.unsqueeze(-2)
+    else:
+        xb = xf.index_select(-1, groups.flatten()).reshape(*xf.shape[:-1], *groups.shape)
+    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(xb * inv) * scale  # torch.round: half to even, as the kernel's cvtps
+    if groups is None:
+        return q.squeeze(-2).to(x.dtype)
+    out = torch.empty_like(xf)
+    out.index_copy_(-1, groups.flatten(), q.reshape(*xf.shape[:-1], k))
+    return out.to(x.dtype)
+
+
+def _block_order(g_idx: np.ndarray) -> torch.Tensor:
+    """[n_blocks, block] column indices of each MatMulNBits block (act-order: permuted)."""
+    g = np.asarray(g_idx, dtype=np.int64)
+    n_blocks = int(g.max()) + 1
+    if np.any(np.bincount(g, minlength=n_blocks) != g.size // n_blocks):
+        raise PackingError("GPTQ groups of unequal size: MatMulNBits cannot run this Linear")
+    order = np.argsort(g, kind="stable")  # the exporter's permutation (packing.gptq_to_matmul_nbits)
+    return torch.from_numpy(order.reshape(n_blocks, -1))
+
+
+def int8_activations(model: nn.Module, g_idx: Mapping[str, np.ndarray],
+                     lm_head: bool = True) -> nn.Module:
+    """Quantise the inputs of the quantised Linears (and of an int8 LM head) as ``MatMulNBits``
+    accuracy level 4 does, in place (forward pre-hooks); ``g_idx``: each Linear's GPTQ groups."""
+    def hook(groups):
+        return lambda _mod, args: (int8_block_quant(args[0], groups), *args[1:])
+
+    for name, g in g_idx.items():
+        model.get_submodule(name).register_forward_pre_hook(hook(_block_order(g)))
+    if lm_head:
+        model.lm_head.register_forward_pre_hook(hook(None))
+    model.int8_activations = True
+    return model
+
+
 @torch.no_grad()
 def fake_quant_model(model: nn.Module, quant_tensors: Mapping[str, GPTQTensors],
-                     lm_head: str = "int8", fp16_rest: bool = True) -> nn.Module:
+                     lm_head: str = "int8", fp16_rest: bool = True,
+                     int8_acts: bool = False) -> nn.Module:
     """A copy of ``model`` whose quantised Linears hold the dequantised GPTQ weights.
 
     ``lm_head``: ``int8`` (per-channel, what the int4 plan ships by default), ``fp16`` or ``fp32``.
     ``fp16_rest``: round the embedding table, the RMSNorm weights and the biases of the quantised
-    Linears to fp16, as the int4 ONNX plan stores them.
+    Linears to fp16, as the int4 ONNX plan stores them. ``int8_acts``: quantise the Linears'
+    inputs as the ``cpu`` target's MatMulNBits does (``int8_activations``).
     """
     fq = copy.deepcopy(model).float().eval()
     cfg = fq.cfg
@@ -91,6 +147,8 @@ def fake_quant_model(model: nn.Module, quant_tensors: Mapping[str, GPTQTensors],
             blk.ln_1.weight.data = _fp16_round(blk.ln_1.weight)
             blk.ln_2.weight.data = _fp16_round(blk.ln_2.weight)
         tr.ln_f.weight.data = _fp16_round(tr.ln_f.weight)
+    if int8_acts:
+        int8_activations(fq, {n: quant_tensors[n].g_idx for n in names}, lm_head == "int8")
     return fq
 
 

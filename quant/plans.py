@@ -26,6 +26,11 @@ class TargetSettings:
     kv_dtype: str  # KV cache
     accuracy_level: int = 0  # MatMulNBits compute precision (0 = exact, 4 = int8 activations)
 
+    @property
+    def int8_activations(self) -> bool:
+        """MatMulNBits quantises its inputs to int8 (what the same-precision reference mirrors)."""
+        return self.accuracy_level == 4
+
     def decoder_kwargs(self) -> dict[str, object]:
         """The ``exporters.decoder.export_decoder`` arguments of this target."""
         return {"act_dtype": self.act_dtype, "accuracy_level": self.accuracy_level,

@@ -114,6 +114,11 @@ class Manifest:
         return str(self.data.get("precision", "unknown"))
 
     @property
+    def target(self) -> str:
+        """What the decoder was built for (``export.py --target``); bundles without it: gpu."""
+        return str(self.data.get("target", "gpu"))
+
+    @property
     def engines(self) -> dict[str, Any]:
         return self.data.get("engines", {})
 

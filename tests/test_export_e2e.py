@@ -23,7 +23,7 @@ def _opts(ckpt, out, **kw) -> ExportOptions:
     return ExportOptions(**base)
 
 
-def test_fp32_flow_writes_a_verified_bundle_that_passes(nano_ckpt, tmp_path):
+def test_fp32_flow_writes_a_verified_bundle_that_passes(nano_ckpt, tmp_path, monkeypatch):
     rep = run_export(_opts(nano_ckpt, tmp_path / "b32", plan="fp32"))
     assert rep.verdict == "PASS", rep.validation
     man = verify_bundle(rep.bundle)
@@ -37,6 +37,22 @@ def test_fp32_flow_writes_a_verified_bundle_that_passes(nano_ckpt, tmp_path):
     again = run_export(_opts(nano_ckpt, tmp_path / "b32", plan="fp32"))
     assert all(s.cached for s in again.stages) and verify_bundle(again.bundle).files == man.files
     assert not list(tmp_path.glob(".b32.*"))
+    assert man.target == "gpu" and drift["target"] == "gpu"
+    # a changed bound re-runs the drift report (its cached stage is keyed on the bounds)
+    from dataclasses import replace
+
+    from validate import thresholds
+
+    old = thresholds.thresholds_for("fp32")["decoder", "kl_mean"].value
+    rows = [replace(t, value=t.value * 2) if (t.stage, t.metric) == ("decoder", "kl_mean")
+            else t for t in thresholds.PLANS["fp32"]]
+    monkeypatch.setitem(thresholds.PLANS, "fp32", rows)
+    third = run_export(_opts(nano_ckpt, tmp_path / "b32", plan="fp32"))
+    cached = {s.name: s.cached for s in third.stages}
+    assert not cached["validate"] and cached["candidate"] and cached["decoder"], cached
+    bound = next(m for m in json.loads((third.bundle / "report" / "drift.json").read_text())
+                 ["stages"]["decoder"]["metrics"] if m["name"] == "kl_mean")["threshold"]
+    assert bound == 2 * old, (bound, old)
 
 
 def test_interrupted_run_leaves_no_bundle_and_resumes(nano_ckpt, tmp_path, monkeypatch):

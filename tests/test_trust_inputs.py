@@ -47,6 +47,61 @@ def test_nan_weight_is_named_before_gptq(nano_ckpt, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("args, field", [(["--group-size", "7"], "group_size=7"),
+                                         (["--group-size", "256"], "does not divide")])
+def test_gptq_settings_are_refused_before_calibration(nano_ckpt, tmp_path, capsys, monkeypatch,
+                                                      args, field):
+    """A group size MatMulNBits cannot run (or one not dividing the model's widths) used to be
+    refused only when GPTQ started, after the calibration pass through the whole model."""
+    from exporters import pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the GPTQ settings were checked")
+
+    monkeypatch.setattr(pipeline, "_load_items", boom)
+    code = export.main(["--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "b"),
+                        "--no-demo", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and field in err[0], err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.work").exists()
+
+
+@pytest.mark.parametrize("extra", [["--plan-only"], []])
+@pytest.mark.parametrize("context", ["100000", "0"])
+def test_context_beyond_the_model_is_refused(nano_ckpt, tmp_path, capsys, monkeypatch, extra,
+                                             context):
+    """``--context 100000`` was reported as "does not fit desktop ... pass --force", and --force
+    built a bundle for a context the model cannot address."""
+    from exporters import pipeline
+
+    monkeypatch.setattr(pipeline, "_load_items", lambda *a: pytest.fail("work started"))
+    code = export.main(["--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "b"),
+                        "--no-demo", "--context", context, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "2048" in err[0] and context in err[0], err
+
+
+def test_manifest_without_validation_items_is_refused_before_gptq(nano_ckpt, tmp_path, capsys,
+                                                                  monkeypatch):
+    """It used to be refused by the drift report, after GPTQ and both engine exports."""
+    from exporters import pipeline
+
+    monkeypatch.setattr(pipeline, "_quantize", lambda *a: pytest.fail("GPTQ started"))
+    root = Path(__file__).resolve().parents[1] / "calib_data" / "manifest.jsonl"
+    lines = root.read_text().splitlines()
+    calib_only = tmp_path / "calib_data" / "manifest.jsonl"  # beside the shipped one's images
+    calib_only.parent.mkdir()
+    calib_only.write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
+                                                  if json.loads(ln)["split"] == "calib"]))
+    code = export.main(["--checkpoint", str(nano_ckpt), "--out", str(tmp_path / "b"),
+                        "--no-demo", "--calib", str(calib_only), "--n-calib", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no 'validation' items" in err[0], err
+    with pytest.raises(SystemExit):  # and a negative count is not a Python slice
+        export.main(["--n-val", "-1", "--out", str(tmp_path / "b")])
+    assert "--n-val: must be at least 1" in capsys.readouterr().err
+
+
 def test_reader_names_non_finite_tensors(nano_ckpt, tmp_path):
     from models.checkpoint import CheckpointError, CheckpointReader, check_finite, load_model
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import bundle_variant
 
 from validate import metrics as M
-from validate.thresholds import PLANS, plan_name, table_markdown, thresholds_for
+from validate.thresholds import PLANS, fingerprint, plan_name, table_markdown, thresholds_for
 
 MAX_NEW = 10
 
@@ -341,7 +341,8 @@ def test_task_metrics_with_boxes_and_report_drawing(tmp_path):
     moved = f"({x1 + 120},{y1}),({x2 + 120},{y2})"
     eng = {g0.id: g0.answer.replace(f"({x1},{y1}),({x2},{y2})", moved),
            o1.id: o1.answer[:-1] + "#", g2.id: "I do not know."}
-    ctx = SimpleNamespace(plan="int4", pipeline_answer=lambda p: eng[p.item.id])
+    ctx = SimpleNamespace(plan="int4", gates=thresholds_for("int4"),
+                          pipeline_answer=lambda p: eng[p.item.id])
     st = task_stage(ctx, prepared)
     m = {x.name: x for x in st.metrics}
     assert m["answer_agreement"].value == 0.0
@@ -416,6 +417,29 @@ def test_same_precision_rows_per_plan():
     assert thresholds_for("fp32")["decoder", "fq_kl_mean"].op == "info"
 
 
+def test_thresholds_per_target(monkeypatch):
+    """The int4 cpu target (int8-quantised MatMulNBits inputs) has its own exporter-error rows;
+    its other rows, and the targets of other plans, are the plan's. The fingerprint that keys
+    export.py's cached drift report follows every bound."""
+    from validate import thresholds
+
+    gpu, cpu = thresholds_for("int4"), thresholds_for("int4", "cpu")
+    assert gpu == thresholds_for("int4", None)
+    fq = {k for k in gpu if k[1].startswith("fq_")}
+    assert len(fq) == 4 and all(cpu[k].value != gpu[k].value for k in fq)
+    assert all(cpu[k] == gpu[k] for k in gpu if k not in fq)
+    assert cpu["decoder", "fq_kl_mean"].value < cpu["decoder", "kl_mean"].value
+    assert thresholds_for("fp16", "cpu") == thresholds_for("fp16")
+    with pytest.raises(ValueError, match="no target 'cpu'"):
+        thresholds_for("edge", "cpu")
+    assert table_markdown().splitlines()[0].endswith("| int4 (cpu) |")
+    prints = {fingerprint(p) for p in PLANS} | {fingerprint("int4", "cpu")}
+    assert len(prints) == len(PLANS) + 1
+    before = fingerprint("int4", "cpu")
+    monkeypatch.setattr(thresholds, "REFERENCE_FLOOR", 0.2)
+    assert fingerprint("int4", "cpu") != before and fingerprint("int4") not in prints
+
+
 def _scripted_task(answers_ref, answers_eng, n_grounding=2, n_ocr=0):
     from types import SimpleNamespace
 
@@ -429,7 +453,8 @@ def _scripted_task(answers_ref, answers_eng, n_grounding=2, n_ocr=0):
               + [it for it in its if it.task == "ocr"][:n_ocr])
     prepared = [Prepared(it, materialise(it), np.zeros(1), [], ref_text=answers_ref(it))
                 for it in chosen]
-    ctx = SimpleNamespace(plan="int4", pipeline_answer=lambda p: answers_eng(p.item))
+    ctx = SimpleNamespace(plan="int4", gates=thresholds_for("int4"),
+                          pipeline_answer=lambda p: answers_eng(p.item))
     return task_stage(ctx, prepared)
 
 

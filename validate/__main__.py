@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report directory (default BUNDLE/report)")
     ap.add_argument("--plan", choices=sorted(PLANS), default=None,
                     help="thresholds to apply (default: the bundle's precision)")
+    ap.add_argument("--target", choices=("gpu", "cpu"), default=None,
+                    help="whose bounds to apply: what the decoder was built for (default: the "
+                         "bundle manifest's target, gpu for bundles that do not record one)")
     ap.add_argument("--stages", default=",".join(STAGES),
                     help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--max-items", type=int, default=None, help="use only the first N items")
@@ -72,6 +75,17 @@ def _print_report(report, out: Path) -> None:
     print(f"{report.summary_line()}\nreport: {out / 'drift.html'}")
 
 
+def _same_precision(a: argparse.Namespace):
+    """The dequantised ``--gptq`` model, rounding activations as the bundle's target does."""
+    from runtime.bundle import read_manifest
+
+    from .compare import same_precision_reference
+
+    man = read_manifest(a.bundle)
+    plan = a.plan or man.precision
+    return same_precision_reference(None, plan, a.gptq, a.lm_head, target=a.target or man.target)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -90,20 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         items = load_manifest(a.manifest)
         same = None
         if a.gptq is not None:
-            from quant.checkpoint import load_gptq_model
-            from quant.plans import PLANS as PRECISION_PLANS
-            from runtime.bundle import read_manifest
-
-            from .thresholds import plan_name
-
-            plan = plan_name(a.plan or read_manifest(a.bundle).precision)
-            same = load_gptq_model(a.gptq, "fp32", lm_head=a.lm_head,
-                                   embed=PRECISION_PLANS[plan].embed)
+            same = _same_precision(a)
         report = run_validation(a.bundle, a.checkpoint, items, a.plan,
                                 a.out or a.bundle / "report", fake_quant_model=same, stages=stages,
                                 max_items=a.max_items, max_new_tokens=a.max_new_tokens,
                                 device=a.device, threads=a.threads, cache_dir=a.cache_dir,
-                                plots=not a.no_plots)
+                                plots=not a.no_plots, target=a.target)
     except (EdgeError, FileNotFoundError, KeyError, ValueError) as e:
         if a.verbose:
             raise

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .thresholds import thresholds_for
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ class Context:
 
     def __init__(self, bundle_dir: Path, model, plan: str, tokenizer=None, device: str = "cpu",
                  threads: int | None = None, max_new_tokens: int = 32,
-                 cache_dir: Path | None = None, fake_quant_model=None):
+                 cache_dir: Path | None = None, fake_quant_model=None, target: str = "gpu"):
         from models.runner import TorchRunner
         from runtime.bundle import verify_bundle
 
@@ -66,6 +68,8 @@ class Context:
         self.model = model
         self.fq_model = fake_quant_model
         self.plan, self.device, self.threads = plan, device, threads
+        self.target = target
+        self.gates = thresholds_for(plan, target)  # the gates every stage judges with
         self.max_new_tokens = max_new_tokens
         self.cache_dir = cache_dir
         self._check_facts(model.cfg)
@@ -161,16 +165,19 @@ class Context:
 
 
 def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
-                             lm_head: str = "int8", cfg=None):
+                             lm_head: str = "int8", cfg=None, target: str = "gpu"):
     """The PyTorch model with exactly the engine's weights, run in fp32 (``None`` for fp32).
 
     ``int4``/``edge``: the GPTQ checkpoint ``gptq_dir`` dequantised (the same int4 codes, the
     norms as stored, the embedding table and LM head as the plan ships them: fp16 or int8 rows,
-    ``quant.checkpoint``).
+    ``quant.checkpoint``); for a target whose MatMulNBits quantises its inputs to int8 (``cpu``),
+    the model does so too.
     ``fp16``: the reference with every weight rounded to fp16, as the fp16 engine stores them.
     The engine differs from it only by activation rounding, so any larger gap is the exporter's.
     """
     import torch
+
+    from quant.plans import PLANS as PRECISION_PLANS
 
     from .thresholds import plan_name
 
@@ -188,7 +195,7 @@ def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
     if gptq_dir is None:
         raise ValueError(f"the {plan} plan's same-precision reference needs its GPTQ checkpoint")
     from quant.checkpoint import load_gptq_model
-    from quant.plans import PLANS as PRECISION_PLANS
 
+    acts = PRECISION_PLANS[plan].target(target).int8_activations
     return load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg,
-                           embed=PRECISION_PLANS[plan].embed).eval()
+                           embed=PRECISION_PLANS[plan].embed, int8_acts=acts).eval()

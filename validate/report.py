@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.files import atomic_write_bytes
 
-from .thresholds import bound_text, thresholds_for
+from .thresholds import bound_text
 
 COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INFO": "#57606a", "N/A": "#9a6700",
           "INCONCLUSIVE": "#9a6700"}
@@ -92,7 +92,7 @@ def plot_vision(report) -> bytes:
     err = 1.0 - cos
     floor = 1e-12
     vals = np.where(np.isnan(err), 1.0, np.maximum(err, floor))
-    t = thresholds_for(report.plan).get(("vision", "cosine_min"))
+    t = report.gates.get(("vision", "cosine_min"))
     fig = _figure(max(6.4, 0.35 * len(names) + 2), 3.8)
     ax = fig.add_subplot()
     colors = ["#cf222e" if (np.isnan(c) or (t and c < t.value)) else "#0969da" for c in cos]
@@ -121,7 +121,7 @@ def plot_kl(report) -> bytes:
     finite = kls[np.isfinite(kls)]
     floor = 1e-15
     logs = np.log10(np.maximum(finite, floor))
-    th = thresholds_for(report.plan)
+    th = report.gates
     marks = [math.log10(t.value) for key in ("kl_mean", "kl_p95")
              if (t := th.get(("decoder", key))) is not None and t.op != "info"]
     lo = math.floor(min([*logs.tolist(), *marks, 0.0])) - 0.5
@@ -165,7 +165,7 @@ def plot_agreement(report) -> bytes:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("answer token position")
     ax.set_ylabel("fraction of items")
-    t = thresholds_for(report.plan).get(("decoder", "top1"))
+    t = report.gates.get(("decoder", "top1"))
     if t is not None and t.op != "info":
         ax.axhline(t.value, color="#cf222e", ls="--", lw=1, label=f"threshold {t.value:g}")
     ax2 = ax.twinx()
@@ -331,9 +331,9 @@ def render_html(report, plots: dict[str, bytes], cards: list[tuple[str, bytes | 
     _html_cards(report, cards, out)
     out.append("</div>")
     out.append("<h2>Thresholds</h2><p class='muted'>validate/thresholds.py, plan "
-               f"{e(report.plan)}: " + ", ".join(
+               f"{e(report.plan)}, {e(report.target)} target: " + ", ".join(
                    e(f"{k[0]}.{k[1]} {t.op} {t.value:g}") for k, t in
-                   thresholds_for(report.plan).items() if t.op != "info") + "</p>")
+                   report.gates.items() if t.op != "info") + "</p>")
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -349,7 +349,7 @@ def _html_header(report) -> list[str]:
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>drift report "
            f"{e(report.verdict)}</title><style>{_CSS}</style></head><body>",
            f"<h1>Drift report {_badge(report.verdict)} <span class='muted'>plan "
-           f"{e(report.plan)}</span></h1>",
+           f"{e(report.plan)}, {e(report.target)} target bounds</span></h1>",
            f"<p>{e(report.summary_line())}</p>",
            "<table><tr><th>bundle</th><td>" + e(str(meta.get("bundle"))) + "</td></tr>"
            "<tr><th>source checkpoint</th><td>" + e(json.dumps(meta.get("source"))) + "</td></tr>"

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import numpy as np
 from . import metrics as M
 from .compare import Context, Prepared, encode_answer, parse_boxes
 from .thresholds import (DESCRIPTIONS, REFERENCE_FLOOR, REFERENCE_FLOOR_MIN_ITEMS, STAGES,
-                         bound_text, plan_name, thresholds_for)
+                         Threshold, bound_text, plan_name, target_name, thresholds_for)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
     items: list[Any] = field(default_factory=list, repr=False)  # CalibItems (for the HTML)
     images: dict[str, Any] = field(default_factory=dict, repr=False)  # id -> PIL image
+    target: str = "gpu"  # whose bounds judged it (quant/plans.py targets: gpu | cpu)
+
+    @property
+    def gates(self) -> dict[tuple[str, str], Threshold]:
+        return thresholds_for(self.plan, self.target)
 
     @property
     def verdict(self) -> str:
@@ -145,7 +150,8 @@ class Report:
             tail += "; errors: " + "; ".join(errs)
         if self.inconclusive():
             tail += "; inconclusive: " + "; ".join(self.inconclusive())
-        return f"drift {self.verdict} (plan {self.plan}): " + ", ".join(parts) + tail
+        return (f"drift {self.verdict} (plan {self.plan}, {self.target} target bounds): "
+                + ", ".join(parts) + tail)
 
     def failed(self) -> list[str]:
         """``stage.metric=value (need op bound)`` for every failed metric."""
@@ -159,7 +165,8 @@ class Report:
         from .report import _clean
 
         return _clean({
-            "verdict": self.verdict, "plan": self.plan, "first_failure": self.first_failure,
+            "verdict": self.verdict, "plan": self.plan, "target": self.target,
+            "first_failure": self.first_failure,
             "stages": {n: s.verdict for n, s in self.stages.items()},
             "failed": self.failed() + [f"{n}: {s.error}" for n, s in self.stages.items()
                                        if s.error],
@@ -170,16 +177,21 @@ class Report:
         })
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "plan": self.plan, "first_failure": self.first_failure,
+        return {"verdict": self.verdict, "plan": self.plan, "target": self.target,
+                "first_failure": self.first_failure,
                 "summary": self.summary_line(), "failed": self.failed(),
                 "inconclusive": self.inconclusive(), "meta": self.meta,
                 "stages": {n: s.to_dict() for n, s in self.stages.items()}}
 
 
-def judge(stage: str, name: str, value: float | None, plan: str, n: int = 0,
-          note: str = "", na: str | None = None) -> Metric:
-    """A Metric with its verdict from the plan's table (``na`` forces N/A with that reason)."""
-    t = thresholds_for(plan).get((stage, name))
+def judge(stage: str, name: str, value: float | None,
+          gates: str | Mapping[tuple[str, str], Threshold], n: int = 0, note: str = "",
+          na: str | None = None) -> Metric:
+    """A Metric with its verdict from ``gates`` (a ``thresholds_for`` table, or a plan name for its
+    default target's); ``na`` forces N/A with that reason."""
+    if isinstance(gates, str):
+        gates = thresholds_for(gates)
+    t = gates.get((stage, name))
     if t is not None:
         t, raised = t.for_items(n)
         note = "; ".join(x for x in (note, raised) if x)
@@ -211,20 +223,20 @@ def vision_stage(ctx: Context, prepared: list[Prepared]) -> StageResult:
         seen[key] = rec
         st.items.append(rec)
     cos = [r["cosine"] for r in st.items]
-    plan, n = ctx.plan, len(st.items)
+    gates, n = ctx.gates, len(st.items)
 
     def worst(vals, fn):
         v = np.asarray(vals, dtype=np.float64)
         return float("nan") if np.isnan(v).any() else float(fn(v))
 
     st.metrics = [
-        judge("vision", "cosine_min", worst(cos, np.min), plan, n),
-        judge("vision", "cosine_mean", worst(cos, np.mean), plan, n),
-        judge("vision", "rel_l2_max", worst([r["rel_l2"] for r in st.items], np.max), plan, n),
+        judge("vision", "cosine_min", worst(cos, np.min), gates, n),
+        judge("vision", "cosine_mean", worst(cos, np.mean), gates, n),
+        judge("vision", "rel_l2_max", worst([r["rel_l2"] for r in st.items], np.max), gates, n),
         judge("vision", "max_abs_rel_max", worst([r["max_abs_rel"] for r in st.items], np.max),
-              plan, n),
-        judge("vision", "max_abs", worst([r["max_abs"] for r in st.items], np.max), plan, n),
-        judge("vision", "nonfinite", float(sum(r["nonfinite"] for r in st.items)), plan, n),
+              gates, n),
+        judge("vision", "max_abs", worst([r["max_abs"] for r in st.items], np.max), gates, n),
+        judge("vision", "nonfinite", float(sum(r["nonfinite"] for r in st.items)), gates, n),
     ]
     return st
 
@@ -306,47 +318,47 @@ def decoder_stage(ctx: Context, prepared: list[Prepared]) -> StageResult:
         st.error = "no item produced a reference answer to teacher-force"
         return st
     st.metrics = _decoder_metrics(ctx, st.items, tl)
-    if not tl.fq_kl and thresholds_for(ctx.plan)["decoder", "fq_kl_mean"].op != "info":
+    if not tl.fq_kl and ctx.gates["decoder", "fq_kl_mean"].op != "info":
         st.inconclusive.append(f"no same-precision reference: the {ctx.plan} exporter's own error "
                                "was not judged (python -m validate: pass --gptq)")
     return st
 
 
 def _decoder_metrics(ctx: Context, items: list[dict], tl: _DecoderTallies) -> list[Metric]:
-    plan, cat = ctx.plan, np.concatenate
+    gates, cat = ctx.gates, np.concatenate
     kls = cat(tl.kls)
     n_tok = int(sum(len(k) for k in tl.kls))
     nll_ref, nll_eng = np.mean(cat(tl.nll_ref)), np.mean(cat(tl.nll_eng))
     n = len(items)
     out = [
-        judge("decoder", "kl_mean", M.nanmean(kls), plan, n_tok, "per answer token"),
+        judge("decoder", "kl_mean", M.nanmean(kls), gates, n_tok, "per answer token"),
         judge("decoder", "kl_p95", M.percentile(kls, 95)
-              if not np.isnan(kls).any() else float("nan"), plan, n_tok),
-        judge("decoder", "top1", float(np.mean(cat(tl.top1))), plan, n_tok),
-        judge("decoder", "top5", float(np.mean(cat(tl.top5))), plan, n_tok),
-        judge("decoder", "ppl_ratio", float(np.exp(nll_eng - nll_ref)), plan, n,
+              if not np.isnan(kls).any() else float("nan"), gates, n_tok),
+        judge("decoder", "top1", float(np.mean(cat(tl.top1))), gates, n_tok),
+        judge("decoder", "top5", float(np.mean(cat(tl.top5))), gates, n_tok),
+        judge("decoder", "ppl_ratio", float(np.exp(nll_eng - nll_ref)), gates, n,
               f"pooled ppl ref {math.exp(min(nll_ref, 700)):.4g}, engine "
               f"{math.exp(min(nll_eng, 700)):.4g}; per-item median ref "
               f"{np.median([r['ppl_ref'] for r in items]):.4g}, engine "
               f"{np.median([r['ppl_eng'] for r in items]):.4g} (the pooled value follows "
               "the least likely items, e.g. photos outside a small model's training)"),
-        judge("decoder", "nonfinite", float(tl.nonfinite), plan, n_tok),
-        judge("decoder", "greedy_identical", float(np.mean(tl.identical)), plan, n,
+        judge("decoder", "nonfinite", float(tl.nonfinite), gates, n_tok),
+        judge("decoder", "greedy_identical", float(np.mean(tl.identical)), gates, n,
               f"max_new_tokens {ctx.max_new_tokens}"),
-        judge("decoder", "first_divergence_median", float(np.median(tl.first_div)), plan, n,
+        judge("decoder", "first_divergence_median", float(np.median(tl.first_div)), gates, n,
               "identical generations count as their length"),
     ]
     if tl.e2e_kl:
-        out += [judge("decoder", "e2e_kl_mean", M.nanmean(cat(tl.e2e_kl)), plan, n_tok),
-                judge("decoder", "e2e_top1", float(np.mean(cat(tl.e2e_top1))), plan, n_tok)]
+        out += [judge("decoder", "e2e_kl_mean", M.nanmean(cat(tl.e2e_kl)), gates, n_tok),
+                judge("decoder", "e2e_top1", float(np.mean(cat(tl.e2e_top1))), gates, n_tok)]
     if tl.fq_kl:
         fq_kls, nll_fq = cat(tl.fq_kl), np.mean(cat(tl.nll_fq))
-        out += [judge("decoder", "fq_kl_mean", M.nanmean(fq_kls), plan, n_tok,
+        out += [judge("decoder", "fq_kl_mean", M.nanmean(fq_kls), gates, n_tok,
                       "vs the same-precision reference: the exporter's own error"),
                 judge("decoder", "fq_kl_p95", M.percentile(fq_kls, 95)
-                      if not np.isnan(fq_kls).any() else float("nan"), plan, n_tok),
-                judge("decoder", "fq_top1", float(np.mean(cat(tl.fq_top1))), plan, n_tok),
-                judge("decoder", "fq_ppl_ratio", float(np.exp(nll_eng - nll_fq)), plan, n)]
+                      if not np.isnan(fq_kls).any() else float("nan"), gates, n_tok),
+                judge("decoder", "fq_top1", float(np.mean(cat(tl.fq_top1))), gates, n_tok),
+                judge("decoder", "fq_ppl_ratio", float(np.exp(nll_eng - nll_fq)), gates, n)]
     return out
 
 
@@ -416,9 +428,9 @@ def task_stage(ctx: Context, prepared: list[Prepared]) -> StageResult:
         if it.task == "ocr":
             _ocr_item(p, rec, tl)
         st.items.append(rec)
-    st.metrics.append(judge("task", "answer_agreement", float(np.mean(tl.agree)), ctx.plan,
+    st.metrics.append(judge("task", "answer_agreement", float(np.mean(tl.agree)), ctx.gates,
                             len(st.items)))
-    st.metrics += _grounding_metrics(ctx.plan, tl) + _ocr_metrics(ctx.plan, tl)
+    st.metrics += _grounding_metrics(ctx.gates, tl) + _ocr_metrics(ctx.gates, tl)
     st.inconclusive = _task_inconclusive(tl)
     for why in st.inconclusive:
         log.warning("drift report INCONCLUSIVE: %s", why)
@@ -449,48 +461,48 @@ def _task_inconclusive(tl: _TaskTallies) -> list[str]:
     return out
 
 
-def _grounding_metrics(plan: str, tl: _TaskTallies) -> list[Metric]:
+def _grounding_metrics(gates: Mapping, tl: _TaskTallies) -> list[Metric]:
     keys = ("grounding_iou_ref_mean", "grounding_hit_ref", "grounding_hit_truth_drop")
     if tl.g_items == 0:
         na = "n/a (no grounding items in the validation split)"
-        return [judge("task", k, None, plan, 0, na=na) for k in keys]
+        return [judge("task", k, None, gates, 0, na=na) for k in keys]
     if tl.g_with_ref_boxes == 0:
-        out = [judge("task", k, None, plan, tl.g_items, na=NA_NO_BOXES) for k in keys]
+        out = [judge("task", k, None, gates, tl.g_items, na=NA_NO_BOXES) for k in keys]
         if tl.g_truth_eng:
-            out.append(judge("task", "grounding_hit_truth", M.hit_rate(tl.g_truth_eng), plan,
+            out.append(judge("task", "grounding_hit_truth", M.hit_rate(tl.g_truth_eng), gates,
                              len(tl.g_truth_eng)))
         return out
-    out = [judge("task", "grounding_iou_ref_mean", float(np.mean(tl.g_iou_ref)), plan,
+    out = [judge("task", "grounding_iou_ref_mean", float(np.mean(tl.g_iou_ref)), gates,
                  len(tl.g_iou_ref),
                  f"{tl.g_with_ref_boxes}/{tl.g_items} reference answers had boxes"),
-           judge("task", "grounding_hit_ref", M.hit_rate(tl.g_iou_ref), plan, len(tl.g_iou_ref))]
+           judge("task", "grounding_hit_ref", M.hit_rate(tl.g_iou_ref), gates, len(tl.g_iou_ref))]
     if not tl.g_truth_eng:
-        return out + [judge("task", "grounding_hit_truth_drop", None, plan, 0,
+        return out + [judge("task", "grounding_hit_truth_drop", None, gates, 0,
                             na="n/a (no ground-truth boxes)")]
     he, hr, n = M.hit_rate(tl.g_truth_eng), M.hit_rate(tl.g_truth_ref), len(tl.g_truth_eng)
     return out + [
-        judge("task", "grounding_hit_truth_drop", hr - he, plan, n),
-        judge("task", "grounding_iou_truth_mean", float(np.mean(tl.g_truth_eng)), plan, n),
-        judge("task", "grounding_hit_truth", he, plan, n),
-        judge("task", "grounding_hit_truth_ref", hr, plan, n)]
+        judge("task", "grounding_hit_truth_drop", hr - he, gates, n),
+        judge("task", "grounding_iou_truth_mean", float(np.mean(tl.g_truth_eng)), gates, n),
+        judge("task", "grounding_hit_truth", he, gates, n),
+        judge("task", "grounding_hit_truth_ref", hr, gates, n)]
 
 
-def _ocr_metrics(plan: str, tl: _TaskTallies) -> list[Metric]:
+def _ocr_metrics(gates: Mapping, tl: _TaskTallies) -> list[Metric]:
     if not tl.ocr_cer_ref:
         na = "n/a (no OCR items in the validation split)"
-        return [judge("task", "ocr_cer_ref", None, plan, 0, na=na),
-                judge("task", "ocr_em_truth_drop", None, plan, 0, na=na)]
-    out = [judge("task", "ocr_cer_ref", float(np.mean(tl.ocr_cer_ref)), plan,
+        return [judge("task", "ocr_cer_ref", None, gates, 0, na=na),
+                judge("task", "ocr_em_truth_drop", None, gates, 0, na=na)]
+    out = [judge("task", "ocr_cer_ref", float(np.mean(tl.ocr_cer_ref)), gates,
                  len(tl.ocr_cer_ref))]
     if not tl.ocr_em_eng:
-        return out + [judge("task", "ocr_em_truth_drop", None, plan, 0, na="n/a (no true texts)")]
+        return out + [judge("task", "ocr_em_truth_drop", None, gates, 0, na="n/a (no true texts)")]
     er, ee, n = float(np.mean(tl.ocr_em_ref)), float(np.mean(tl.ocr_em_eng)), len(tl.ocr_em_eng)
     na = None if er > 0 else "n/a (the reference reads none of the true texts)"
     return out + [
-        judge("task", "ocr_em_truth_drop", er - ee, plan, n, na=na),
-        judge("task", "ocr_em_truth", ee, plan, n),
-        judge("task", "ocr_em_truth_ref", er, plan, n),
-        judge("task", "ocr_cer_truth", float(np.mean(tl.ocr_cer_truth)), plan,
+        judge("task", "ocr_em_truth_drop", er - ee, gates, n, na=na),
+        judge("task", "ocr_em_truth", ee, gates, n),
+        judge("task", "ocr_em_truth_ref", er, gates, n),
+        judge("task", "ocr_cer_truth", float(np.mean(tl.ocr_cer_truth)), gates,
               len(tl.ocr_cer_truth))]
 
 
@@ -523,7 +535,8 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
                    out_dir: str | Path | None = None, *, tokenizer=None, fake_quant_model=None,
                    stages: Iterable[str] = STAGES, max_items: int | None = None,
                    max_new_tokens: int = 32, device: str = "cpu", threads: int | None = None,
-                   cache_dir: str | Path | None = None, plots: bool = True) -> Report:
+                   cache_dir: str | Path | None = None, plots: bool = True,
+                   target: str | None = None) -> Report:
     """Run the staged drift check of ``bundle_dir`` and (with ``out_dir``) write the report.
 
     ``reference_model``: the PyTorch reference (``QWenLMHeadModel``, fp32 for exact numbers) or a
@@ -533,7 +546,10 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     fp16) that the ``fq_*`` rows judge the exporter's own error against; without it an int4
     report is INCONCLUSIVE. ``items``: a manifest path or ``CalibItem`` list;
     only the validation split is used. ``plan``: thresholds to apply (default: the bundle's
-    precision). Writes ``drift.json`` and ``drift.html`` (+ PNG plots) under ``out_dir``.
+    precision). ``target``: whose bounds (quant/plans.py targets; default: the bundle manifest's
+    ``target``, else ``gpu``); its same-precision reference must compute as that target does
+    (``compare.same_precision_reference(..., target=)``). Writes ``drift.json`` and
+    ``drift.html`` (+ PNG plots) under ``out_dir``.
     ``threads``: intra-op threads of onnxruntime *and* the PyTorch reference during the run
     (restored afterwards); on a busy machine 1 can be far faster than oversubscribed threads.
     """
@@ -541,7 +557,10 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     from runtime.bundle import read_manifest
 
     bundle_dir = Path(bundle_dir)
-    plan = plan_name(plan if plan is not None else read_manifest(bundle_dir).precision)
+    man = read_manifest(bundle_dir)
+    plan = plan_name(plan if plan is not None else man.precision)
+    target = target_name(plan, target or man.target)
+    _check_same_precision(fake_quant_model, plan, target)
     model = _load_reference(reference_model)
     model.eval()
     if fake_quant_model is None and plan == "fp16":
@@ -551,7 +570,7 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
     val = _validation_items(items)
     if max_items is not None:
         val = val[:max_items]
-    run = _Run(bundle_dir, model, val, plan, out_dir, tokenizer, fake_quant_model,
+    run = _Run(bundle_dir, model, val, plan, target, out_dir, tokenizer, fake_quant_model,
                [s for s in STAGES if s in set(stages)], max_new_tokens, device, threads,
                Path(cache_dir) if cache_dir else None, plots, t_all)
     import torch
@@ -565,6 +584,19 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
         torch.set_num_threads(torch_threads)
 
 
+def _check_same_precision(fq_model, plan: str, target: str) -> None:
+    """A same-precision reference that does not round activations as the target does would
+    fail (or pass) the exporter-error rows for the wrong reason."""
+    from quant.plans import PLANS as PRECISION_PLANS
+
+    want = PRECISION_PLANS[plan].target(target).int8_activations
+    if fq_model is not None and bool(getattr(fq_model, "int8_activations", False)) != want:
+        raise ValueError(
+            f"the same-precision reference {'lacks' if want else 'has'} the int8 activations of "
+            f"the {plan} plan's {target} target: build it with "
+            f"validate.compare.same_precision_reference(..., target='{target}')")
+
+
 @dataclass
 class _Run:
     """One validation run's settings (``run_validation``'s arguments, resolved)."""
@@ -573,6 +605,7 @@ class _Run:
     model: Any
     items: list[Any]
     plan: str
+    target: str
     out_dir: str | Path | None
     tokenizer: Any
     fake_quant_model: Any
@@ -587,7 +620,7 @@ class _Run:
 
 def _run(run: _Run) -> Report:
     ctx = Context(run.bundle_dir, run.model, run.plan, run.tokenizer, run.device, run.threads,
-                  run.max_new_tokens, run.cache_dir, run.fake_quant_model)
+                  run.max_new_tokens, run.cache_dir, run.fake_quant_model, run.target)
     t = time.perf_counter()
     prepared = [ctx.prepare(it) for it in run.items]
     _share_features(prepared, lambda px: ctx.features(ctx.ref, px), "ref_feat")
@@ -616,7 +649,8 @@ def _run(run: _Run) -> Report:
     if "task" in stages:
         _run_stage(results, "task", task_stage, ctx, prepared)
     report = Report(run.plan, results, _meta(run, ctx, prepared, prep_s),
-                    [p.item for p in prepared], {p.item.id: p.image for p in prepared})
+                    [p.item for p in prepared], {p.item.id: p.image for p in prepared},
+                    run.target)
     if run.out_dir is not None:
         from .report import write_report
 
