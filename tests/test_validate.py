@@ -418,7 +418,8 @@ def test_same_precision_rows_per_plan():
 
 
 def test_thresholds_per_target(monkeypatch):
-    """The int4 cpu target (int8-quantised MatMulNBits inputs) has its own exporter-error rows;
+    """The int4 and edge cpu targets (int8-quantised MatMulNBits inputs) have their own
+    exporter-error rows;
     its other rows, and the targets of other plans, are the plan's. The fingerprint that keys
     export.py's cached drift report follows every bound."""
     from validate import thresholds
@@ -430,11 +431,12 @@ def test_thresholds_per_target(monkeypatch):
     assert all(cpu[k] == gpu[k] for k in gpu if k not in fq)
     assert cpu["decoder", "fq_kl_mean"].value < cpu["decoder", "kl_mean"].value
     assert thresholds_for("fp16", "cpu") == thresholds_for("fp16")
-    with pytest.raises(ValueError, match="no target 'cpu'"):
-        thresholds_for("edge", "cpu")
-    assert table_markdown().splitlines()[0].endswith("| int4 (cpu) |")
-    prints = {fingerprint(p) for p in PLANS} | {fingerprint("int4", "cpu")}
-    assert len(prints) == len(PLANS) + 1
+    assert thresholds_for("edge", "cpu")["decoder", "fq_kl_mean"] == cpu["decoder", "fq_kl_mean"]
+    with pytest.raises(ValueError, match="no target 'tpu'"):
+        thresholds_for("edge", "tpu")
+    assert table_markdown().splitlines()[0].endswith("| int4 (cpu) | edge (cpu) |")
+    prints = {fingerprint(p) for p in PLANS} | {fingerprint(p, "cpu") for p in ("int4", "edge")}
+    assert len(prints) == len(PLANS) + 2
     before = fingerprint("int4", "cpu")
     monkeypatch.setattr(thresholds, "REFERENCE_FLOOR", 0.2)
     assert fingerprint("int4", "cpu") != before and fingerprint("int4") not in prints
