@@ -57,30 +57,55 @@ class Runner:
                                evals.pixels, 1)
         self.n = 0
 
-    def measure(self, config) -> dict[str, Any]:
+    def measure(self, config, keep: Path | None = None) -> dict[str, Any]:
+        """Cosines of ``config``'s engine; it is written to ``keep`` and left there if given
+        (a full-size engine takes minutes to quantize: the best variant is not redone)."""
         from exporters.vision import make_session, run_session
         from quant.vision_int8 import quantize_vision
 
         self.n += 1
-        path = self.work / f"v{self.n}" / "vision.onnx"
+        path = keep or self.work / f"v{self.n}" / "vision.onnx"
         t = time.perf_counter()
         res = quantize_vision(self.fp32, path, self.calib, config, cache_dir=self.ranges)
         sess = make_session(path, ["CPUExecutionProvider"], threads=self.threads)
         rec = _cosines(run_session(sess, self.evals.pixels, 1), self.ref, self.evals.names)
         rec.update(int8_nodes=len(res.quantized), seconds=round(time.perf_counter() - t, 1))
         del sess
-        for f in path.parent.iterdir():
-            f.unlink()
-        path.parent.rmdir()
+        if keep is None:
+            _remove(path)
         return rec
 
 
-def _variants(run: Runner, base, methods: list[str], per_channel: list[bool]) -> list[dict]:
-    """Every calibration method x per-channel on/off, with ``base``'s float layers."""
-    rows = []
+def _remove(path: Path) -> None:
+    """Delete an engine this bench wrote (``vision.onnx`` and its ``.data``) and its folder."""
+    for f in path.parent.iterdir():
+        f.unlink()
+    path.parent.rmdir()
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Move an engine (and its external ``.data``, referenced by file name) to ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in src.parent.iterdir():
+        os.replace(f, dst.parent / f.name.replace(src.name, dst.name, 1))
+    src.parent.rmdir()
+
+
+def _variants(run: Runner, base, methods: list[str], per_channel: list[bool],
+              best_path: Path) -> list[dict]:
+    """Every calibration method x per-channel on/off, with ``base``'s float layers; the engine
+    with the best worst-photo cosine is left at ``best_path``."""
+    rows: list[dict] = []
+    cand = best_path.parent.parent / "candidate" / best_path.name
     for m in methods:
         for pc in per_channel:
-            rec = run.measure(_replace(base, method=m, per_channel=pc))
+            rec = run.measure(_replace(base, method=m, per_channel=pc), keep=cand)
+            if not rows or rec["min_cosine"] > max(r["min_cosine"] for r in rows):
+                if best_path.exists():
+                    _remove(best_path)
+                _move(cand, best_path)
+            else:
+                _remove(cand)
             rows.append({"method": m, "per_channel": pc, "float_labels": list(base.exclude), **rec})
             logging.info("int8 %s per_channel=%s: %s", m, pc, rec["min_cosine"])
     return rows
@@ -138,6 +163,12 @@ def _speed(fp32: str, int8: str, pixels: np.ndarray, warmup: int, iters: int,
     return out
 
 
+def _engine_bytes(path: Path) -> int:
+    """The graph plus its external weights (``<name>.data``, written above 2 GB)."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def _fp32_onnx(args, tmp: Path) -> tuple[str, int]:
     """(fp32 vision.onnx, image size): the given one, or the checkpoint's exported now."""
     from exporters.vision import onnx_metadata
@@ -158,7 +189,7 @@ def _measure_all(run: Runner, args, pcs: list[bool], int8: Path) -> dict[str, An
     to ``int8`` for the speed run."""
     import onnx
 
-    from quant.vision_int8 import Int8Config, matches, quantize_vision, select_nodes
+    from quant.vision_int8 import Int8Config, matches, select_nodes
 
     rec: dict[str, Any] = {}
     base = Int8Config(method=args.sensitivity_method, per_channel=pcs[0],
@@ -172,12 +203,11 @@ def _measure_all(run: Runner, args, pcs: list[bool], int8: Path) -> dict[str, An
         rows, ladder, picked = _sensitivity(run, base, labels, args.target)
         rec["sensitivity"], rec["ladder"] = rows, ladder
         base = _replace(base, exclude=tuple(picked))
-    rec["variants"] = _variants(run, base, args.methods, pcs)
-    best = max(rec["variants"], key=lambda r: r["min_cosine"])
+    rec["variants"] = _variants(run, base, args.methods, pcs, int8)
+    best = max(rec["variants"], key=lambda r: r["min_cosine"])  # the first of equals, as kept
     chosen = _replace(base, method=best["method"], per_channel=best["per_channel"])
-    res = quantize_vision(run.fp32, int8, run.calib, chosen, cache_dir=run.ranges)
     rec["chosen"] = {"config": chosen.to_dict(), **{k: best[k] for k in (
-        "min_cosine", "mean_cosine", "per_image")}, "int8_nodes": len(res.quantized)}
+        "min_cosine", "mean_cosine", "per_image", "int8_nodes")}}
     return rec
 
 
@@ -248,7 +278,7 @@ def _run(args) -> dict[str, Any]:
         rec["speed"] = _speed(fp32, str(int8), pixels, args.warmup, args.iters, threads)
         rec["speed"]["loadavg_before"] = [round(x, 2) for x in load_before]
         rec["speed"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-        rec["files_mib"] = {k: round(Path(p).stat().st_size / 2**20, 2)
+        rec["files_mib"] = {k: round(_engine_bytes(Path(p)) / 2**20, 2)
                             for k, p in (("fp32", fp32), ("int8", int8))}
         rec["peak_rss_mib"] = peak_rss_mib()
     return rec

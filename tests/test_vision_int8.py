@@ -124,8 +124,10 @@ def test_excluded_ops_stay_float(int8):
         return any(i in prod and prod[i].op_type == "DequantizeLinear" for i in node.input)
 
     kept = [n for n in m.graph.node if n.name in int8.kept_float]
-    assert kept and all(matches(lab, ["blocks.*.attn_v"]) for lab in int8.kept_float.values())
-    assert len(kept) == 3  # one softmax(.) v per ViT block of the nano model
+    # one softmax(.) v per ViT block of the nano model, and the resampler's
+    assert sorted(int8.kept_float.values()) == [f"blocks.{i}.attn_v" for i in range(3)] + [
+        "resampler.attn_v"]
+    assert len(kept) == 4
     assert not any(from_dq(n) for n in kept)
     for op in ("LayerNormalization", "Softmax"):
         nodes = [n for n in m.graph.node if n.op_type == op]
@@ -190,7 +192,7 @@ def test_pixel_reader_ranges():
 def test_bench_vision_int8_nano(fp32_onnx):
     r = subprocess.run([sys.executable, "-m", "bench.vision_int8", "--onnx", str(fp32_onnx),
                         "--max-calib", "4", "--eval-limit", "2", "--methods", "minmax",
-                        "--per-channel", "on", "--labels", "conv1", "blocks.1.attn_v",
+                        "--per-channel", "both", "--labels", "conv1", "blocks.1.attn_v",
                         "--iters", "1", "--warmup", "0", "--threads", "1"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -204,6 +206,12 @@ def test_bench_vision_int8_nano(fp32_onnx):
     assert rec["ladder"][0]["float_labels"] == []
     assert len(rec["ladder"]) == 1 or rec["ladder"][1]["float_labels"] == [worst]
     assert rec["chosen"]["config"]["exclude"] == rec["ladder"][-1]["float_labels"]
+    # the timed engine is the variant with the best worst photo (kept, not quantized again)
+    assert [v["per_channel"] for v in rec["variants"]] == [True, False]
+    best = max(rec["variants"], key=lambda v: v["min_cosine"])
+    assert rec["chosen"]["config"]["per_channel"] == best["per_channel"]
+    assert rec["chosen"]["per_image"] == best["per_image"]
+    assert 0 < rec["files_mib"]["int8"] < rec["files_mib"]["fp32"]
     sp = rec["speed"]
     assert sp["int8_speedup"] == pytest.approx(
         sp["fp32"]["median_ms"] / sp["int8"]["median_ms"], rel=1e-2)
