@@ -194,7 +194,7 @@ def test_bench_vision_int8_nano(fp32_onnx):
     r = subprocess.run([sys.executable, "-m", "bench.vision_int8", "--onnx", str(fp32_onnx),
                         "--max-calib", "4", "--eval-limit", "2", "--methods", "minmax",
                         "--per-channel", "both", "--labels", "conv1", "blocks.1.attn_v",
-                        "--iters", "1", "--warmup", "0", "--threads", "1"],
+                        "--iters", "1", "--warmup", "0", "--threads", "1", "-v"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
@@ -213,6 +213,8 @@ def test_bench_vision_int8_nano(fp32_onnx):
     assert rec["chosen"]["config"]["per_channel"] == best["per_channel"]
     assert rec["chosen"]["per_image"] == best["per_image"]
     assert 0 < rec["files_mib"]["int8"] < rec["files_mib"]["fp32"]
+    written = r.stderr.count("INFO quant.vision_int8: int8 vision engine ")
+    assert written == len(rec["sensitivity"]) + len(rec["ladder"]) + len(rec["variants"])
     sp = rec["speed"]
     assert sp["int8_speedup"] == pytest.approx(
         sp["fp32"]["median_ms"] / sp["int8"]["median_ms"], rel=1e-2)
