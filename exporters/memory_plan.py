@@ -2,10 +2,15 @@
 
 The number-one class of Jetson complaints is discovering an out-of-memory at build time or at the
 first request. The arithmetic is simple and exact enough to decide early: weight bytes per engine
-from the config's tensor shapes and the plan's bit widths, KV bytes per token, and a fixed
-allowance for the runtime (CUDA context, ORT arenas, activations). Figures for the full-size
-Qwen-VL-Chat are in docs/DESIGN.md §5 (ViT fp16 3.9 GB, int8 1.9 GB; int4 decoder 3.4 GB; int8 head
-0.6 GB; KV 524 KB/token).
+from the config's tensor shapes and the plan row's dtypes (``quant/plans.py``: vision, linear bits
+and group size, head, embedding, the target's activation and KV dtypes), stored the way the
+exporters store them (MatMulNBits codes + one scale per group in the activation dtype, norms,
+biases and rotary tables in the activation dtype, fp32 LayerNorms and position tables in the
+vision engine), KV bytes per token times the runtime's two ping-pong KV buffers, and a fixed
+allowance for the runtime (CUDA context, ORT arenas, activations). ``python -m bench.memory``
+checks every figure against a bundle's files and the runtime's measured peak RSS.
+Figures for the full-size Qwen-VL-Chat are in docs/DESIGN.md §5 (ViT fp16 3.9 GB, int8 1.9 GB;
+int4 decoder 3.4 GB; int8 head 0.6 GB; KV 524 KB/token in fp16).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from quant.embedding import table_bytes
 from quant.plans import DTYPE_BITS, PLANS, PrecisionPlan
 
 GB = 1e9
+PAGE = 4096  # a gathered row of a memory-mapped table costs at least one page
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,17 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
 QUANT_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.w1.weight", ".mlp.w2.weight",
                   ".mlp.c_proj.weight")
 RUNTIME_OVERHEAD = 0.6 * GB  # CUDA context + ORT arenas + activations at batch 1
+#: The runtime's KV cache holds two ping-pong buffer sets (runtime/engines.KVCache: past is read
+#: from one, present written into the other), so a context of T tokens holds 2 x T tokens of KV.
+KV_BUFFERS = 2
+
+#: Re-loading the vision engine per request in sequential (low-memory) mode, in seconds per GB of
+#: engine file: measured by ``python -m bench.memory`` (see bench/RESULTS.md for the command,
+#: machine, date and load). ``None`` until measured: the planner then prints no figure.
+VISION_LOAD_S_PER_GB: float | None = 1.33
+VISION_LOAD_SOURCE = ("measured: fp16 vision engine of 0.48 GB (4 of 48 ViT layers at full width) "
+                      "loaded in 0.64 s from the page cache, onnxruntime CPU, AMD EPYC 2 cores, "
+                      "2026-12-06")
 
 
 @dataclass
@@ -52,8 +69,8 @@ class MemoryPlan:
     decoder_linear_bytes: float
     lm_head_bytes: float
     embed_bytes: float
-    other_bytes: float  # norms, biases
-    kv_bytes_per_token: float
+    other_bytes: float  # norms, biases, rotary tables
+    kv_bytes_per_token: float  # one K and one V per layer for one token
     bytes_read_per_token: float  # decode: every decoder weight once (embedding rows excluded)
     overhead_bytes: float
     context: int  # the context the plan was asked for
@@ -61,32 +78,207 @@ class MemoryPlan:
     max_context_sequential: int  # vision engine released before decoding
     fits: bool
     mode: str  # "resident", "sequential" or "does not fit"
+    target: str = "gpu"  # the plan target whose activation / KV dtypes were counted
+    group_size: int | None = None  # int4 Linears
+    lm_head: str = ""  # LM-head dtype counted
+    kv_buffers: int = KV_BUFFERS
+    logits_bytes_per_token: float = 0.0  # prefill returns every prompt position's logits
+    # fp16 weights onnxruntime's CPU kernels re-materialise in fp32 while an engine runs
+    cpu_cast_vision_bytes: float = 0.0
+    cpu_cast_decoder_bytes: float = 0.0
+    embed_row_bytes: float = 0.0  # one embedding row (+ its scale)
+    cpu_load_transient_bytes: float = 0.0  # a MatMulNBits head held twice while prepacked
+    vision_load_s: float | None = None  # estimated reload per request in sequential mode
+    vision_load_note: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def decoder_bytes(self) -> float:
+        return self.decoder_linear_bytes + self.lm_head_bytes + self.embed_bytes + self.other_bytes
+
+    def kv_bytes(self, tokens: int | None = None) -> float:
+        """KV bytes the runtime holds for ``tokens`` (default: the planned context)."""
+        return self.kv_buffers * self.kv_bytes_per_token * (self.context if tokens is None
+                                                            else tokens)
+
+    def peak_bytes(self, sequential: bool, tokens: int | None = None,
+                   prompt: int | None = None, on_cpu: bool = False) -> float:
+        """Predicted peak: both engines + KV + the prefill's logits + allowance (resident), or
+        the larger of the vision engine alone and the decoder side (one engine at a time).
+
+        ``tokens``: context held (default the planned one); ``prompt``: tokens prefilled at once
+        (default ``tokens``: a prompt filling the context). ``on_cpu``: onnxruntime's CPU
+        executor as measured (bench/RESULTS.md): fp32 copies of fp16 weights while an engine
+        runs (kept by the memory arena of a resident engine), the memory-mapped embedding
+        table resident only in its gathered rows, and the LM head twice while it is prepacked
+        at load."""
+        tokens = self.context if tokens is None else tokens
+        prompt = tokens if prompt is None else prompt
+        weights, vision_run, load = self.decoder_bytes, self.vision_bytes, 0.0
+        if on_cpu:
+            rows = min(self.embed_bytes, tokens * max(self.embed_row_bytes, PAGE))
+            weights += rows - self.embed_bytes
+            vision_run += self.cpu_cast_vision_bytes
+            load = self.cpu_load_transient_bytes
+        dec_run = (weights + self.kv_bytes(tokens) + self.logits_bytes_per_token * prompt
+                   + (self.cpu_cast_decoder_bytes if on_cpu else 0.0))
+        if sequential:
+            body = max(vision_run, weights + load, dec_run)
+        else:
+            body = max(self.vision_bytes + weights + load, vision_run + weights,
+                       (vision_run if on_cpu else self.vision_bytes) + dec_run)
+        return self.overhead_bytes + body
 
     def lines(self) -> list[str]:
         def g(b: float) -> str:
             return f"{b / GB:6.2f} GB" if b >= 0.05 * GB else f"{b / 1e6:6.2f} MB"
 
         out = [
-            f"memory plan '{self.plan}' for {self.device} ({self.usable_bytes / GB:.1f} GB usable):",
+            f"memory plan '{self.plan}' (target {self.target}, lm_head {self.lm_head}"
+            + (f", group size {self.group_size}" if self.group_size else "")
+            + f") for {self.device} ({self.usable_bytes / GB:.1f} GB usable):",
             f"  vision engine         {g(self.vision_bytes)}",
             f"  decoder linears       {g(self.decoder_linear_bytes)}",
             f"  lm_head               {g(self.lm_head_bytes)}",
             f"  embedding table       {g(self.embed_bytes)}",
-            f"  norms and biases      {g(self.other_bytes)}",
+            f"  norms, biases, rope   {g(self.other_bytes)}",
             f"  runtime allowance     {g(self.overhead_bytes)}",
-            f"  KV cache              {self.kv_bytes_per_token / 1024:6.0f} KB/token "
-            f"({g(self.kv_bytes_per_token * self.context)} at {self.context} tokens)",
+            f"  KV cache              {self.kv_bytes_per_token / 1024:6.0f} KB/token x "
+            f"{self.kv_buffers} buffers ({g(self.kv_bytes())} at {self.context} tokens)",
+            f"  prefill logits        {self.logits_bytes_per_token / 1024:6.0f} KB/prompt token "
+            f"({g(self.logits_bytes_per_token * self.context)} for a {self.context}-token prompt)",
             f"  bytes read per token  {g(self.bytes_read_per_token)}",
+            f"  peak                  {g(self.peak_bytes(False))} both engines resident, "
+            f"{g(self.peak_bytes(True))} one engine at a time"
+            + (f" (onnxruntime CPU: {g(self.peak_bytes(False, on_cpu=True))} and "
+               f"{g(self.peak_bytes(True, on_cpu=True))})" if self.target == "cpu" else ""),
             f"  largest context: {self.max_context_resident} tokens with both engines resident, "
             f"{self.max_context_sequential} with the vision engine released before decoding",
+            "  low-memory mode: " + (f"~{self.vision_load_s:.1f} s per request to reload the "
+                                     f"vision engine ({self.vision_load_note})"
+                                     if self.vision_load_s is not None else
+                                     "vision reload cost not measured (python -m bench.memory)"),
         ]
         verdict = {"resident": "FITS", "sequential": "FITS only if the vision engine is released "
-                   "before decoding", "does not fit": "DOES NOT FIT"}[self.mode]
+                   "before decoding (the runtime's low-memory mode)",
+                   "does not fit": "DOES NOT FIT"}[self.mode]
         out.append(f"  verdict: {verdict} at {self.context} tokens")
         return out
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """Bytes per element of each engine part, as the exporters store them."""
+
+    vision: int  # bits of the vision weights
+    linear: int  # bits of the decoder Linears
+    group_size: int | None
+    head: int  # bits of the LM head
+    embed: str  # embedding table dtype (quant/embedding.py stores it)
+    act: float  # bytes of one activation-dtype element (scales, norms, biases, rope)
+    kv: float  # bytes of one KV element
+
+
+def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: str | None,
+             kv_bits: int | None) -> _Storage:
+    t = spec.target(target if target in spec.targets else "gpu")
+    return _Storage(vision=DTYPE_BITS[spec.vision], linear=spec.linear_bits,
+                    group_size=(group_size or spec.group_size) if spec.quantized else None,
+                    head=DTYPE_BITS[lm_head or spec.lm_head], embed=spec.embed,
+                    act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8)
+
+
+def _nbits_bytes(rows: int, k: int, bits: int, block: int, scale_bytes: float) -> float:
+    """MatMulNBits initializers of a [rows, k] weight: codes padded to whole blocks + one scale
+    per block (symmetric: no zero points)."""
+    blocks = -(-k // block)
+    return rows * blocks * (block * bits / 8 + scale_bytes)
+
+
+def _vision_bytes(cfg: QwenVLConfig, bits: int) -> float:
+    """The vision engine's initializers (exporters/vision.py): 2-D+ weights at ``bits`` (+ fp32
+    per-channel scale and an int8 zero point when int8), LayerNorms fp32, biases in the weight
+    dtype (fp32 under int8), the two position tables re-sampled to the patch grid in fp32, the
+    resampler's query path precomputed (queries x output_dim), its query projection dropped."""
+    v = cfg.visual
+    grid = (v.image_size // v.patch_size) ** 2
+    wbytes, small = bits / 8, (2 if bits == 16 else 4)
+    total = 0.0
+    for name, shape in expected_shapes(cfg).items():
+        if not name.startswith("transformer.visual."):
+            continue
+        n = math.prod(shape)
+        if name.endswith("positional_embedding"):
+            total += grid * shape[-1] * 4
+        elif name.endswith("attn_pool.pos_embed"):
+            total += grid * shape[-1] * 4 + v.n_queries * shape[-1] * small  # keys; query path
+        elif name.endswith(("attn_pool.query", "ln_q.weight", "ln_q.bias")):
+            continue  # folded into the precomputed query path above
+        elif name.endswith("attn_pool.attn.in_proj_weight"):
+            total += n * 2 / 3 * wbytes + (shape[0] * 2 / 3 * 5 if bits == 8 else 0)
+        elif name.endswith("attn_pool.attn.in_proj_bias"):
+            total += n * 2 / 3 * small
+        elif len(shape) > 1:
+            total += n * wbytes + (shape[0] * 5 if bits == 8 else 0)
+        else:
+            total += n * (4 if ".ln" in name or "ln_" in name else small)
+    return total
+
+
+def _int4_head_group(k: int) -> int:
+    """The int4 LM head's MatMulNBits block (quant/lm_head.py)."""
+    from quant.lm_head import INT4_GROUP  # noqa: PLC0415 - torch; only for int4 heads
+
+    return INT4_GROUP if k % INT4_GROUP == 0 else k
+
+
+def _decoder_parts(cfg: QwenVLConfig, s: _Storage) -> dict[str, float]:
+    """Decoder initializers by part (exporters/decoder.py's layout)."""
+    parts = dict.fromkeys(("linear", "lm_head", "embed", "other"), 0.0)
+    for name, shape in expected_shapes(cfg).items():
+        n = math.prod(shape)
+        if name.startswith("transformer.visual."):
+            continue
+        if name.endswith(QUANT_SUFFIXES):
+            parts["linear"] += (_nbits_bytes(shape[0], shape[1], s.linear, s.group_size, s.act)
+                                if s.group_size else n * s.linear / 8)
+        elif name == "lm_head.weight":
+            # int8: one block per row (quant.packing.quantize_int8_per_channel); int4: groups
+            block = (1 << max(4, math.ceil(math.log2(shape[1]))) if s.head == 8
+                     else _int4_head_group(shape[1]))
+            parts["lm_head"] += (_nbits_bytes(shape[0], shape[1], s.head, block, s.act)
+                                 if s.head < 16 else n * s.head / 8)
+        elif name == "transformer.wte.weight":  # codes + fp16 scales (quant/embedding.py)
+            parts["embed"] += table_bytes(shape[0], shape[1], s.embed)
+        else:  # norms and biases, in the activation dtype
+            parts["other"] += n * s.act
+    exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)  # exporters/decoder.py's rule
+    positions = cfg.max_position_embeddings if exact else cfg.seq_length
+    parts["other"] += 2 * positions * cfg.head_dim // 2 * s.act  # rotary cos/sin tables
+    return parts
+
+
+def _cpu_cast_bytes(cfg: QwenVLConfig, s: _Storage, parts: dict[str, float],
+                    vision: float) -> tuple[float, float]:
+    """fp16 weights onnxruntime's CPU kernels re-materialise as fp32 while the engine runs
+    (measured: bench/RESULTS.md, "Memory planner vs measured"): the vision engine's fp16
+    matrices and, with fp16 activations, the decoder's fp16 Linears and head (the embedding
+    table is gathered in fp16, the int4/int8 MatMulNBits kernels keep their own layout)."""
+    vis = 2 * vision if s.vision == 16 else 0.0
+    dec = 0.0
+    if s.act == 2:
+        dec += 2 * parts["linear"] if s.linear == 16 else 0.0
+        dec += 2 * parts["lm_head"] if s.head == 16 else 0.0
+    return vis, dec
+
+
+def _logits_bytes_per_token(cfg: QwenVLConfig, s: _Storage) -> float:
+    """Prefill logits per prompt token: the decoder returns every position's logits into a host
+    fp32 buffer (runtime/engines.DecoderEngine.forward), written by the graph's last node (a
+    Cast from the activation dtype, or an Identity) from the head's own output buffer."""
+    return cfg.vocab_size * (4 + s.act)
 
 
 def plan_bits(plan: PrecisionPlan, target: str = "gpu") -> dict[str, int]:
@@ -96,12 +288,29 @@ def plan_bits(plan: PrecisionPlan, target: str = "gpu") -> dict[str, int]:
             "small": DTYPE_BITS[plan.small], "kv": DTYPE_BITS[plan.target(target).kv_dtype]}
 
 
+def _max_context(free: float, kv_per_token: float, cap: int) -> int:
+    return max(0, min(cap, int(free // kv_per_token))) if free > 0 else 0
+
+
+def vision_load_estimate(vision_bytes: float) -> tuple[float | None, str]:
+    """Estimated seconds to reload the vision engine (low-memory mode), from the measured
+    seconds per GB in :data:`VISION_LOAD_S_PER_GB`; ``(None, "")`` when not measured."""
+    if VISION_LOAD_S_PER_GB is None:
+        return None, ""
+    return vision_bytes / GB * VISION_LOAD_S_PER_GB, (
+        f"estimate: {vision_bytes / GB:.2f} GB x {VISION_LOAD_S_PER_GB:.2f} s/GB, "
+        f"{VISION_LOAD_SOURCE}")
+
+
 def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                 context: int | None = None, kv_bits: int | None = None,
-                target: str = "gpu") -> MemoryPlan:
-    """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits
-    (``target``: the executor whose KV dtype counts, e.g. fp32 for the CPU-tuned int4 decoder;
-    ``kv_bits`` overrides it)."""
+                target: str = "gpu", group_size: int | None = None,
+                lm_head: str | None = None) -> MemoryPlan:
+    """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits.
+
+    ``target``: the executor whose activation / KV dtypes count (e.g. fp32 scales and KV for the
+    CPU-tuned int4 decoder); ``kv_bits`` overrides the KV width; ``group_size`` the plan row's
+    int4 block size (``export.py --group-size``); ``lm_head`` its head dtype (``--lm-head``)."""
     if plan not in PLANS:
         raise ValueError(f"unknown plan '{plan}': choose one of {', '.join(PLANS)}")
     if device not in PROFILES:
@@ -111,43 +320,36 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                          "(config.json seq_length; longer contexts need dynamic NTK / logN "
                          "scaling, not implemented): choose a context within it")
     spec = PLANS[plan]
-    bits = plan_bits(spec, target if target in spec.targets else "gpu")
+    s = _storage(spec, target, group_size, lm_head, kv_bits)
     prof = PROFILES[device]
     context = context or cfg.seq_length
-    vision = linear = head = embed = other = 0.0
-    for name, shape in expected_shapes(cfg).items():
-        n = math.prod(shape)
-        if name.startswith("transformer.visual."):
-            # int8 vision keeps fp16 norms/biases/position tables: only 2-D+ weights shrink
-            b = bits["vision"] if len(shape) > 1 and "pos" not in name else max(16, bits["vision"])
-            vision += n * b / 8
-        elif name.endswith(QUANT_SUFFIXES):
-            if spec.group_size:  # int4 codes + one fp16 scale per group
-                linear += n * bits["linear"] / 8 + n / spec.group_size * 2
-            else:
-                linear += n * bits["linear"] / 8
-        elif name == "lm_head.weight":
-            head += n * bits["lm_head"] / 8 + (shape[0] * 4 if bits["lm_head"] == 8 else 0)
-        elif name == "transformer.wte.weight":  # codes + fp16 scales (quant/embedding.py)
-            embed += table_bytes(shape[0], shape[1], spec.embed)
-        else:
-            other += n * bits["small"] / 8
-    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (kv_bits or bits["kv"]) / 8
-    decoder = linear + head + embed + other
-    read_per_token = linear + head + other
-    free_resident = prof.usable_bytes - RUNTIME_OVERHEAD - vision - decoder
-    free_sequential = prof.usable_bytes - RUNTIME_OVERHEAD - decoder
-    cap = cfg.seq_length
-    max_res = max(0, min(cap, int(free_resident // kv))) if free_resident > 0 else 0
-    max_seq = max(0, min(cap, int(free_sequential // kv))) if free_sequential > 0 else 0
+    vision = _vision_bytes(cfg, s.vision)
+    p = _decoder_parts(cfg, s)
+    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * s.kv
+    logits = _logits_bytes_per_token(cfg, s)
+    per_token = KV_BUFFERS * kv + logits  # a prompt that fills the context, prefilled at once
+    decoder = sum(p.values())
+    usable = prof.usable_bytes - RUNTIME_OVERHEAD
+    max_res = _max_context(usable - vision - decoder, per_token, cfg.seq_length)
     # Sequential mode also needs the vision engine to fit on its own while encoding.
-    if prof.usable_bytes - RUNTIME_OVERHEAD < vision:
-        max_seq = 0
+    max_seq = (_max_context(usable - decoder, per_token, cfg.seq_length)
+               if usable >= vision else 0)
     mode = ("resident" if max_res >= context else
             "sequential" if max_seq >= context else "does not fit")
+    load_s, load_note = vision_load_estimate(vision)
+    cast_vision, cast_decoder = _cpu_cast_bytes(cfg, s, p, vision)
     return MemoryPlan(plan=plan, device=device, usable_bytes=prof.usable_bytes, vision_bytes=vision,
-                      decoder_linear_bytes=linear, lm_head_bytes=head, embed_bytes=embed,
-                      other_bytes=other, kv_bytes_per_token=kv, bytes_read_per_token=read_per_token,
+                      decoder_linear_bytes=p["linear"], lm_head_bytes=p["lm_head"],
+                      embed_bytes=p["embed"], other_bytes=p["other"], kv_bytes_per_token=kv,
+                      bytes_read_per_token=p["linear"] + p["lm_head"] + p["other"],
                       overhead_bytes=RUNTIME_OVERHEAD, context=context,
                       max_context_resident=max_res, max_context_sequential=max_seq,
-                      fits=mode != "does not fit", mode=mode)
+                      fits=mode != "does not fit", mode=mode,
+                      target=target if target in spec.targets else "gpu",
+                      group_size=s.group_size, lm_head=lm_head or spec.lm_head,
+                      kv_buffers=KV_BUFFERS,
+                      logits_bytes_per_token=logits, cpu_cast_vision_bytes=cast_vision,
+                      cpu_cast_decoder_bytes=cast_decoder,
+                      embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
+                      cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,
+                      vision_load_s=load_s, vision_load_note=load_note)

@@ -204,7 +204,11 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
 
 
 def _memory_plan(cfg: QwenVLConfig, opts: ExportOptions) -> MemoryPlan:
-    mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target)
+    from quant.lm_head import head_mode_for_plan
+
+    mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target,
+                      group_size=opts.group_size,
+                      lm_head=head_mode_for_plan(opts.plan, fp16_head=opts.lm_head == "fp16"))
     for line in mem.lines():
         log.info("%s", line)
     if not mem.fits and not opts.force:

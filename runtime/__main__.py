@@ -66,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime CPU threads (default: all cores)")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the bundle files (sizes are still checked)")
+    add_low_memory_flag(e)
     return p
+
+
+def add_low_memory_flag(group: argparse._ActionsContainer) -> None:
+    """``--low-memory`` / ``--no-low-memory`` (default: what the bundle's memory plan says)."""
+    group.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                       help="one engine resident at a time: load the vision engine, encode, "
+                            "release it, then decode (reloaded for every request with images; "
+                            "the plan of `export.py --plan-only` prints the cost). Default: on "
+                            "when the bundle's memory plan says both engines do not fit together "
+                            "on its device profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.draw and not args.image:
             raise PromptError("--draw needs an --image to draw on")
         pipe = Pipeline.from_bundle(args.bundle, device=args.device, threads=args.threads,
-                                    verify=not args.no_verify)
+                                    verify=not args.no_verify, low_memory=args.low_memory)
         query: Any = args.prompt
         if args.ref:
             query = ([args.prompt] if args.prompt else []) + [Ref(args.ref)]

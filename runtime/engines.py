@@ -20,7 +20,10 @@ Nothing here imports torch or onnx.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,13 +231,18 @@ class VisionEngine:
     kind = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[Any], threads: int | None = None,
-                 n_queries: int | None = None, hidden: int | None = None):
+                 n_queries: int | None = None, hidden: int | None = None,
+                 mem_arena: bool = True):
+        """``mem_arena=False``: return the CPU buffers of a run when it ends (the low-memory
+        mode: with the arena, the fp32 copies an fp16 graph makes on the CPU stay allocated and
+        are not all returned to the OS when the session is dropped; bench/RESULTS.md)."""
         self.path = Path(path)
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
         self.device = "cuda" if names[0] in (CUDA, TRT_EP) else "cpu"
         # fp16 ViT graphs crash ORT's CPU fusions at ORT_ENABLE_ALL (a Conv -> LayerNorm fusion)
         self.session = open_session(self.path, providers, threads,
-                                    "all" if self.device == "cuda" else "extended")
+                                    "all" if self.device == "cuda" else "extended",
+                                    mem_arena=mem_arena)
         ins, outs = _io(self.session.get_inputs()), _io(self.session.get_outputs())
         if self.input_name not in ins or self.output_name not in outs:
             raise EngineError(f"{self.path} is not a vision engine (expects input "
@@ -490,3 +498,61 @@ class DecoderEngine:
     def mask_out(self, cache: KVCache, start: int, end: int | None = None) -> None:
         """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked)."""
         cache.mask[:, start:cache.length if end is None else end] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading on demand (the low-memory mode: one engine resident at a time)
+# ---------------------------------------------------------------------------------------------
+
+class EngineSlot:
+    """An engine loaded on first use by ``loader`` and, when ``release`` is called, dropped so
+    that its session (and the memory onnxruntime holds for it) is returned.
+
+    ``check(engine)`` runs on every load (the pipeline's manifest checks). ``loads`` counts
+    loads and ``load_s`` is the time of the last one (the cost of the low-memory mode).
+    ``engine``: an engine already loaded (``loader`` None: it cannot be released).
+    """
+
+    def __init__(self, loader: Any = None, check: Any = None, engine: Any = None):
+        self.loader, self.check = loader, check
+        self.engine = engine
+        self.loads = 0 if engine is None else 1
+        self.load_s = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def get(self) -> Any:
+        eng = self.engine
+        if eng is not None:
+            return eng
+        with self._lock:
+            if self.engine is None:
+                t = time.perf_counter()
+                eng = self.loader()
+                if self.check is not None:
+                    self.check(eng)
+                self.engine, self.loads = eng, self.loads + 1
+                self.load_s = time.perf_counter() - t
+                log.debug("loaded %s in %.2f s", getattr(eng, "path", eng), self.load_s)
+            return self.engine
+
+    def release(self) -> None:
+        """Drop the engine (the next ``get`` loads it again) and hand the freed heap back to
+        the OS; no-op without a loader."""
+        with self._lock:
+            if self.loader is not None and self.engine is not None:
+                self.engine = None
+                return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``: without it a dropped
+    session's buffers stay in the process's resident set); a no-op on other C libraries."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from . import bundle as _bundle
 from .bundle import BundleError, Manifest
 from .errors import ContextLengthError, EdgeError
 from .contract import ContractError, PromptTable
-from .engines import (CUDA, TRT_EP, DecoderEngine, EngineError, Features, KVCache,
+from .engines import (CUDA, TRT_EP, DecoderEngine, EngineError, EngineSlot, Features, KVCache,
                       TrtVisionEngine, VisionEngine, ort_providers, pick_providers)
 from .generate import (DecodeState, GenerationConfig, GenerationError, Sampler, TextStream,
                        decode_tokens, next_token)
@@ -60,7 +61,8 @@ class ChatResult:
     ``preprocess_s`` (load + resize), ``vision_s``, ``prefill_s`` (+ ``prefill_tokens``),
     ``ttft_s`` (call to first token), ``decode_s`` (wall time between consecutive tokens as the
     consumer sees them), ``decode_ms_per_token`` (their mean), ``decode_engine_s`` (decoder runs
-    alone), ``new_tokens``.
+    alone), ``new_tokens``; in low-memory mode also ``vision_load_s`` / ``decoder_load_s`` when
+    the engine was loaded for this reply (not counted in ``vision_s``).
     """
 
     text: str
@@ -209,16 +211,30 @@ def _short(x: Any) -> str:
     return repr(str(x)) if isinstance(x, (str, Path)) else "image"
 
 
+#: Memory-plan modes (exporters/memory_plan.py, recorded in the manifest) in which both engines do
+#: not fit together on the bundle's device profile.
+LOW_MEMORY_MODES = ("sequential", "does not fit")
+
+
+def plan_wants_low_memory(man: Manifest) -> bool:
+    """True when the manifest's memory plan says both engines do not fit together on the
+    bundle's device profile (a bundle without a plan, e.g. from ``build_bundle``: False)."""
+    plan = man.data.get("memory_plan")
+    return isinstance(plan, dict) and plan.get("mode") in LOW_MEMORY_MODES
+
+
 class Pipeline:
     """Vision + decoder engines, tokenizer and the generation loop of one bundle."""
 
     def __init__(self, manifest: Manifest, tokenizer: QwenTokenizer, vision: Any,
-                 decoder: DecoderEngine, providers: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-                 kv_capacity: int | None = None):
+                 decoder: DecoderEngine | EngineSlot, providers: list[str],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, kv_capacity: int | None = None,
+                 low_memory: bool = False):
+        """``vision`` / ``decoder``: engines, or :class:`~runtime.engines.EngineSlot` loaders
+        (loaded on first use). ``low_memory``: release the vision engine after every encode (it
+        needs a loader)."""
         self.manifest = manifest
         self.tokenizer = tokenizer
-        self.vision = vision
-        self.decoder = decoder
         self.providers = providers
         self.max_pixels = int(max_pixels)
         m = manifest.model
@@ -240,18 +256,12 @@ class Pipeline:
         if wrong:
             raise BundleError(f"{manifest.file('tokenizer/qwen.tiktoken')} does not match the "
                               f"manifest's special ids {wrong}: re-export the bundle")
-        checks = (("vision", vision, "n_queries", self.n_queries),
-                  ("vision", vision, "hidden", int(m["hidden"])),
-                  ("decoder", decoder, "hidden", int(m["hidden"])),
-                  ("decoder", decoder, "layers", int(m["layers"])))
-        for name, eng, attr, want in checks:
-            got = getattr(eng, attr, None)
-            if got is not None and got != want:
-                raise BundleError(f"{eng.path}: the {name} engine has {attr} {got} but the "
-                                  f"manifest says {want}: re-export the bundle")
-        if decoder.vocab_size != self.vocab_size:
-            raise BundleError(f"{decoder.path} has {decoder.vocab_size} logits but the manifest says "
-                              f"vocab_size {self.vocab_size}: re-export the bundle")
+        self._vision = self._slot(vision, self._check_vision)
+        self._decoder = self._slot(decoder, self._check_decoder)
+        if low_memory and self._vision.loader is None:
+            raise ValueError("low_memory needs a vision engine the pipeline can reload: use "
+                             "Pipeline.from_bundle(..., low_memory=True)")
+        self.low_memory = bool(low_memory)
         self.prompt_table = PromptTable(self.vocab_size, tok.img_start_id, tok.img_end_id,
                                         tok.img_pad_id, self.n_queries)
         self.stop_ids = frozenset({tok.eod_id} if self.chat_format == "raw"
@@ -262,18 +272,58 @@ class Pipeline:
         self._pool: list[KVCache] = []
         self.max_pool = 2
 
+    @staticmethod
+    def _slot(engine: Any, check: Any) -> EngineSlot:
+        slot = engine if isinstance(engine, EngineSlot) else EngineSlot(engine=engine)
+        slot.check = check
+        if slot.engine is not None:
+            check(slot.engine)
+        return slot
+
+    def _check_engine(self, name: str, eng: Any, facts: tuple[tuple[str, int], ...]) -> None:
+        for attr, want in facts:
+            got = getattr(eng, attr, None)
+            if got is not None and got != want:
+                raise BundleError(f"{eng.path}: the {name} engine has {attr} {got} but the "
+                                  f"manifest says {want}: re-export the bundle")
+
+    def _check_vision(self, eng: Any) -> None:
+        self._check_engine("vision", eng, (("n_queries", self.n_queries),
+                                           ("hidden", int(self.manifest.model["hidden"]))))
+
+    def _check_decoder(self, eng: DecoderEngine) -> None:
+        m = self.manifest.model
+        self._check_engine("decoder", eng, (("hidden", int(m["hidden"])),
+                                            ("layers", int(m["layers"]))))
+        if eng.vocab_size != self.vocab_size:
+            raise BundleError(f"{eng.path} has {eng.vocab_size} logits but the manifest says "
+                              f"vocab_size {self.vocab_size}: re-export the bundle")
+
+    @property
+    def vision(self) -> Any:
+        """The vision engine (loaded now if it is not resident)."""
+        return self._vision.get()
+
+    @property
+    def decoder(self) -> DecoderEngine:
+        """The decoder engine (loaded now if it is not resident)."""
+        return self._decoder.get()
+
     # ---- loading ------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto", threads: int | None = None,
                     verify: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    kv_capacity: int | None = None) -> "Pipeline":
+                    kv_capacity: int | None = None, low_memory: bool | None = None) -> "Pipeline":
         """Verify and load a bundle.
 
         ``device``: ``auto`` (CUDA when onnxruntime-gpu has it, else CPU), ``cpu``, ``cuda``, or
         ``tensorrt`` (CUDA plus the bundle's TensorRT vision plan, refused if there is none for
         this GPU/TensorRT). ``verify=False`` skips the sha256 pass (sizes are still checked).
         ``threads``: onnxruntime intra-op threads (CPU). ``kv_capacity``: tokens per KV cache
-        (default: the model's max context).
+        (default: the model's max context). ``low_memory``: one engine resident at a time — the
+        engines load on first use and the vision engine is released after every encode (reloaded
+        per request with images); ``None`` (default) turns it on when the bundle's memory plan
+        says both engines do not fit together on its device profile (:func:`plan_wants_low_memory`).
         """
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                     or threads < 1):
@@ -282,16 +332,33 @@ class Pipeline:
         man = _bundle.verify_bundle(path, checksums=verify)
         providers = pick_providers(device)
         tok = QwenTokenizer.from_file(man.file("tokenizer/qwen.tiktoken"))
+        low = plan_wants_low_memory(man) if low_memory is None else bool(low_memory)
+        vision = EngineSlot(partial(cls._open_vision, man, providers, threads, device, low))
+        decoder = EngineSlot(partial(DecoderEngine, man.file(man.engines.get("decoder", {}).get(
+            "file", "decoder.onnx")), providers, threads, vocab_size=int(man.model["vocab_size"])))
+        pipe = cls(man, tok, vision, decoder, providers, max_pixels, kv_capacity, low_memory=low)
+        if low:
+            log.info("low-memory mode: one engine resident at a time (the vision engine is "
+                     "reloaded for every request with images)")
+        else:
+            pipe._vision.get()
+            pipe._decoder.get()
+        return pipe
+
+    @classmethod
+    def _open_vision(cls, man: Manifest, providers: list[str], threads: int | None,
+                     device: str, low_memory: bool = False) -> Any:
+        """The bundle's vision engine: its TensorRT plan when that applies, else the ONNX one
+        (without onnxruntime's CPU memory arena in low-memory mode, so that a released engine
+        gives its run's memory back)."""
         vision = None
         if (providers[0] == CUDA and man.trt_plans()) or device == "tensorrt":
             vision = cls._trt_vision(man, device == "tensorrt", threads)
         if vision is None:
             vision = VisionEngine(man.file(man.engines.get("vision", {}).get("file", "vision.onnx")),
                                   providers, threads, int(man.model["n_queries"]),
-                                  int(man.model["hidden"]))
-        decoder = DecoderEngine(man.file(man.engines.get("decoder", {}).get("file", "decoder.onnx")),
-                                providers, threads, vocab_size=int(man.model["vocab_size"]))
-        return cls(man, tok, vision, decoder, providers, max_pixels, kv_capacity)
+                                  int(man.model["hidden"]), mem_arena=not low_memory)
+        return vision
 
     @staticmethod
     def _trt_vision(man: Manifest, required: bool, threads: int | None) -> Any:
@@ -327,7 +394,9 @@ class Pipeline:
 
     @property
     def device(self) -> str:
-        return self.decoder.device
+        if self._decoder.loaded:
+            return self._decoder.engine.device
+        return "cuda" if self.providers[0] == CUDA else "cpu"
 
     def conversation(self, system: str | None = None) -> Conversation:
         return Conversation(self, system)
@@ -438,11 +507,31 @@ class Pipeline:
             prep = self._prepare(prompt, images, history, system, gen)
         return ChatStream(self._run(prompt, prep, conv))
 
-    def _encode(self, pixels: np.ndarray) -> Features | None:
+    def _encode(self, pixels: np.ndarray, tim: dict[str, Any]) -> Features | None:
+        """Features of ``pixels``; in low-memory mode the vision engine is loaded for this call
+        and released after it (``tim["vision_load_s"]``: the reload)."""
         if len(pixels) == 0:
             return None
+        slot = self._vision
         with self._lock:
-            return self.vision.encode(pixels)
+            loads = slot.loads
+            engine = slot.get()
+            if slot.loads != loads:
+                tim["vision_load_s"] = slot.load_s
+            try:
+                return engine.encode(pixels)
+            finally:
+                del engine
+                if self.low_memory:
+                    slot.release()
+
+    def _load_decoder(self, tim: dict[str, Any]) -> None:
+        """Load the decoder if it is not resident (low-memory mode: after the vision engine was
+        released), recording ``tim["decoder_load_s"]``."""
+        slot = self._decoder
+        if not slot.loaded:
+            slot.get()
+            tim["decoder_load_s"] = slot.load_s
 
     def _table(self, ids: list[int], start: int, features: list[Features],
                first_row: int = 0) -> tuple[np.ndarray, Features | None]:
@@ -467,8 +556,9 @@ class Pipeline:
         cache: KVCache | None = None
         try:
             t = time.perf_counter()
-            new_feats = self._encode(prep.pixels)
-            tim["vision_s"] = time.perf_counter() - t
+            new_feats = self._encode(prep.pixels, tim)
+            tim["vision_s"] = time.perf_counter() - t - tim.get("vision_load_s", 0.0)
+            self._load_decoder(tim)
             split = [] if new_feats is None else new_feats.split()
             cache, features, reused = self._cache_for(conv, prep, split)
             cache_ids = conv.cache_ids if conv is not None else []
@@ -583,8 +673,10 @@ class Pipeline:
     def _batch_prefill(self, preps: list[_Prepared]) -> tuple[KVCache, np.ndarray, dict[str, Any]]:
         """One vision call and one left-padded prefill for all requests."""
         t = time.perf_counter()
-        feats = self._encode(np.concatenate([p.pixels for p in preps]))
-        vision_s = time.perf_counter() - t
+        loads: dict[str, Any] = {}
+        feats = self._encode(np.concatenate([p.pixels for p in preps]), loads)
+        vision_s = time.perf_counter() - t - loads.get("vision_load_s", 0.0)
+        self._load_decoder(loads)
         per_image = [] if feats is None else feats.split()
         rows, k = [], 0
         for p in preps:
@@ -604,7 +696,7 @@ class Pipeline:
         with self._lock:
             logits = self.decoder.forward(cache, input_ids, mask, features=table)
         return cache, logits, {"vision_s": vision_s, "prefill_s": time.perf_counter() - t,
-                               "prefill_tokens": int(mask.sum())}
+                               "prefill_tokens": int(mask.sum()), **loads}
 
     def _batch_decode(self, cache: KVCache, logits: np.ndarray, preps: list[_Prepared],
                       rows: list["_Row"]) -> list[float]:

@@ -450,7 +450,7 @@ async def _last(job: Job) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .__main__ import positive_int
+    from .__main__ import add_low_memory_flag, positive_int
 
     p = argparse.ArgumentParser(
         prog="python -m runtime.serve",
@@ -480,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="onnxruntime CPU threads (default: all cores)")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 check")
+    add_low_memory_flag(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -500,7 +501,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def load_pipeline(args: argparse.Namespace) -> Any:
     from .pipeline import Pipeline
     return Pipeline.from_bundle(args.bundle, device=args.device, threads=args.threads,
-                                verify=not args.no_verify)
+                                verify=not args.no_verify,
+                                low_memory=args.low_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
