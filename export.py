@@ -88,13 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _head_dtype(args: argparse.Namespace) -> str | None:
-    """The LM-head dtype ``--lm-head`` gives the plan (only an int8 head can be made fp16)."""
-    from quant.lm_head import head_mode_for_plan
-
-    return head_mode_for_plan(args.plan, fp16_head=args.lm_head == "fp16")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -104,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.plan_only:
-            from exporters.memory_plan import plan_memory
+            from exporters.memory_plan import head_dtype, plan_memory
             from exporters.pipeline import resolve_checkpoint
             from models.config import QwenVLConfig
 
             cfg = QwenVLConfig.from_pretrained(resolve_checkpoint(args.checkpoint))
             mem = plan_memory(cfg, args.plan, args.device_profile, args.context,
                               target=args.target, group_size=args.group_size,
-                              lm_head=_head_dtype(args))
+                              lm_head=head_dtype(args.plan, args.lm_head))
             print("\n".join(mem.lines()))
             return 0 if mem.fits else 1
         opts = ExportOptions(

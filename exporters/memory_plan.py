@@ -281,6 +281,13 @@ def _logits_bytes_per_token(cfg: QwenVLConfig, s: _Storage) -> float:
     return cfg.vocab_size * (4 + s.act)
 
 
+def head_dtype(plan: str, requested: str | None) -> str:
+    """The LM head a plan is exported with: ``--lm-head`` for the quantised plans (int8 | int4 |
+    fp16, exporters/pipeline.py passes it on), else the plan row's."""
+    spec = PLANS[plan]
+    return requested if requested and spec.quantized else spec.lm_head
+
+
 def plan_bits(plan: PrecisionPlan, target: str = "gpu") -> dict[str, int]:
     """Bits per weight of each engine part (and of the KV cache) of ``plan`` on ``target``."""
     return {"vision": DTYPE_BITS[plan.vision], "linear": plan.linear_bits,

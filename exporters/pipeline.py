@@ -24,7 +24,7 @@ from quant.plans import (DEFAULT_GROUP_SIZE, PLANS, QUANTIZED_VISION, exportable
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
 from runtime.files import sha256_file
 
-from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan import MemoryPlan, head_dtype, plan_memory
 from .stages import StageResult, run_stage, stage_dir_only, stage_key
 
 log = logging.getLogger(__name__)
@@ -204,11 +204,8 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
 
 
 def _memory_plan(cfg: QwenVLConfig, opts: ExportOptions) -> MemoryPlan:
-    from quant.lm_head import head_mode_for_plan
-
     mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target,
-                      group_size=opts.group_size,
-                      lm_head=head_mode_for_plan(opts.plan, fp16_head=opts.lm_head == "fp16"))
+                      group_size=opts.group_size, lm_head=head_dtype(opts.plan, opts.lm_head))
     for line in mem.lines():
         log.info("%s", line)
     if not mem.fits and not opts.force:

@@ -179,6 +179,10 @@ def test_plan_only_honours_target_group_size_and_head(full_config, capsys):
     assert "group size 64" in g64 and _line(g64, "decoder linears") > _line(gpu, "decoder linears")
     fp16_head = _plan_only(capsys, *ck, "--lm-head", "fp16")
     assert _line(fp16_head, "lm_head") == pytest.approx(2 * _line(gpu, "lm_head"), rel=0.01)
+    int4_head = _plan_only(capsys, *ck, "--lm-head", "int4")  # codes + fp16 scale per 32
+    assert _line(int4_head, "lm_head") == pytest.approx(151936 * 4096 * (0.5 + 2 / 32), rel=0.01)
+    assert _line(_plan_only(capsys, *ck, "--plan", "fp16", "--lm-head", "int4"),
+                 "lm_head") == pytest.approx(151936 * 4096 * 2, rel=0.01)  # fp16 plan: its own
 
 
 def _line(text: str, key: str) -> float:
