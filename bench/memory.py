@@ -121,13 +121,21 @@ def engine_file_bytes(man: Any, engine: str) -> int:
 
 
 def _config(man: Any, checkpoint: Path | None) -> Any:
+    """The config the bundle was exported from: ``--checkpoint``, else the manifest's source
+    checkpoint, else the nano one when the manifest's model facts are the nano's."""
     from models.config import QwenVLConfig
     from models.nano import default_checkpoint
 
     for c in (checkpoint, Path(str(man.data.get("source", {}).get("checkpoint", "")))):
         if c is not None and (c / "config.json").is_file():
             return QwenVLConfig.from_pretrained(c)
-    return QwenVLConfig.from_pretrained(default_checkpoint())
+    cfg = QwenVLConfig.from_pretrained(default_checkpoint())
+    m = man.model
+    if (m["vocab_size"], m["hidden"], m["layers"]) != (cfg.vocab_size, cfg.hidden_size,
+                                                       cfg.num_hidden_layers):
+        raise SystemExit(f"{man.path}: its source checkpoint is not here; pass --checkpoint "
+                         "(a directory with the config.json it was exported from)")
+    return cfg
 
 
 def sizes(man: Any, mem: Any) -> list[dict[str, Any]]:
