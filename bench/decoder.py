@@ -15,7 +15,10 @@ fell back to one thread):
   MatMulNBits int4 g128 symmetric, int8 head, fp32 activations and KV, accuracy level 4; CUDA:
   the default fp16 plan; RTN codes stand in for GPTQ, which changes the values and not the
   speed), driven exactly as the runtime drives it (``runtime.engines``: preallocated KV, I/O
-  binding). Exported into ``--work`` once and reused.
+  binding). Exported into ``--work`` once and reused. ``--attention gqa mha`` makes each
+  attention variant a contender of its own (the first is ``ours``, the others ``ours_<name>``),
+  alternating with the rest; ``ours_over_<name>`` is that variant's decode time / ours per
+  round (> 1: ours is faster), ``prefill_ours_over_<name>`` the same for the prefill.
 - ``genai`` (with ``--genai-python``): onnxruntime-genai's builder on the same weights renamed to
   Qwen2 (``bench.genai_baseline``), asked for the same choices, at ``--genai-build-layers``
   layers and ``--genai-build-vocab`` rows (its builder holds the whole model in memory: ~15 GB
@@ -161,7 +164,8 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
            "decode": stats(steps[1:] if len(steps) > 1 else steps),
            "cpu_util": cpu_util(prefill_cpu, prefill_s, time.process_time() - c, sum(steps)),
            "logits_finite": bool(np.isfinite(logits).all()),
-           "kv_bytes_per_token": eng.kv_bytes_per_token, "peak_rss_mib": peak_rss_mib()}
+           "kv_bytes_per_token": eng.kv_bytes_per_token, "kv_layout": eng.contract.kv_layout,
+           "kv_cache_bytes": cache.nbytes, "peak_rss_mib": peak_rss_mib()}
     rec["tok_s"] = round(1000 / rec["decode"]["median_ms"], 3)
     if profile:
         del cache
@@ -187,35 +191,20 @@ def decoder_facts(onnx_path: Path) -> tuple[int, int]:
 
 def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None, device: str,
                  steps: int = 8) -> dict:
-    """onnxruntime's node profile of ``steps`` decode steps: share of time per operator type."""
-    from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS
-    from runtime.engines import decoder_contract, open_session, pick_providers
+    """onnxruntime's node profile of ``steps`` decode steps, driven as the runtime drives them
+    (``DecoderEngine``: preallocated KV bound by pointer, the shared buffer of a ``shared``
+    layout): share of time per operator type."""
+    from runtime.engines import DecoderEngine, pick_providers
 
     prof_dir = Path(tempfile.mkdtemp(prefix="bench-decoder-profile-"))  # private, not a fixed path
-    sess = open_session(onnx_path, pick_providers(device), threads,
+    vocab, _ = decoder_facts(onnx_path)
+    eng = DecoderEngine(onnx_path, pick_providers(device), threads, vocab,
                         profile_prefix=str(prof_dir / "profile"))
-    ins = {i.name for i in sess.get_inputs()}
-    c = decoder_contract(sess)
-    empty = np.zeros(c.kv_shape(1, 0), c.kv_dtype)
-    feed = {INPUT_IDS: table[None], ATTENTION_MASK: np.ones((1, len(table)), np.int64),
-            **{n: empty for i in range(c.layers) for n in c.kv_names(i)[:2]}}
-    no_img = np.zeros((0, c.hidden or 0), np.float32)
-    if IMAGE_EMBEDS in ins:
-        feed[IMAGE_EMBEDS] = feats.numpy() if feats is not None else no_img
-    names = [o.name for o in sess.get_outputs()]
-    out = dict(zip(names, sess.run(None, feed)))
-    n = len(table)
+    cache = eng.new_cache(1, len(table) + steps + 1)
+    tok = np.argmax(eng.forward(cache, table[None], features=feats), axis=-1)
     for _ in range(steps):
-        n += 1
-        feed = {INPUT_IDS: np.argmax(out[LOGITS][:, -1], -1)[:, None].astype(np.int64),
-                ATTENTION_MASK: np.ones((1, n), np.int64)}
-        for i in range(c.layers):
-            pk, pv, ok, ov = c.kv_names(i)
-            feed[pk], feed[pv] = out[ok], out[ov]
-        if IMAGE_EMBEDS in ins:
-            feed[IMAGE_EMBEDS] = no_img
-        out = dict(zip(names, sess.run(None, feed)))
-    path = sess.end_profiling()
+        tok = np.argmax(eng.forward(cache, tok[:, None]), axis=-1)
+    path = eng.session.end_profiling()
     events = json.loads(Path(path).read_text())
     Path(path).unlink(missing_ok=True)
     prof_dir.rmdir()
@@ -349,11 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kv-dtype", choices=("fp16", "fp32"),
                     help="KV dtype of the exported engine (default: export.py --target cpu's)")
-    ap.add_argument("--profile", action="store_true", help="per-operator profile of our decode step")
+    ap.add_argument("--attention", nargs="+", choices=("gqa", "mha", "plain"),
+                    help="attention of our engine; several: each is a contender of its own in "
+                         "the alternation, the first is 'ours' (default: the target's, see "
+                         "quant/plans.py)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-operator profile of our decode step (each attention variant)")
     ap.add_argument("--run", choices=("ours", "eager"), help=argparse.SUPPRESS)
     ap.add_argument("--image-start-id", type=int, default=QwenVLConfig().image_start_id,
                     help=argparse.SUPPRESS)
     return ap
+
+
+def our_engines(args, ckpt: Path, cfg, work: Path) -> tuple[dict[str, Path], bool]:
+    """``{attention: decoder.onnx}`` of our variants (``--decoder``: that one file), exported
+    into ``work`` once and reused; and whether all of them were there already."""
+    if args.decoder is not None:
+        return {"given": args.decoder}, True
+    from quant.plans import PLANS
+
+    default = PLANS["int4"].target("cpu" if args.device == "cpu" else "gpu").attention
+    over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+    out, cached = {}, True
+    for att in dict.fromkeys(args.attention or [default]):
+        d = work / (f"ours-L{cfg.num_hidden_layers}" + ("-gpu" if args.device == "cuda" else "")
+                    + (f"-kv{args.kv_dtype}" if args.kv_dtype else "") + f"-{att}")
+        cached = cached and (d / "decoder.onnx").exists()
+        out[att] = export_ours(ckpt, d, args.layers or None, args.device,
+                               **{**over, "attention": att})
+    return out, cached
 
 
 def genai_model(args, ckpt: Path, cfg, work: Path, record: dict) -> Path:
@@ -413,33 +426,50 @@ def check_run(name: str, rec: dict, threads: int) -> None:
                     "or the machine's load", name, rec["cpu_util"]["decode"], threads)
 
 
-def alternate(args, decoder: Path, cfg, genai: Path | None, threads: int, record: dict):
-    """``--rounds`` rounds of ours then genai (A B A B ...), each run in its own process;
-    returns the runs of each contender."""
+def variant_key(i: int, attention: str) -> str:
+    """Record key of our ``i``-th attention variant: ``ours`` for the first (the default)."""
+    return "ours" if i == 0 else f"ours_{attention}"
+
+
+def alternate(args, decoders: dict[str, Path], cfg, genai: Path | None, threads: int,
+              record: dict) -> tuple[dict[str, list[dict]], list[dict]]:
+    """``--rounds`` rounds of each of our attention variants then genai (A B C A B C ...), each
+    run in its own process; returns the runs of each contender."""
     sizes = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
              "--threads", str(threads)]
-    ours_cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder", str(decoder),
-                "--image-start-id", str(cfg.image_start_id), "--image-tokens",
-                str(args.image_tokens), "--device", args.device] + sizes
     genai_cmd = [str(args.genai_python), "-m", "bench.genai_baseline", "time", "--model",
                  str(genai)] + sizes
-    ours, theirs, rounds = [], [], []
+    ours: dict[str, list[dict]] = {variant_key(i, a): [] for i, a in enumerate(decoders)}
+    theirs, rounds = [], []
     for r in range(args.rounds):
-        first = r == 0 and args.profile
-        ours.append(_run(ours_cmd + (["--profile"] if first else []), f"ours {r + 1}",
-                         record=True))
-        check_run("ours", ours[-1], threads)
-        rounds.append({"ours": summary(ours[-1])})
+        rounds.append({})
+        for (key, runs), (att, decoder) in zip(ours.items(), decoders.items()):
+            cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder",
+                   str(decoder), "--image-start-id", str(cfg.image_start_id), "--image-tokens",
+                   str(args.image_tokens), "--device", args.device] + sizes
+            runs.append(_run(cmd + (["--profile"] if r == 0 and args.profile else []),
+                             f"{key} ({att}) {r + 1}", record=True))
+            runs[-1]["attention"] = att
+            check_run(key, runs[-1], threads)
+            rounds[-1][key] = summary(runs[-1])
+        base = ours["ours"][-1]
+        for key, runs in list(ours.items())[1:]:  # > 1: the default variant is faster
+            att = key.split("_", 1)[1]
+            rounds[-1][f"ours_over_{att}"] = round(runs[-1]["decode"]["median_ms"] /
+                                                   base["decode"]["median_ms"], 3)
+            rounds[-1][f"prefill_ours_over_{att}"] = round(runs[-1]["prefill_s"] /
+                                                           base["prefill_s"], 3)
         if genai is not None:
             theirs.append(_run(genai_cmd, f"genai {r + 1}", record=True))
             check_run("genai", theirs[-1], threads)
             rounds[-1]["genai"] = summary(theirs[-1])
             rounds[-1]["ours_over_genai"] = round(theirs[-1]["decode"]["median_ms"] /
-                                                  ours[-1]["decode"]["median_ms"], 3)
+                                                  base["decode"]["median_ms"], 3)
     record["rounds"] = rounds
-    if ours[0].get("profile"):
-        profile = ours[0].pop("profile")
-        median_run(ours)["profile"] = profile
+    for runs in ours.values():
+        if runs[0].get("profile"):
+            profile = runs[0].pop("profile")
+            median_run(runs)["profile"] = profile
     return ours, theirs
 
 
@@ -475,11 +505,7 @@ def drive(args, threads: int) -> int:
     if args.image_tokens is None:
         args.image_tokens = cfg.visual.n_queries
     t = time.perf_counter()
-    over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
-    ours_dir = work / (f"ours-L{cfg.num_hidden_layers}" + ("-gpu" if args.device == "cuda" else "")
-                       + (f"-kv{args.kv_dtype}" if args.kv_dtype else ""))
-    cached = args.decoder is not None or (ours_dir / "decoder.onnx").exists()
-    decoder = args.decoder or export_ours(ckpt, ours_dir, args.layers or None, args.device, **over)
+    decoders, cached = our_engines(args, ckpt, cfg, work)
     export_s = None if cached else round(time.perf_counter() - t, 1)
     bw = cuda_copy_bandwidth_gbs() if args.device == "cuda" else \
         host_read_bandwidth_gbs()
@@ -493,11 +519,17 @@ def drive(args, threads: int) -> int:
         "batch": 1, "export_s": export_s,  # None: the engine was exported by an earlier run
     }
     genai = genai_model(args, ckpt, cfg, work, record) if args.genai_python else None
-    ours, theirs = alternate(args, decoder, cfg, genai, threads, record)
+    ours, theirs = alternate(args, decoders, cfg, genai, threads, record)
     mean_ctx = args.prompt_tokens + args.new_tokens / 2
-    rep = median_run(ours)
-    record["ours"] = _with_ceiling(rep, weights_read_per_token(decoder),
-                                   mean_ctx * rep["kv_bytes_per_token"], bw)
+    for (key, runs), decoder in zip(ours.items(), decoders.values()):
+        rep = median_run(runs)
+        record[key] = _with_ceiling(rep, weights_read_per_token(decoder),
+                                    mean_ctx * rep["kv_bytes_per_token"], bw)
+        if key != "ours":
+            att = key.split("_", 1)[1]
+            record[f"ours_over_{att}"] = spread([r[f"ours_over_{att}"] for r in record["rounds"]])
+            record[f"prefill_ours_over_{att}"] = spread([r[f"prefill_ours_over_{att}"]
+                                                         for r in record["rounds"]])
     kv_bf16 = 2 * cfg.num_hidden_layers * cfg.hidden_size * 2
     if theirs:
         kv_genai = kv_bf16 * (2 if args.device == "cpu" else 1)  # fp32 KV on CPU

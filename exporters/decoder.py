@@ -66,7 +66,8 @@ from quant.plans import PLANS as PRECISION_PLANS
 from quant.plans import exportable_plans
 from runtime.errors import EdgeError
 from runtime.files import staging_dir
-from runtime.contract import ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS, DecoderIO, Spec
+from runtime.contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, KV_LAYOUT_KEY, LOGITS,
+                              DecoderIO, Spec)
 from runtime.engines import decoder_contract
 from runtime.generate import DecodeState, GenerationConfig, Sampler, decode_tokens
 
@@ -76,6 +77,7 @@ PLANS = exportable_plans()  # the precision plans this exporter builds (quant/pl
 OPSET = 21
 IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
+ATTENTIONS = ("mha", "gqa", "plain")  # export_decoder(attention=...)
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside decoder.onnx
 _NP = {"fp32": np.float32, "fp16": np.float16}
 _ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
@@ -281,13 +283,25 @@ def _gptq_to_nbits_chunked(t: GPTQTensors, group_size: int, rows: int = 2048) ->
 
 
 @dataclass
+class _GQAInputs:
+    """GroupQueryAttention's per-call inputs, computed once from the mask: every row's cache
+    holds ``T`` = mask-width tokens (padding included, masked by ``bias``), ``S`` of them new."""
+    seqlens_k: str  # int32 [B], T - 1
+    total_len: str  # int32 scalar, T
+    query_lens: str  # int32 [B], S (lets batched multi-token chunks run on a cache)
+    bias: str  # act dtype [B, 1, S, T]: 0 for real keys, -10000 (MHA's mask value) for masked
+
+
+@dataclass
 class _LayerShared:
-    """Graph names every layer reads: positions, the int32 mask, rotary tables, plain-mode bias."""
+    """Graph names every layer reads: positions, the int32 mask, rotary tables, plain-mode bias,
+    GroupQueryAttention's inputs."""
     pos: str
     mask_i32: str
     cos: str
     sin: str
     attn_bias: str | None
+    gqa: _GQAInputs | None = None
 
 
 class _DecoderGraph:
@@ -306,7 +320,9 @@ class _DecoderGraph:
         from models.checkpoint import expected_shapes
 
         self.shapes = expected_shapes(cfg)
-        self.io = DecoderIO.from_config(cfg, s.kv_dtype)  # names and KV layout of the graph
+        # names and KV layout of the graph
+        self.io = DecoderIO.from_config(cfg, s.kv_dtype,
+                                        "shared" if s.attention == "gqa" else "concat")
 
     # -- helpers ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -475,7 +491,27 @@ class _DecoderGraph:
         cos_c = g.init("rotary.cos_cache", cos[:, : D // 2].numpy().astype(self.A), "rope")
         sin_c = g.init("rotary.sin_cache", sin[:, : D // 2].numpy().astype(self.A), "rope")
         attn_bias = self._plain_mask(seq) if s.attention == "plain" else None
-        return _LayerShared(pos, mask_i32, cos_c, sin_c, attn_bias)
+        gqa = self._gqa_inputs(seq) if s.attention == "gqa" else None
+        return _LayerShared(pos, mask_i32, cos_c, sin_c, attn_bias, gqa)
+
+    def _gqa_inputs(self, seq: str) -> _GQAInputs:
+        g, sc, i32 = self.g, "/positions", TensorProto.INT32
+        total = g.op("Shape", [ATTENTION_MASK], scope=sc, start=1, end=2)  # [1] int64
+        batch = g.op("Shape", [INPUT_IDS], scope=sc, start=0, end=1)
+        last = g.op("Cast", [g.op("Sub", [total, g.const([1], np.int64)], scope=sc)], scope=sc,
+                    to=i32)
+        seqlens = g.op("Expand", [last, batch], scope=sc)
+        total_len = g.op("Cast", [g.op("Squeeze", [total, g.const([0], np.int64)], scope=sc)],
+                         scope=sc, to=i32)
+        query_lens = g.op("Expand", [g.op("Cast", [seq], scope=sc, to=i32), batch], scope=sc)
+        keep = g.op("Cast", [g.op("Unsqueeze", [ATTENTION_MASK, g.const([1, 2], np.int64)],
+                                  scope=sc)], scope=sc, to=TensorProto.BOOL)  # [B,1,1,T]
+        bias = g.op("Where", [keep, g.const(0.0, self.A), g.const(-10000.0, self.A)], scope=sc)
+        # the kernel wants [B, 1, S, T] (it does not broadcast the query axis)
+        rows = g.op("Concat", [g.const([1, 1], np.int64), seq, g.const([1], np.int64)], scope=sc,
+                    axis=0)
+        bias = g.op("Expand", [bias, rows], scope=sc)
+        return _GQAInputs(seqlens, total_len, query_lens, bias)
 
     def _layer(self, i: int, resid: str, pending: str | None, sh: _LayerShared,
                eps: float) -> tuple[str, str]:
@@ -498,7 +534,7 @@ class _DecoderGraph:
                  domain=MS_DOMAIN, num_heads=H, interleaved=0)
         k = g.op("RotaryEmbedding", [k, sh.pos, sh.cos, sh.sin], scope=sc + "/attn/rope_k",
                  domain=MS_DOMAIN, num_heads=H, interleaved=0)
-        a = self._attention(i, q, k, v, sh.mask_i32, sh.attn_bias, sc + "/attn")
+        a = self._attention(i, q, k, v, sh, sc + "/attn")
         a = self.linear(a, f"{p}.attn.c_proj", sc + "/attn/c_proj")
         ln2 = g.init(f"{p}.ln_2.weight", self.small(f"{p}.ln_2.weight"), "norm")
         h, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [a, resid, ln2],
@@ -511,20 +547,27 @@ class _DecoderGraph:
                               sc + "/mlp/c_proj")
         return resid, pending
 
-    def _attention(self, i: int, q: str, k: str, v: str, mask_i32: str, attn_bias: str | None,
-                   scope: str) -> str:
+    def _attention(self, i: int, q: str, k: str, v: str, sh: _LayerShared, scope: str) -> str:
         g, H, D = self.g, self.H, self.D
         past_k, past_v, pres_k, pres_v = self.io.kv_names(i)
+        if sh.gqa is not None:  # KV dtype = act dtype (checked in _settings): one shared buffer
+            a = sh.gqa
+            o, _, _ = g.op("GroupQueryAttention",
+                           [q, k, v, past_k, past_v, a.seqlens_k, a.total_len, "", "", "", a.bias,
+                            "", "", "", "", "", a.query_lens], n_out=[None, pres_k, pres_v],
+                           scope=scope, domain=MS_DOMAIN, num_heads=H, kv_num_heads=H,
+                           scale=1.0 / math.sqrt(D))
+            return o
         same = np.dtype(self.KV) == np.dtype(self.A)
         if not same:
             past_k, past_v = self.cast(past_k, self.A, scope), self.cast(past_v, self.A, scope)
         if self.s.attention == "mha":
-            o, pk, pv = g.op("MultiHeadAttention", [q, k, v, "", mask_i32, "", past_k, past_v],
+            o, pk, pv = g.op("MultiHeadAttention", [q, k, v, "", sh.mask_i32, "", past_k, past_v],
                              n_out=[None, pres_k if same else None, pres_v if same else None],
                              scope=scope, domain=MS_DOMAIN, num_heads=H, unidirectional=1,
                              scale=1.0 / math.sqrt(D))
         else:
-            o, pk, pv = self._plain_attention(q, k, v, past_k, past_v, attn_bias, scope,
+            o, pk, pv = self._plain_attention(q, k, v, past_k, past_v, sh.attn_bias, scope,
                                               pres_k if same else None, pres_v if same else None)
         if not same:
             g.op("Cast", [pk], n_out=[pres_k], scope=scope, to=self.tKV)
@@ -591,9 +634,12 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
     for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _NP),
                           ("lm_head", head, ("int8", "int4", "fp16", "fp32")),
                           ("embed", embed, EMBED_MODES),
-                          ("attention", attention, ("mha", "plain"))):
+                          ("attention", attention, ATTENTIONS)):
         if val not in ok:
             raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
+    if attention == "gqa" and kv != act:
+        raise DecoderExportError(f"attention='gqa' reads and writes its KV buffer in the activation "
+                                 f"dtype: pass kv_dtype='{act}' (or attention='mha')")
     if act not in spec.act_dtypes:
         other = next((n for n in PLANS if PRECISION_PLANS[n].act_dtypes == (act,)), None)
         raise DecoderExportError(f"the {plan} plan has {'/'.join(spec.act_dtypes)} activations"
@@ -635,8 +681,10 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     KV dtype. ``accuracy_level``: MatMulNBits compute precision (0 = unset, exact; 4 = int8
     activations, 3.6x faster int4 decode on ORT CPU, bench/RESULTS.md);
     ``lm_head_accuracy_level`` (default: the same) for an int8 head, whose ORT CPU kernel is fast
-    only at 4. ``attention``:
-    ``mha`` (com.microsoft MultiHeadAttention) or ``plain`` (MatMul/Softmax fallback).
+    only at 4. ``attention``: ``mha`` (com.microsoft MultiHeadAttention, ``concat`` KV layout),
+    ``gqa`` (com.microsoft GroupQueryAttention on one shared past/present buffer, ``shared`` KV
+    layout, KV dtype = activation dtype; the runtime binds the buffer as both) or ``plain``
+    (MatMul/Softmax fallback).
     ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``).
     """
     t0 = time.perf_counter()
@@ -697,6 +745,7 @@ def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
         "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
         "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
         "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
+        KV_LAYOUT_KEY: dg.io.kv_layout,
         "settings": json.dumps(asdict(s)),
     }
     helper.set_model_props(m, meta)

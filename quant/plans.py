@@ -25,6 +25,9 @@ class TargetSettings:
     act_dtype: str  # decoder activations
     kv_dtype: str  # KV cache
     accuracy_level: int = 0  # MatMulNBits compute precision (0 = exact, 4 = int8 activations)
+    # mha: MultiHeadAttention, present = concat(past, new) in a second buffer every step;
+    # gqa: GroupQueryAttention on one shared past/present buffer (KV dtype = activation dtype)
+    attention: str = "mha"
 
     @property
     def int8_activations(self) -> bool:
@@ -34,7 +37,7 @@ class TargetSettings:
     def decoder_kwargs(self) -> dict[str, object]:
         """The ``exporters.decoder.export_decoder`` arguments of this target."""
         return {"act_dtype": self.act_dtype, "accuracy_level": self.accuracy_level,
-                "kv_dtype": self.kv_dtype}
+                "kv_dtype": self.kv_dtype, "attention": self.attention}
 
 
 @dataclass(frozen=True)
@@ -88,16 +91,18 @@ def _same(act: str, kv: str) -> dict[str, TargetSettings]:
 # fp32 activations; measured on the full-size decoder (bench/RESULTS.md): fp32 activations +
 # accuracy level 4 make decode 3.6x faster than the exact fp16 settings, whose int8 LM head alone
 # is ~50x slower on CPU; an fp32 KV cache removes the per-step Cast of the whole past (11 % of a
-# step) and is 24 % faster again at 8 full-size layers.
+# step) and is 24 % faster again at 8 full-size layers. GroupQueryAttention on one shared KV
+# buffer: its node 1.7-1.8x faster than MultiHeadAttention's at 8 full-size layers (issue 20,
+# bench/RESULTS.md), half the KV memory, same tokens.
 _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
-                 "cpu": TargetSettings("fp32", "fp32", accuracy_level=4)}
+                 "cpu": TargetSettings("fp32", "fp32", accuracy_level=4, attention="gqa")}
 
 # edge: int8 vision (quant/vision_int8.py), int8 embedding rows with an fp16 scale per row
 # (quant/embedding.py), the int4 decoder's targets. The KV cache stays fp16 (gpu) / fp32 (cpu):
 # onnxruntime 1.32's CPU GroupQueryAttention does take an int8 cache (``kv_cache_bit_width`` 8,
 # ``k_quant_type`` / ``v_quant_type`` PER_TENSOR or PER_CHANNEL with static fp32 scales; checked on
-# a tiny graph), but MultiHeadAttention, which this decoder uses, takes float caches only, and
-# static KV scales would need calibrating: an int8 KV is future work on the GQA decoder.
+# a tiny graph), but the gpu target's MultiHeadAttention takes float caches only, and static KV
+# scales would need calibrating: an int8 KV is future work on the GQA decoder (cpu: attention gqa).
 _EDGE_TARGETS = dict(_INT4_TARGETS)
 
 PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (

@@ -17,6 +17,14 @@ Decoder engine (``L`` layers, ``H`` heads, ``D`` head dim, KV dtype float16 or f
     present.{i}.key             KV      [batch, H, total_sequence_length, D]
     present.{i}.value           KV      [batch, H, total_sequence_length, D]
 
+KV layouts (``kv_layout``, in the engine's metadata): ``concat`` (MultiHeadAttention) writes
+``present = concat(past, new)``, a second buffer, every step. ``shared`` (GroupQueryAttention)
+takes past and present as the *same* buffer of the cache's capacity ``C``: ``[batch, H, C, D]``
+bound as both, the new keys written in place at ``[P, T)`` (``T`` = the attention mask's width,
+``P = T - sequence_length``), nothing else copied. Row ``t`` of every batch entry is mask column
+``t`` in both layouts (padding and dropped tokens are masked, never compacted). Fed ``past`` of
+length ``P`` instead, a ``shared`` engine returns ``present`` of length ``T`` like ``concat``.
+
 Vision engine: ``pixel_values`` float32 ``[N, 3, S, S]`` -> ``image_embeds`` float32
 ``[N, n_queries, hidden]``.
 
@@ -45,6 +53,8 @@ PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 KV_DTYPES = ("float16", "float32")
+KV_LAYOUTS = ("concat", "shared")
+KV_LAYOUT_KEY = "kv_layout"  # decoder metadata key naming the layout
 
 Spec = tuple[str, str, list[Any]]  # (name, numpy dtype name, shape with symbolic dims)
 
@@ -112,6 +122,17 @@ class DecoderIO:
     hidden: int | None
     vocab_size: int | None
     kv_dtype: str = "float16"  # numpy dtype name
+    kv_layout: str = "concat"  # concat | shared (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ContractError(f"KV layout must be one of {', '.join(KV_LAYOUTS)}, not "
+                                f"'{self.kv_layout}': re-export the decoder")
+
+    @property
+    def shared_kv(self) -> bool:
+        """Past and present are one buffer of the cache's capacity (bound as both)."""
+        return self.kv_layout == "shared"
 
     def kv_names(self, i: int) -> tuple[str, str, str, str]:
         """(past key, past value, present key, present value) names of layer ``i``."""
@@ -137,7 +158,8 @@ class DecoderIO:
                            (ATTENTION_MASK, "int64", ["batch", "total_sequence_length"])]
         for i in range(self.layers):
             pk, pv, _, _ = self.kv_names(i)
-            shape = self.kv_shape("batch", "past_sequence_length")
+            shape = self.kv_shape("batch", "kv_capacity" if self.shared_kv
+                                  else "past_sequence_length")
             out += [(pk, self.kv_dtype, list(shape)), (pv, self.kv_dtype, list(shape))]
         return out
 
@@ -146,26 +168,29 @@ class DecoderIO:
         out: list[Spec] = [(LOGITS, "float32", ["batch", "sequence_length", self.vocab_size])]
         for i in range(self.layers):
             _, _, ok, ov = self.kv_names(i)
-            shape = self.kv_shape("batch", "total_sequence_length")
+            shape = self.kv_shape("batch", "kv_capacity" if self.shared_kv
+                                  else "total_sequence_length")
             out += [(ok, self.kv_dtype, list(shape)), (ov, self.kv_dtype, list(shape))]
         return out
 
     @classmethod
-    def from_config(cls, cfg: Any, kv_dtype: str) -> "DecoderIO":
-        """From a ``models.config.QwenVLConfig`` and the plan's KV dtype (``fp16``/``float16``)."""
+    def from_config(cls, cfg: Any, kv_dtype: str, kv_layout: str = "concat") -> "DecoderIO":
+        """From a ``models.config.QwenVLConfig``, the plan's KV dtype (``fp16``/``float16``) and
+        the attention's KV layout."""
         kv = {"fp16": "float16", "fp32": "float32"}.get(kv_dtype, kv_dtype)
         if kv not in KV_DTYPES:
             raise ContractError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not '{kv_dtype}'")
         return cls(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.head_dim),
-                   int(cfg.hidden_size), int(cfg.vocab_size), kv)
+                   int(cfg.hidden_size), int(cfg.vocab_size), kv, kv_layout)
 
     @classmethod
     def from_io(cls, inputs: Mapping[str, tuple[Any, Sequence[Any]]],
                 outputs: Mapping[str, tuple[Any, Sequence[Any]]],
-                vocab_size: int | None = None) -> "DecoderIO":
+                vocab_size: int | None = None, kv_layout: str = "concat") -> "DecoderIO":
         """From a graph's ``{name: (dtype, shape)}`` inputs and outputs (the runtime's side).
 
-        ``vocab_size`` is used when the logits' last dim is symbolic."""
+        ``vocab_size`` is used when the logits' last dim is symbolic; ``kv_layout`` comes from the
+        engine's metadata (``KV_LAYOUT_KEY``; engines without it are ``concat``)."""
         need = (INPUT_IDS, ATTENTION_MASK, PAST_KEY.format(0))
         if any(n not in inputs for n in need) or LOGITS not in outputs:
             raise ContractError(f"not a decoder engine (inputs {list(inputs)})")
@@ -177,7 +202,7 @@ class DecoderIO:
         return cls(layers, int(kv_shape[1]), int(kv_shape[3]),
                    int(hidden) if isinstance(hidden, int) else None,
                    int(vocab) if isinstance(vocab, int) else vocab_size,
-                   np.dtype(kv_type).name)
+                   np.dtype(kv_type).name, kv_layout)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ importable and the bundle holds a plan for this GPU and TensorRT version.
 No wasted copies:
 
 * the KV cache lives in flat buffers allocated once per :class:`KVCache` (numpy on the CPU,
-  ``OrtValue`` on the GPU) and never leaves the device. The decoder graph concatenates
-  ``past [B,H,P,D]`` with the new keys into ``present [B,H,P+S,D]``; both are bound by pointer to
-  the front of two ping-pong buffers (past from one, present into the other), so a step allocates
-  nothing and copies nothing besides the graph's own concatenation;
+  ``OrtValue`` on the GPU) and never leaves the device. A ``concat``-layout decoder
+  (MultiHeadAttention) concatenates ``past [B,H,P,D]`` with the new keys into
+  ``present [B,H,P+S,D]``; both are bound by pointer to the front of two ping-pong buffers (past
+  from one, present into the other), so a step allocates nothing and copies nothing besides the
+  graph's own concatenation. A ``shared``-layout decoder (GroupQueryAttention) gets one buffer
+  ``[B,H,capacity,D]`` per layer bound as both past and present and writes only the new keys;
 * logits of a decode step go into a preallocated host array;
 * the vision output stays where it was computed (a device ``OrtValue`` on CUDA) and is bound to
   the decoder's ``image_embeds`` input by pointer, reshaped ``[N,Q,H] -> [N*Q,H]`` for free.
@@ -32,8 +34,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import EdgeError
-from .contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
-                       ContractError, DecoderIO)
+from .contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, KV_LAYOUT_KEY, LOGITS,
+                       PIXEL_VALUES, ContractError, DecoderIO)
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +124,13 @@ def _io(args) -> dict[str, IOInfo]:
 
 
 def decoder_contract(session: ort.InferenceSession, vocab_size: int | None = None) -> DecoderIO:
-    """The decoder contract a session's inputs/outputs state (raises ContractError if none)."""
+    """The decoder contract a session's inputs/outputs and KV-layout metadata state (raises
+    ContractError if none)."""
+    layout = session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY, "concat")
     return DecoderIO.from_io({a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
                               for a in session.get_inputs()},
                              {a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
-                              for a in session.get_outputs()}, vocab_size)
+                              for a in session.get_outputs()}, vocab_size, layout)
 
 
 class DeviceBuffer:
@@ -356,19 +360,22 @@ class Binding:
 class KVCache:
     """KV cache of one request (or one batch) for up to ``capacity`` tokens per row.
 
-    Two ping-pong sets of flat buffers per layer (key, value); ``cur`` is the set holding the
-    valid past of ``length`` tokens laid out ``[B, H, length, D]`` at the front. ``mask`` is the
-    host attention mask ``[B, capacity]`` (1 = real token; 0 = padding or a dropped token).
+    ``concat`` layout: two ping-pong sets of flat buffers per layer (key, value); ``cur`` is the
+    set holding the valid past of ``length`` tokens laid out ``[B, H, length, D]`` at the front.
+    ``shared`` layout: one set, ``[B, H, capacity, D]``, its first ``length`` rows valid. ``mask``
+    is the host attention mask ``[B, capacity]`` (1 = real token; 0 = padding or a dropped token).
     """
 
     def __init__(self, engine: "DecoderEngine", batch: int, capacity: int):
         self.engine, self.batch, self.capacity = engine, int(batch), int(capacity)
         n = engine.contract.kv_elements(self.batch, self.capacity)
+        self.shared = engine.contract.shared_kv
         self.sets = [[(DeviceBuffer(n, engine.kv_dtype, engine.device),
                        DeviceBuffer(n, engine.kv_dtype, engine.device))
-                      for _ in range(engine.layers)] for _ in range(2)]
+                      for _ in range(engine.layers)] for _ in range(1 if self.shared else 2)]
         self.cur = 0
         self.length = 0
+        self.kv_bound = False  # shared layout: KV bound into ``binding`` already
         self.mask = np.zeros((self.batch, self.capacity), np.int64)
         self.binding = Binding(engine.session, engine.device)
         self._mask_ptr = self.mask.ctypes.data
@@ -379,7 +386,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
+        return len(self.sets) * self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
 
     def reset(self) -> None:
         self.length = 0
@@ -387,9 +394,12 @@ class KVCache:
 
     def layer(self, i: int, which: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Host copy/view of layer ``i``'s (key, value) ``[B,H,length,D]`` (tests, debugging)."""
-        e = self.engine
-        shape = tuple(e.contract.kv_shape(self.batch, self.length))
+        c = self.engine.contract
         k, v = self.sets[self.cur if which < 0 else which][i]
+        if self.shared:
+            full = tuple(c.kv_shape(self.batch, self.capacity))
+            return k.view(full)[:, :, :self.length], v.view(full)[:, :, :self.length]
+        shape = tuple(c.kv_shape(self.batch, self.length))
         return k.view(shape), v.view(shape)
 
 
@@ -399,10 +409,11 @@ class DecoderEngine:
     kind = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str], threads: int | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, *, profile_prefix: str | None = None):
         self.path = Path(path)
         self.device = "cuda" if providers[0] == CUDA else "cpu"
-        self.session = open_session(self.path, providers, threads, "all")
+        self.session = open_session(self.path, providers, threads, "all",
+                                    profile_prefix=profile_prefix)
         self.inputs = _io(self.session.get_inputs())
         self.outputs = _io(self.session.get_outputs())
         try:
@@ -461,15 +472,7 @@ class DecoderEngine:
         bind.input(ATTENTION_MASK, False, _INT64, [b, t], mask_ptr)
         if self.has_images:
             self._bind_images(bind, features)
-        src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
-        past_shape = self.contract.kv_shape(b, p)
-        pres_shape = self.contract.kv_shape(b, t)
-        kvt = self._kv_type
-        for (pk, pv, ok, ov), (sk, sv), (dk, dv) in zip(self._names, src, dst):
-            bind.input(pk, True, kvt, past_shape, sk.ptr)
-            bind.input(pv, True, kvt, past_shape, sv.ptr)
-            bind.output(ok, True, kvt, pres_shape, dk.ptr)
-            bind.output(ov, True, kvt, pres_shape, dv.ptr)
+        self._bind_kv(cache, b, p, t)
         vocab = self.vocab_size
         if s == 1:
             logits, logits_ptr = cache._logits1, cache._logits1_ptr
@@ -478,11 +481,35 @@ class DecoderEngine:
             logits_ptr = logits.ctypes.data
         bind.output(LOGITS, False, _FLOAT, [b, s, vocab], logits_ptr)
         self.session.run_with_iobinding(bind.io)
-        cache.cur = 1 - cache.cur
+        cache.cur = (cache.cur + 1) % len(cache.sets)
         cache.length = t
         if last_only:
             return logits[:, -1]
         return logits
+
+    def _bind_kv(self, cache: KVCache, b: int, p: int, t: int) -> None:
+        """Past and present of every layer: the same buffer at its capacity (``shared``), or
+        past from the current set and present into the other (``concat``)."""
+        bind, kvt = cache.binding, self._kv_type
+        if cache.shared:
+            if cache.kv_bound:  # same buffers, same shapes every step: bound once per cache
+                return
+            cache.kv_bound = True
+            shape = self.contract.kv_shape(b, cache.capacity)
+            for (pk, pv, ok, ov), (k, v) in zip(self._names, cache.sets[0]):
+                bind.input(pk, True, kvt, shape, k.ptr)
+                bind.input(pv, True, kvt, shape, v.ptr)
+                bind.output(ok, True, kvt, shape, k.ptr)
+                bind.output(ov, True, kvt, shape, v.ptr)
+            return
+        src, dst = cache.sets[cache.cur], cache.sets[1 - cache.cur]
+        past_shape = self.contract.kv_shape(b, p)
+        pres_shape = self.contract.kv_shape(b, t)
+        for (pk, pv, ok, ov), (sk, sv), (dk, dv) in zip(self._names, src, dst):
+            bind.input(pk, True, kvt, past_shape, sk.ptr)
+            bind.input(pv, True, kvt, past_shape, sv.ptr)
+            bind.output(ok, True, kvt, pres_shape, dk.ptr)
+            bind.output(ov, True, kvt, pres_shape, dv.ptr)
 
     def _bind_images(self, bind: Binding, features: Features | None) -> None:
         if features is None:

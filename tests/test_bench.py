@@ -30,7 +30,8 @@ def _stat_ok(s: dict) -> None:
 
 def test_bench_decoder_nano(tmp_path: Path) -> None:
     rec = run_bench("bench.decoder", "--threads", "1", "--new-tokens", "12", "--eager-tokens", "3",
-                    "--rounds", "2", "--profile", "--work", str(tmp_path))
+                    "--rounds", "2", "--profile", "--work", str(tmp_path),
+                    "--attention", "gqa", "mha")
     ours, eager = rec["ours"], rec["eager"]
     # the thread count is explicit and recorded for every contender, with its CPU utilisation
     assert rec["threads"] == ours["threads"] == eager["threads"] == 1
@@ -46,7 +47,8 @@ def test_bench_decoder_nano(tmp_path: Path) -> None:
     _stat_ok(ours["decode"])
     _stat_ok(eager["decode"])
     # bytes read per token: less than the engine's files (the embedding table is not read)
-    files = sum(p.stat().st_size for p in (tmp_path / f"ours-L{rec['shapes']['layers']}").iterdir())
+    files = sum(p.stat().st_size
+                for p in (tmp_path / f"ours-L{rec['shapes']['layers']}-gqa").iterdir())
     assert 0 < ours["weights_read_per_token"] < files
     assert ours["bytes_read_per_token"] == ours["weights_read_per_token"] + ours["kv_read_per_token"]
     assert ours["ceiling_tok_s"] == pytest.approx(
@@ -54,10 +56,20 @@ def test_bench_decoder_nano(tmp_path: Path) -> None:
     assert ours["pct_of_ceiling"] == pytest.approx(
         100 * ours["tok_s"] / ours["ceiling_tok_s"], abs=0.06)
     assert rec["ours_over_eager"] == pytest.approx(ours["tok_s"] / eager["tok_s"], rel=1e-2)
-    prof = ours["profile"]
-    assert prof["steps"] == 8
-    assert sum(prof["share_by_op"].values()) == pytest.approx(1.0, abs=0.01)
-    assert "MatMulNBits" in prof["share_by_op"]
+    # the second attention variant alternates with the first, each with its own profile
+    mha = rec["ours_mha"]
+    assert (ours["attention"], ours["kv_layout"], mha["attention"], mha["kv_layout"]) == (
+        "gqa", "shared", "mha", "concat")
+    assert ours["kv_cache_bytes"] * 2 == mha["kv_cache_bytes"]  # one buffer, not two
+    assert [r["ours_over_mha"] for r in rec["rounds"]] == rec["ours_over_mha"]["per_round"]
+    assert rec["rounds"][0]["ours_over_mha"] == pytest.approx(
+        rec["rounds"][0]["ours_mha"]["decode_median_ms"]
+        / rec["rounds"][0]["ours"]["decode_median_ms"], rel=1e-2)
+    for rep, attention_op in ((ours, "GroupQueryAttention"), (mha, "MultiHeadAttention")):
+        prof = rep["profile"]
+        assert prof["steps"] == 8
+        assert sum(prof["share_by_op"].values()) == pytest.approx(1.0, abs=0.01)
+        assert "MatMulNBits" in prof["share_by_op"] and attention_op in prof["share_by_op"]
 
 
 def test_bench_ttft_nano() -> None:

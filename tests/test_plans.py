@@ -64,7 +64,8 @@ def test_targets_of_the_plans():
     from exporters.pipeline import CPU_FAST
     from models.config import qwen_vl_chat_config
 
-    assert CPU_FAST == {"act_dtype": "fp32", "accuracy_level": 4, "kv_dtype": "fp32"}
+    assert CPU_FAST == {"act_dtype": "fp32", "accuracy_level": 4, "kv_dtype": "fp32",
+                        "attention": "gqa"}
     assert PLANS["int4"].act_dtypes == ("fp16", "fp32")
     assert PLANS["fp32"].target("cpu") == PLANS["fp32"].target("gpu")
     cfg = qwen_vl_chat_config()
