@@ -208,21 +208,35 @@ def profile_ours(onnx_path: Path, table: np.ndarray, feats, threads: int | None,
     events = json.loads(Path(path).read_text())
     Path(path).unlink(missing_ok=True)
     prof_dir.rmdir()
-    runs = [e for e in events if e.get("name") == "model_run"]
-    decode_runs = runs[1:]  # the first run is the prefill
-    t0 = decode_runs[0]["ts"] if decode_runs else 0
-    by_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    return profile_summary(events)
+
+
+def profile_summary(events: list[dict]) -> dict:
+    """Per-operator time of the decode runs (all runs but the first, the prefill) of an
+    onnxruntime profile: the share of the summed kernel time, and the median over steps of each
+    operator's time per step (robust to a preempted step on a shared machine, which lands a
+    whole scheduler slice on whichever node was running)."""
+    decode_runs = [e for e in events if e.get("name") == "model_run"][1:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_step: list[dict[str, float]] = []
+    for r in decode_runs:
+        step: dict[str, float] = {}
+        for e in nodes:
+            if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
+                op = e.get("args", {}).get("op_name", "?")
+                step[op] = step.get(op, 0.0) + e["dur"]
+        per_step.append(step)
+    by_op = {op: sum(s.get(op, 0.0) for s in per_step) for s in per_step for op in s}
     total_nodes = sum(by_op.values())
     total_runs = sum(e["dur"] for e in decode_runs)
+    order = sorted(by_op, key=lambda op: -by_op[op])
     return {"steps": len(decode_runs),
             "run_ms_per_step": round(total_runs / max(1, len(decode_runs)) / 1000, 3),
             "kernels_ms_per_step": round(total_nodes / max(1, len(decode_runs)) / 1000, 3),
-            "share_by_op": {k: round(v / total_nodes, 4)
-                            for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+            "share_by_op": {k: round(by_op[k] / total_nodes, 4) for k in order},
+            "median_ms_per_step_by_op": {
+                k: round(float(np.median([s.get(k, 0.0) for s in per_step])) / 1000, 3)
+                for k in order}}
 
 
 def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n_img: int,

@@ -8,6 +8,10 @@ the model in RAM.
 IO contract: ``runtime/contract.py`` (:class:`~runtime.contract.DecoderIO` names the inputs and
 outputs, their dtypes and the KV layout; the graph is built from it). KV is float32 in the fp32
 plan and float16 in the fp16/int4 plans (``kv_dtype`` overrides). Keys are stored after RoPE.
+Attention (``attention``): MultiHeadAttention (``concat`` KV layout: present = past + new, a new
+buffer every step) or GroupQueryAttention (``shared`` layout: one past/present buffer of the
+cache's capacity, written in place; the mask enters as an additive bias, every row's cache holds
+the mask's ``T`` columns, so ``seqlens_k = T - 1`` for all rows and padding stays masked).
 
 Prompt-table trick: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``,
 every other id the embedding table (``Where`` + two ``Gather``); the table never leaves the engine.

@@ -70,6 +70,8 @@ def test_bench_decoder_nano(tmp_path: Path) -> None:
         assert prof["steps"] == 8
         assert sum(prof["share_by_op"].values()) == pytest.approx(1.0, abs=0.01)
         assert "MatMulNBits" in prof["share_by_op"] and attention_op in prof["share_by_op"]
+        assert set(prof["median_ms_per_step_by_op"]) == set(prof["share_by_op"])
+        assert sum(prof["median_ms_per_step_by_op"].values()) <= prof["run_ms_per_step"] * 1.5
 
 
 def test_bench_ttft_nano() -> None:
