@@ -120,3 +120,11 @@ def test_bench_serve_nano(fp32_bundle) -> None:
     assert rss["after_warmup"] > 0 and rss["after_runs"] > 0
     # warm-up (2) + 2 + 2 requests of 4 tokens each reached the server's counters
     assert rec["server_generated_tokens"] >= 6 * 4
+
+
+def test_bench_attention_small() -> None:
+    rec = run_bench("bench.attention", "--heads", "2", "--head-dim", "8", "--past", "5", "9",
+                    "--pairs", "3", "--threads", "1")
+    assert [r["past"] for r in rec["rows"]] == [5, 9]
+    for r in rec["rows"]:
+        assert r["mha_ms"] > 0 and r["gqa_ms"] > 0 and r["mha_over_gqa"] > 0
