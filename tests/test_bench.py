@@ -128,3 +128,18 @@ def test_bench_attention_small() -> None:
     assert [r["past"] for r in rec["rows"]] == [5, 9]
     for r in rec["rows"]:
         assert r["mha_ms"] > 0 and r["gqa_ms"] > 0 and r["mha_over_gqa"] > 0
+
+
+def test_bench_decoder_pair_nano(tmp_path: Path) -> None:
+    from exporters.decoder import export_decoder
+    from models.checkpoint import load_model
+    from models.nano import default_checkpoint
+
+    model = load_model(default_checkpoint(), "fp32")
+    paths = [export_decoder(model, tmp_path / a / "decoder.onnx", plan="fp32",
+                            attention=a).onnx_path for a in ("gqa", "mha")]
+    rec = run_bench("bench.decoder_pair", "--a", str(paths[0]), "--b", str(paths[1]),
+                    "--threads", "1", "--prompt-tokens", "20", "--new-tokens", "6", "--rounds", "2")
+    assert rec["kv_layouts"] == ["shared", "concat"] and len(rec["rounds"]) == 2
+    for r in rec["rounds"]:
+        assert min(r["decode_median_ms"]) > 0 and r["b_over_a"] > 0
