@@ -107,7 +107,8 @@ def measure(heads: int, head_dim: int, past: int, threads: int, pairs: int) -> d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m bench.attention",
+                                 description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--heads", type=int, default=32, help="attention heads (Qwen-VL-Chat: 32)")
     ap.add_argument("--head-dim", type=int, default=128)

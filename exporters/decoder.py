@@ -642,8 +642,8 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
         if val not in ok:
             raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
     if attention == "gqa" and kv != act:
-        raise DecoderExportError(f"attention='gqa' reads and writes its KV buffer in the activation "
-                                 f"dtype: pass kv_dtype='{act}' (or attention='mha')")
+        raise DecoderExportError(f"attention='gqa' reads and writes its KV buffer in the "
+                                 f"activation dtype: pass kv_dtype='{act}' (or attention='mha')")
     if act not in spec.act_dtypes:
         other = next((n for n in PLANS if PRECISION_PLANS[n].act_dtypes == (act,)), None)
         raise DecoderExportError(f"the {plan} plan has {'/'.join(spec.act_dtypes)} activations"

@@ -386,7 +386,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return len(self.sets) * self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
+        per_set = self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
+        return len(self.sets) * per_set
 
     def reset(self) -> None:
         self.length = 0
