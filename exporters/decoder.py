@@ -67,7 +67,7 @@ from quant.lm_head import head_weights
 from quant.packing import GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits
 from quant.plans import DEFAULT_GROUP_SIZE
 from quant.plans import PLANS as PRECISION_PLANS
-from quant.plans import exportable_plans
+from quant.plans import exportable_plans, kv_layout
 from runtime.errors import EdgeError
 from runtime.files import staging_dir
 from runtime.contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, KV_LAYOUT_KEY, LOGITS,
@@ -325,8 +325,7 @@ class _DecoderGraph:
 
         self.shapes = expected_shapes(cfg)
         # names and KV layout of the graph
-        self.io = DecoderIO.from_config(cfg, s.kv_dtype,
-                                        "shared" if s.attention == "gqa" else "concat")
+        self.io = DecoderIO.from_config(cfg, s.kv_dtype, kv_layout(s.attention))
 
     # -- helpers ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:

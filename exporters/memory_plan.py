@@ -47,9 +47,10 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
 QUANT_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.w1.weight", ".mlp.w2.weight",
                   ".mlp.c_proj.weight")
 RUNTIME_OVERHEAD = 0.6 * GB  # CUDA context + ORT arenas + activations at batch 1
-#: The runtime's KV cache holds two ping-pong buffer sets (runtime/engines.KVCache: past is read
-#: from one, present written into the other), so a context of T tokens holds 2 x T tokens of KV.
-KV_BUFFERS = 2
+#: KV buffer sets the runtime holds per layout (runtime/engines.KVCache): ``concat`` reads past
+#: from one set and writes present into the other, so a context of T tokens holds 2 x T tokens of
+#: KV; ``shared`` (GroupQueryAttention) writes in place into one.
+KV_BUFFERS = {"concat": 2, "shared": 1}
 
 #: Re-loading the vision engine per request in sequential (low-memory) mode, in seconds per GB of
 #: engine file: measured by ``python -m bench.memory`` (see bench/RESULTS.md for the command,
@@ -81,7 +82,7 @@ class MemoryPlan:
     target: str = "gpu"  # the plan target whose activation / KV dtypes were counted
     group_size: int | None = None  # int4 Linears
     lm_head: str = ""  # LM-head dtype counted
-    kv_buffers: int = KV_BUFFERS
+    kv_buffers: int = KV_BUFFERS["concat"]
     logits_bytes_per_token: float = 0.0  # prefill returns every prompt position's logits
     # fp16 weights onnxruntime's CPU kernels re-materialise in fp32 while an engine runs
     cpu_cast_vision_bytes: float = 0.0
@@ -179,6 +180,7 @@ class _Storage:
     embed: str  # embedding table dtype (quant/embedding.py stores it)
     act: float  # bytes of one activation-dtype element (scales, norms, biases, rope)
     kv: float  # bytes of one KV element
+    kv_buffers: int  # KV buffer sets the runtime holds for the target's layout
 
 
 def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: str | None,
@@ -187,7 +189,8 @@ def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: 
     return _Storage(vision=DTYPE_BITS[spec.vision], linear=spec.linear_bits,
                     group_size=(group_size or spec.group_size) if spec.quantized else None,
                     head=DTYPE_BITS[lm_head or spec.lm_head], embed=spec.embed,
-                    act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8)
+                    act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8,
+                    kv_buffers=KV_BUFFERS[t.kv_layout])
 
 
 def _nbits_bytes(rows: int, k: int, bits: int, block: int, scale_bytes: float) -> float:
@@ -334,7 +337,7 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
     p = _decoder_parts(cfg, s)
     kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * s.kv
     logits = _logits_bytes_per_token(cfg, s)
-    per_token = KV_BUFFERS * kv + logits  # a prompt that fills the context, prefilled at once
+    per_token = s.kv_buffers * kv + logits  # a prompt that fills the context, prefilled at once
     decoder = sum(p.values())
     usable = prof.usable_bytes - RUNTIME_OVERHEAD
     max_res = _max_context(usable - vision - decoder, per_token, cfg.seq_length)
@@ -354,7 +357,7 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       fits=mode != "does not fit", mode=mode,
                       target=target if target in spec.targets else "gpu",
                       group_size=s.group_size, lm_head=lm_head or spec.lm_head,
-                      kv_buffers=KV_BUFFERS,
+                      kv_buffers=s.kv_buffers,
                       logits_bytes_per_token=logits, cpu_cast_vision_bytes=cast_vision,
                       cpu_cast_decoder_bytes=cast_decoder,
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),

@@ -18,6 +18,12 @@ DEFAULT_GROUP_SIZE = 128
 DTYPE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 
 
+def kv_layout(attention: str) -> str:
+    """KV layout of a decoder built with ``attention``: GroupQueryAttention reads and writes one
+    shared past/present buffer, the others write present into a second buffer."""
+    return "shared" if attention == "gqa" else "concat"
+
+
 @dataclass(frozen=True)
 class TargetSettings:
     """How the decoder is built for one kind of executor (``export.py --target``)."""
@@ -28,6 +34,11 @@ class TargetSettings:
     # mha: MultiHeadAttention, present = concat(past, new) in a second buffer every step;
     # gqa: GroupQueryAttention on one shared past/present buffer (KV dtype = activation dtype)
     attention: str = "mha"
+
+    @property
+    def kv_layout(self) -> str:
+        """The decoder's KV layout (runtime/contract.py): ``shared`` for GroupQueryAttention."""
+        return kv_layout(self.attention)
 
     @property
     def int8_activations(self) -> bool:
@@ -149,4 +160,5 @@ def vision_precisions() -> tuple[str, ...]:
 
 
 __all__ = ["DEFAULT_GROUP_SIZE", "DTYPE_BITS", "PLANS", "PrecisionPlan", "QUANTIZED_VISION",
-           "TargetSettings", "exportable_plans", "get_plan", "traced_vision", "vision_precisions"]
+           "TargetSettings", "exportable_plans", "get_plan", "kv_layout", "traced_vision",
+           "vision_precisions"]

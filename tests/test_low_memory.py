@@ -204,7 +204,9 @@ def test_planner_counts_scales_in_the_activation_dtype_and_int8_embedding_rows(m
                  if n.endswith(memory_plan.QUANT_SUFFIXES) and not n.startswith("transformer.vis"))
     assert cpu.decoder_linear_bytes - gpu.decoder_linear_bytes == pytest.approx(2 * groups)
     assert cpu.lm_head_bytes - gpu.lm_head_bytes == 2 * rows
-    assert cpu.kv_bytes() == 2 * gpu.kv_bytes()
+    # fp32 KV per token on cpu; one shared GQA buffer instead of MHA's two ping-pong buffers
+    assert cpu.kv_bytes_per_token == 2 * gpu.kv_bytes_per_token
+    assert cpu.kv_bytes() == 2 * gpu.kv_bytes() / 2
     row = dataclasses.replace(PLANS["int4"], embed="int8")
     monkeypatch.setitem(memory_plan.PLANS, "int4", row)
     int8 = memory_plan.plan_memory(cfg, "int4")
@@ -294,3 +296,19 @@ def test_stand_in_tokenizer_has_the_configs_special_ids(tmp_path):
     tok = QwenTokenizer.from_file(stand_in_tokenizer(tmp_path / "qwen.tiktoken", cfg.eod_id))
     assert (tok.eod_id, tok.img_start_id) == (cfg.eod_id, cfg.image_start_id)
     assert tok.decode(tok.encode("a photo")) == "a photo"
+
+
+def test_planner_counts_the_kv_buffers_of_the_targets_layout():
+    """GroupQueryAttention (the int4 cpu target) keeps one shared KV buffer, MultiHeadAttention two
+    ping-pong buffers (runtime/engines.KVCache): the planner holds as many."""
+    from exporters.memory_plan import plan_memory
+    from models.config import qwen_vl_chat_config
+    from quant.plans import PLANS
+
+    cfg = qwen_vl_chat_config()
+    assert PLANS["int4"].target("cpu").kv_layout == "shared"
+    cpu = plan_memory(cfg, "int4", target="cpu", context=512)
+    gpu = plan_memory(cfg, "int4", target="gpu", context=512)
+    assert (cpu.kv_buffers, gpu.kv_buffers) == (1, 2)
+    assert cpu.kv_bytes() == cpu.kv_bytes_per_token * 512
+    assert gpu.kv_bytes() == 2 * gpu.kv_bytes_per_token * 512
