@@ -59,6 +59,12 @@ VISION_LOAD_S_PER_GB: float | None = 1.33
 VISION_LOAD_SOURCE = ("measured: fp16 vision engine of 0.48 GB (4 of 48 ViT layers at full width) "
                       "loaded in 0.64 s from the page cache, onnxruntime CPU, AMD EPYC 2 cores, "
                       "2026-12-06")
+#: Re-loading the decoder in low-memory mode (a request with images releases it before the vision
+#: engine loads): the full-size int4 ``--target cpu`` decoder (5.31 GB file, its embedding table
+#: memory-mapped) loaded in 5.55 s from the page cache (`python -m bench.memory`, bench/RESULTS.md).
+DECODER_LOAD_S_PER_GB: float | None = 1.05
+DECODER_LOAD_SOURCE = ("measured: full-size int4 cpu decoder of 5.31 GB loaded in 5.55 s from the "
+                       "page cache, onnxruntime CPU, AMD EPYC 2 cores, 2026-12-06")
 
 
 @dataclass
@@ -91,6 +97,8 @@ class MemoryPlan:
     cpu_load_transient_bytes: float = 0.0  # a MatMulNBits head held twice while prepacked
     vision_load_s: float | None = None  # estimated reload per request in sequential mode
     vision_load_note: str = ""
+    decoder_load_s: float | None = None  # ... and the decoder's, after the vision engine
+    decoder_load_note: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +170,9 @@ class MemoryPlan:
                                      if self.vision_load_s is not None else
                                      "vision reload cost not measured (python -m bench.memory)"),
         ]
+        if self.decoder_load_s is not None:
+            out.append(f"                   + ~{self.decoder_load_s:.1f} s to reload the decoder "
+                       f"after it ({self.decoder_load_note})")
         verdict = {"resident": "FITS", "sequential": "FITS only if the vision engine is released "
                    "before decoding (the runtime's low-memory mode)",
                    "does not fit": "DOES NOT FIT"}[self.mode]
@@ -305,11 +316,14 @@ def _max_context(free: float, kv_per_token: float, cap: int) -> int:
 def vision_load_estimate(vision_bytes: float) -> tuple[float | None, str]:
     """Estimated seconds to reload the vision engine (low-memory mode), from the measured
     seconds per GB in :data:`VISION_LOAD_S_PER_GB`; ``(None, "")`` when not measured."""
-    if VISION_LOAD_S_PER_GB is None:
+    return _load_estimate(vision_bytes, VISION_LOAD_S_PER_GB, VISION_LOAD_SOURCE)
+
+
+def _load_estimate(nbytes: float, s_per_gb: float | None, source: str
+                   ) -> tuple[float | None, str]:
+    if s_per_gb is None:
         return None, ""
-    return vision_bytes / GB * VISION_LOAD_S_PER_GB, (
-        f"estimate: {vision_bytes / GB:.2f} GB x {VISION_LOAD_S_PER_GB:.2f} s/GB, "
-        f"{VISION_LOAD_SOURCE}")
+    return nbytes / GB * s_per_gb, f"estimate: {nbytes / GB:.2f} GB x {s_per_gb:.2f} s/GB, {source}"
 
 
 def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
@@ -347,6 +361,7 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
     mode = ("resident" if max_res >= context else
             "sequential" if max_seq >= context else "does not fit")
     load_s, load_note = vision_load_estimate(vision)
+    dec_s, dec_note = _load_estimate(decoder, DECODER_LOAD_S_PER_GB, DECODER_LOAD_SOURCE)
     cast_vision, cast_decoder = _cpu_cast_bytes(cfg, s, p, vision)
     return MemoryPlan(plan=plan, device=device, usable_bytes=prof.usable_bytes, vision_bytes=vision,
                       decoder_linear_bytes=p["linear"], lm_head_bytes=p["lm_head"],
@@ -362,4 +377,5 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       cpu_cast_decoder_bytes=cast_decoder,
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
                       cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,
-                      vision_load_s=load_s, vision_load_note=load_note)
+                      vision_load_s=load_s, vision_load_note=load_note,
+                      decoder_load_s=dec_s, decoder_load_note=dec_note)

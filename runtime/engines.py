@@ -367,7 +367,8 @@ class KVCache:
     """
 
     def __init__(self, engine: "DecoderEngine", batch: int, capacity: int):
-        self.engine, self.batch, self.capacity = engine, int(batch), int(capacity)
+        self.batch, self.capacity = int(batch), int(capacity)
+        self.contract = engine.contract
         n = engine.contract.kv_elements(self.batch, self.capacity)
         self.shared = engine.contract.shared_kv
         self.sets = [[(DeviceBuffer(n, engine.kv_dtype, engine.device),
@@ -377,16 +378,34 @@ class KVCache:
         self.length = 0
         self.kv_bound = False  # shared layout: KV bound into ``binding`` already
         self.mask = np.zeros((self.batch, self.capacity), np.int64)
-        self.binding = Binding(engine.session, engine.device)
+        self.engine: DecoderEngine | None = None
+        self.binding: Binding | None = None
+        self.attach(engine)
         self._mask_ptr = self.mask.ctypes.data
         self._ids1 = np.zeros((self.batch, 1), np.int64)
         self._ids1_ptr = self._ids1.ctypes.data
         self._logits1 = np.empty((self.batch, 1, engine.vocab_size), np.float32)
         self._logits1_ptr = self._logits1.ctypes.data
 
+    def attach(self, engine: "DecoderEngine") -> None:
+        """Bind this cache to ``engine``'s session (a reloaded decoder: the low-memory mode);
+        the cached tokens are kept, they do not depend on the session."""
+        if engine is self.engine:
+            return
+        if engine.contract != self.contract:
+            raise EngineError(f"{engine.path} has another KV contract than the engine this "
+                              "cache was made for: start a new conversation")
+        self.engine, self.binding, self.kv_bound = engine, Binding(engine.session,
+                                                                   engine.device), False
+
+    def detach(self) -> None:
+        """Drop the references to the engine's session (so that a released decoder's memory
+        goes back); the next ``forward`` attaches the cache again."""
+        self.engine, self.binding, self.kv_bound = None, None, False
+
     @property
     def nbytes(self) -> int:
-        per_set = self.capacity * self.batch * self.engine.contract.kv_bytes_per_token
+        per_set = self.capacity * self.batch * self.contract.kv_bytes_per_token
         return len(self.sets) * per_set
 
     def reset(self) -> None:
@@ -395,7 +414,7 @@ class KVCache:
 
     def layer(self, i: int, which: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Host copy/view of layer ``i``'s (key, value) ``[B,H,length,D]`` (tests, debugging)."""
-        c = self.engine.contract
+        c = self.contract
         k, v = self.sets[self.cur if which < 0 else which][i]
         if self.shared:
             full = tuple(c.kv_shape(self.batch, self.capacity))
@@ -448,6 +467,7 @@ class DecoderEngine:
         """
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
+        cache.attach(self)
         p = cache.length
         t = p + s
         if b != cache.batch:

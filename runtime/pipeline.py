@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -269,6 +270,7 @@ class Pipeline:
         self.suppress_ids = (tok.img_start_id, tok.img_end_id, tok.img_pad_id)
         self._lock = threading.Lock()  # serialises engine runs
         self._pool_lock = threading.Lock()
+        self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
         self._pool: list[KVCache] = []
         self.max_pool = 2
 
@@ -408,7 +410,12 @@ class Pipeline:
                 c = self._pool.pop()
                 c.reset()
                 return c
-        return self.decoder.new_cache(1, self.kv_capacity)
+        return self._new_cache(1, self.kv_capacity)
+
+    def _new_cache(self, batch: int, capacity: int) -> KVCache:
+        cache = self.decoder.new_cache(batch, capacity)
+        self._caches.add(cache)  # weakly: detached when the low-memory mode drops the decoder
+        return cache
 
     def _release(self, cache: KVCache) -> None:
         if cache.batch != 1:
@@ -508,12 +515,15 @@ class Pipeline:
         return ChatStream(self._run(prompt, prep, conv))
 
     def _encode(self, pixels: np.ndarray, tim: dict[str, Any]) -> Features | None:
-        """Features of ``pixels``; in low-memory mode the vision engine is loaded for this call
-        and released after it (``tim["vision_load_s"]``: the reload)."""
+        """Features of ``pixels``; in low-memory mode the decoder is released first, the vision
+        engine loaded for this call and released after it (``tim["vision_load_s"]``: the
+        reload; the decoder's reload is ``tim["decoder_load_s"]``)."""
         if len(pixels) == 0:
             return None
         slot = self._vision
         with self._lock:
+            if self.low_memory:
+                self._release_decoder()
             loads = slot.loads
             engine = slot.get()
             if slot.loads != loads:
@@ -524,6 +534,17 @@ class Pipeline:
                 del engine
                 if self.low_memory:
                     slot.release()
+
+    def _release_decoder(self) -> None:
+        """One engine resident at a time: the planner's sequential peak counts the vision engine
+        without the decoder, so a decoder an earlier request left goes before the vision engine
+        loads. Every KV cache lets go of its session (they keep their tokens and attach to the
+        reloaded decoder); callers hold ``_lock``, under which every engine run happens."""
+        if not self._decoder.loaded or self._decoder.loader is None:
+            return
+        for cache in list(self._caches):
+            cache.detach()
+        self._decoder.release()
 
     def _load_decoder(self, tim: dict[str, Any]) -> None:
         """Load the decoder if it is not resident (low-memory mode: after the vision engine was
@@ -616,12 +637,12 @@ class Pipeline:
                 state: DecodeState, stream: TextStream,
                 arrivals: list[float]) -> Generator[str, None, None]:
         """Text pieces of the reply: the one decode loop (:func:`decode_tokens`) on ``cache``."""
-        decoder = self.decoder
         tok_arr = np.zeros((1, 1), np.int64)
 
         def forward(tok: int) -> np.ndarray:
             tok_arr[0, 0] = tok
-            out = decoder.forward(cache, tok_arr)[0]
+            # the engine is looked up every step: another request may have released it
+            out = self.decoder.forward(cache, tok_arr)[0]
             cache_ids.append(tok)
             return out
 
@@ -691,7 +712,7 @@ class Pipeline:
         for i, r in enumerate(rows):
             input_ids[i, width - len(r):] = r
             mask[i, width - len(r):] = 1
-        cache = self.decoder.new_cache(len(preps), width + max_new)
+        cache = self._new_cache(len(preps), width + max_new)
         t = time.perf_counter()
         with self._lock:
             logits = self.decoder.forward(cache, input_ids, mask, features=table)

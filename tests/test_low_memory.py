@@ -82,9 +82,40 @@ def test_low_memory_answers_the_resident_tokens_and_drops_the_vision_session(fp3
     assert not low.vision.session.get_session_options().enable_cpu_mem_arena
     assert resident.vision.session.get_session_options().enable_cpu_mem_arena
     low._vision.release()  # (the property loaded it a third time)
-    assert "decoder_load_s" not in got.timings  # the decoder stays resident after its first load
-    text = _greedy(low, [], "Hello")  # no image: no vision load
+    # a request with images releases the decoder an earlier request left before the vision
+    # engine loads (one engine resident at a time), and reloads it for its decode
+    assert "decoder_load_s" in got.timings and low._decoder.loads == 2
+    text = _greedy(low, [], "Hello")  # no image: no vision load, the decoder stays
     assert text.token_ids == _greedy(resident, [], "Hello").token_ids and len(refs) == 3
+    assert low._decoder.loads == 2
+
+
+def test_low_memory_never_holds_both_engines(fp32_bundle, images):
+    _, low = _pipelines(fp32_bundle)
+    seen, load = [], low._vision.loader
+
+    def loader():
+        seen.append(low._decoder.loaded)  # the decoder's state when the vision engine loads
+        return load()
+
+    low._vision.loader = loader
+    for _ in range(2):
+        _greedy(low, [images[0]])
+        assert low._decoder.loaded and not low._vision.loaded
+    assert seen == [False, False]
+
+
+def test_a_conversation_survives_the_decoder_reload(fp32_bundle, images):
+    resident, low = _pipelines(fp32_bundle)
+    convs = [p.conversation() for p in (resident, low)]
+    turns = [("What is this?", [images[0]]), ("And this one?", [images[1]]), ("Why?", [])]
+    for prompt, imgs in turns:  # the second turn's image releases the decoder mid-conversation
+        want, got = (c.chat(prompt, images=imgs, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                            temperature=0).result() for c in convs)
+        assert got.token_ids == want.token_ids and got.reused_tokens == want.reused_tokens
+    assert low._decoder.loads == 2
+    gc.collect()
+    assert low._caches and all(c.engine is low._decoder.engine for c in low._caches)  # no stale
 
 
 def test_low_memory_conversation_and_batch_equal_resident(int4_cpu_bundle, images):
