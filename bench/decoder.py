@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="intra-op threads of every contender (0: every core); recorded")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs of ours and genai (A B A B ...); the ratio's spread")
+    ap.add_argument("--genai-prune-lm-head", action="store_true",
+                    help="build genai's model with its prune_lm_head option (prefill logits of "
+                         "the last position only, as our decoder's runtime asks for)")
     ap.add_argument("--genai-build-layers", type=int, default=2,
                     help="layers genai's builder builds before bench.genai_expand grows them")
     ap.add_argument("--genai-build-vocab", type=int, default=8192,
@@ -390,10 +393,12 @@ def genai_model(args, ckpt: Path, cfg, work: Path, record: dict) -> Path:
     ``bench.genai_expand``, whose check runs a prompt and fails on non-finite logits."""
     n, vocab = cfg.num_hidden_layers, cfg.vocab_size
     b, bv = min(args.genai_build_layers, n), min(args.genai_build_vocab, vocab)
-    final = work / f"genai-L{n}"
-    built = final if (b, bv) == (n, vocab) else work / f"genai-build-L{b}-V{bv}"
+    tag = "-prune" if args.genai_prune_lm_head else ""
+    final = work / f"genai-L{n}{tag}"
+    built = final if (b, bv) == (n, vocab) else work / f"genai-build-L{b}-V{bv}{tag}"
     record["genai_model"] = {"built_layers": b, "built_vocab": bv, "layers": n, "vocab": vocab,
-                             "expanded": built != final}
+                             "expanded": built != final,
+                             "prune_lm_head": bool(args.genai_prune_lm_head)}
     gpy = [args.genai_python, "-m", "bench.genai_baseline"]
     if not (built / "genai_config.json").exists() and not (final / "genai_config.json").exists():
         hf = work / f"qwen2-L{b}-V{bv}"
@@ -402,7 +407,8 @@ def genai_model(args, ckpt: Path, cfg, work: Path, record: dict) -> Path:
                         str(b), "--vocab", str(bv)], "genai convert")
         t = time.perf_counter()
         _run(gpy + ["build", "--hf", str(hf), "--out", str(built), "--cache",
-                    str(work / "genai-cache"), "--ep", args.device], "genai build")
+                    str(work / "genai-cache"), "--ep", args.device]
+             + (["--prune-lm-head"] if args.genai_prune_lm_head else []), "genai build")
         record["genai_model"]["build_s"] = round(time.perf_counter() - t, 1)
     if not (final / "genai_config.json").exists():
         t = time.perf_counter()

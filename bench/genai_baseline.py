@@ -155,13 +155,16 @@ def convert(checkpoint: Path, out: Path, layers: int | None = None,
     return out
 
 
-def build(hf: Path, out: Path, cache: Path, ep: str = "cpu") -> Path:
+def build(hf: Path, out: Path, cache: Path, ep: str = "cpu", prune_lm_head: bool = False) -> Path:
     """The builder's int4 model with our int4 plan's choices (block 128, symmetric, int8 head,
-    accuracy level 4 on CPU)."""
+    accuracy level 4 on CPU); ``prune_lm_head``: the builder's option that computes the prefill's
+    logits for the last position only (off by default in the builder)."""
     opts = ["block_size=128", "is_symmetric=true", "matmul_mixed_precision=last_matmul:int8",
             "hf_remote=false", "hf_token=false"]
     if ep == "cpu":
         opts.append("accuracy_level=4")
+    if prune_lm_head:
+        opts.append("prune_lm_head=true")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
            "-p", "int4", "-e", ep, "-c", str(cache), "--extra_options", *opts]
     log.info("%s", " ".join(cmd))
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--cache", type=Path, default=Path(".cache/genai-builder"))
     b.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
+    b.add_argument("--prune-lm-head", action="store_true",
+                   help="the builder's prune_lm_head: prefill logits of the last position only")
     t = sub.add_parser("time", help="time prefill + greedy decode; prints one JSON record")
     t.add_argument("--model", type=Path, required=True)
     t.add_argument("--prompt-tokens", type=int, default=288)
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "convert":
         convert(args.checkpoint, args.out, args.layers, args.vocab)
     elif args.cmd == "build":
-        build(args.hf, args.out, args.cache, args.ep)
+        build(args.hf, args.out, args.cache, args.ep, args.prune_lm_head)
     else:
         print(json.dumps(time_model(args.model, args.prompt_tokens, args.new_tokens,
                                     args.threads or os.cpu_count() or 1)))

@@ -129,3 +129,15 @@ def test_ratio_spread_and_median_run() -> None:
                                        "per_round": [1.2, 0.9, 1.0]}
     runs = [{"decode": {"median_ms": m}, "i": i} for i, m in enumerate([30.0, 10.0, 20.0, 40.0])]
     assert median_run(runs)["i"] == 2 and median_run(runs[:3])["i"] == 2
+
+
+def test_genai_build_passes_prune_lm_head_only_when_asked(tmp_path: Path, monkeypatch) -> None:
+    """Both contenders compute the prefill's logits at the last position only when compared so."""
+    import bench.genai_baseline as gb
+
+    cmds = []
+    monkeypatch.setattr(gb.subprocess, "run", lambda cmd, check: cmds.append(cmd))
+    gb.build(tmp_path / "hf", tmp_path / "out", tmp_path / "cache")
+    gb.build(tmp_path / "hf", tmp_path / "out", tmp_path / "cache", prune_lm_head=True)
+    assert "prune_lm_head=true" not in cmds[0] and "prune_lm_head=true" in cmds[1]
+    assert "accuracy_level=4" in cmds[0] and "accuracy_level=4" in cmds[1]
