@@ -76,6 +76,17 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def peak_rss_and_reset_mib() -> float:
+    """``VmHWM`` (MiB) so far, then reset it to the current RSS (``/proc/self/clear_refs``,
+    Linux): the peak of one phase of a run (loading, prefill, decode), not of the whole run."""
+    peak = peak_rss_mib()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return peak
+
+
 def host_read_bandwidth_gbs(mib: int = 1024, repeats: int = 5,
                             threads: int | None = None) -> dict[str, float]:
     """DRAM bandwidth as decode uses it, best of ``repeats`` over a buffer far larger than the

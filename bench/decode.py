@@ -49,7 +49,8 @@ def bare_loop(pipe, table_ids: np.ndarray, feats: np.ndarray, n: int) -> list[fl
     no_img = np.zeros((0, feats.shape[-1]), np.float32)
     out = dict(zip(names, sess.run(None, {
         INPUT_IDS: table_ids[None], IMAGE_EMBEDS: feats,
-        ATTENTION_MASK: np.ones((1, len(table_ids)), np.int64), **past})))
+        ATTENTION_MASK: np.ones((1, len(table_ids)), np.int64), **past,
+        **c.logits_feed(1)})))
     total = len(table_ids)
     nv = pipe.n_vocab
     tok = int(np.argmax(out[LOGITS][0, -1, :nv]))
@@ -58,7 +59,7 @@ def bare_loop(pipe, table_ids: np.ndarray, feats: np.ndarray, n: int) -> list[fl
     for _ in range(n - 1):
         total += 1
         feed = {INPUT_IDS: np.array([[tok]], np.int64), IMAGE_EMBEDS: no_img,
-                ATTENTION_MASK: np.ones((1, total), np.int64)}
+                ATTENTION_MASK: np.ones((1, total), np.int64), **c.logits_feed(1)}
         for i in range(c.layers):
             pk, pv, ok, ov = c.kv_names(i)
             feed[pk], feed[pv] = out[ok], out[ov]

@@ -34,7 +34,9 @@ genai's decode time / ours per round (> 1: ours is faster) with its median, min 
 ``--image-tokens`` image rows (random features); genai, text-only, gets the same number of
 random ids. ``--layers`` keeps the first N decoder blocks of the checkpoint for every contender.
 Bytes read per token = the engine's initializers except the embedding table (gathered, not
-read) + the KV cache at the mean context. ``--profile`` adds onnxruntime's per-operator profile
+read) + the KV cache at the mean context. ``ours`` records the peak RSS of each phase (load,
+prefill, decode: ``VmHWM`` reset between them) and how many logits rows its prefill returned
+(1 on a decoder with ``logits_to_keep``, the prompt length on one exported before it). ``--profile`` adds onnxruntime's per-operator profile
 of our decode step (first round): where the next millisecond is.
 """
 
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (ceiling, cuda_copy_bandwidth_gbs, host, host_read_bandwidth_gbs,
-                          peak_rss_mib, stats)
+                          peak_rss_and_reset_mib, peak_rss_mib, stats)
 from runtime.errors import cli_main
 
 log = logging.getLogger("bench.decoder")
@@ -146,9 +148,11 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
                      (np.random.default_rng(1).standard_normal((len(slots), hidden)) * 0.02)
                      .astype(np.float32)) if slots else None
     cache = eng.new_cache(1, n_prompt + n_new + 1)
+    phases = {"load": peak_rss_and_reset_mib()}  # each phase's own peak (VmHWM reset)
     t, c = time.perf_counter(), time.process_time()
     logits = eng.forward(cache, table[None], features=feats)
     prefill_s, prefill_cpu = time.perf_counter() - t, time.process_time() - c
+    phases["prefill"] = peak_rss_and_reset_mib()
     tok = np.argmax(logits, axis=-1)
     steps = []
     c = time.process_time()
@@ -157,6 +161,7 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
         logits = eng.forward(cache, tok[:, None])
         tok = np.argmax(logits, axis=-1)
         steps.append(time.perf_counter() - t)
+    phases["decode"] = peak_rss_and_reset_mib()
     rec = {"engine": "ours", "model": str(onnx_path), "providers": eng.session.get_providers(),
            "threads": threads, "prompt_tokens": n_prompt, "image_rows": len(slots),
            "new_tokens": len(steps), "session_load_s": round(load_s, 2),
@@ -165,7 +170,9 @@ def run_ours(onnx_path: Path, start_id: int, n_prompt: int, n_img: int, n_new: i
            "cpu_util": cpu_util(prefill_cpu, prefill_s, time.process_time() - c, sum(steps)),
            "logits_finite": bool(np.isfinite(logits).all()),
            "kv_bytes_per_token": eng.kv_bytes_per_token, "kv_layout": eng.contract.kv_layout,
-           "kv_cache_bytes": cache.nbytes, "peak_rss_mib": peak_rss_mib()}
+           "kv_cache_bytes": cache.nbytes, "peak_rss_mib": max(phases.values()),
+           "phase_peak_rss_mib": phases,
+           "prefill_logits_rows": eng.contract.logits_rows(len(table), 1)}
     rec["tok_s"] = round(1000 / rec["decode"]["median_ms"], 3)
     if profile:
         del cache

@@ -31,6 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.common import peak_rss_and_reset_mib
+
 GB = 1e9
 
 
@@ -60,8 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def decoder_settings(man: Any) -> dict[str, Any]:
     """What the bundle's decoder was built with, read from its ONNX file: the target (fp32
-    activations in an int4 decoder = ``cpu``), the int4 group size and the LM-head dtype."""
+    activations in an int4 decoder = ``cpu``), the int4 group size, the LM-head dtype and
+    whether it takes ``logits_to_keep`` (else its prefill returns every position's logits)."""
     import onnx
+
+    from runtime.contract import LOGITS_TO_KEEP
 
     from quant.plans import PLANS
 
@@ -83,7 +88,8 @@ def decoder_settings(man: Any) -> dict[str, Any]:
     if "cpu" in spec.targets and norm is not None and norm.data_type == 1 and \
             spec.target("gpu").act_dtype != "fp32":
         target = "cpu"
-    return {"target": target, "group_size": group, "lm_head": head}
+    keep = any(i.name == LOGITS_TO_KEEP for i in m.graph.input)
+    return {"target": target, "group_size": group, "lm_head": head, "logits_to_keep": keep}
 
 
 def _initializer_bytes(t: Any) -> int:
@@ -162,16 +168,6 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def _peak_and_reset() -> float:
-    """``VmHWM`` (MiB), then reset it to the current RSS (``/proc/self/clear_refs``: Linux)."""
-    peak = _rss_mib("VmHWM")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return round(peak, 1)
-
-
 def child(bundle: str, mode: str, new_tokens: int, image: str, threads: int | None) -> dict:
     """Runs in the measured process: load the bundle, answer one image, report RSS (MiB) and the
     peak of each phase (loading; vision until the decoder is needed; prefill and decode)."""
@@ -182,17 +178,17 @@ def child(bundle: str, mode: str, new_tokens: int, image: str, threads: int | No
     pipe = Pipeline.from_bundle(bundle, device="cpu", threads=threads, verify=False,
                                 low_memory=mode == "low-memory")
     load_s = time.perf_counter() - t
-    phases = {"load": _peak_and_reset()}
+    phases = {"load": peak_rss_and_reset_mib()}
     load_decoder = pipe._load_decoder
 
     def vision_done(tim: dict) -> None:  # the vision phase ends where the decoder is needed
-        phases["vision"] = _peak_and_reset()
+        phases["vision"] = peak_rss_and_reset_mib()
         load_decoder(tim)
 
     pipe._load_decoder = vision_done
     res = pipe.chat("Describe the picture.", images=[image], max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens, temperature=0).result()
-    phases["decode"] = _peak_and_reset()
+    phases["decode"] = peak_rss_and_reset_mib()
     tim = res.timings
     return {"mode": mode, "rss_start_mib": round(start, 1),
             "peak_rss_mib": max(phases.values()), "phase_peak_rss_mib": phases,

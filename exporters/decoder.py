@@ -12,10 +12,16 @@ Attention (``attention``): MultiHeadAttention (``concat`` KV layout: present = p
 buffer every step) or GroupQueryAttention (``shared`` layout: one past/present buffer of the
 cache's capacity, written in place; the mask enters as an additive bias, every row's cache holds
 the mask's ``T`` columns, so ``seqlens_k = T - 1`` for all rows and padding stays masked).
+``attention_bias=False`` builds GroupQueryAttention without that bias (onnxruntime's CUDA kernel
+rejects one): it then attends to all ``T`` columns of every row, so the engine is marked
+``padding: unpadded`` and the runtime refuses rows with padding before a real token.
 
 Prompt-table trick: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``,
 every other id the embedding table (``Where`` + two ``Gather``); the table never leaves the engine.
 An id past the last image row is an error (Gather out of bounds), never a silent zero.
+
+Logits: the final hidden state is sliced to its last ``logits_to_keep`` positions (0 = all) before
+the LM head, so a prefill computes and returns only the rows its caller uses (the runtime: 1).
 
 Positions: ``position = cumsum(attention_mask) - 1`` over the whole (past + current) mask, i.e. the
 count of real tokens before a token (the GroupQueryAttention / onnxruntime-genai convention). For
@@ -71,7 +77,7 @@ from quant.plans import exportable_plans, kv_layout
 from runtime.errors import EdgeError
 from runtime.files import staging_dir
 from runtime.contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, KV_LAYOUT_KEY, LOGITS,
-                              DecoderIO, Spec)
+                              LOGITS_TO_KEEP, PADDING_KEY, DecoderIO, Spec)
 from runtime.engines import decoder_contract
 from runtime.generate import DecodeState, GenerationConfig, Sampler, decode_tokens
 
@@ -249,6 +255,7 @@ class _Settings:
     lm_head_accuracy_level: int
     attention: str
     max_positions: int
+    attention_bias: bool = True  # gqa: the mask as an additive bias (False: unpadded rows only)
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
@@ -293,7 +300,8 @@ class _GQAInputs:
     seqlens_k: str  # int32 [B], T - 1
     total_len: str  # int32 scalar, T
     query_lens: str  # int32 [B], S (lets batched multi-token chunks run on a cache)
-    bias: str  # act dtype [B, 1, S, T]: 0 for real keys, -10000 (MHA's mask value) for masked
+    bias: str  # act dtype [B, 1, S, T]: 0 for real keys, -10000 (MHA's mask value) for masked;
+    # "" without the bias (attention_bias=False)
 
 
 @dataclass
@@ -325,7 +333,8 @@ class _DecoderGraph:
 
         self.shapes = expected_shapes(cfg)
         # names and KV layout of the graph
-        self.io = DecoderIO.from_config(cfg, s.kv_dtype, kv_layout(s.attention))
+        self.io = DecoderIO.from_config(cfg, s.kv_dtype, kv_layout(s.attention),
+                                        "masked" if s.attention_bias else "unpadded")
 
     # -- helpers ------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
@@ -434,12 +443,20 @@ class _DecoderGraph:
         lnf = g.init("transformer.ln_f.weight", self.small("transformer.ln_f.weight"), "norm")
         h = g.op("SkipSimplifiedLayerNormalization", [pending, resid, lnf], n_out=1,
                  scope="/ln_f", domain=MS_DOMAIN, epsilon=eps)
-        logits, ldt = self.lm_head(h)
+        logits, ldt = self.lm_head(self._kept_positions(h))
         if np.dtype(ldt) != np.dtype(np.float32):
             g.op("Cast", [logits], n_out=[LOGITS], scope="/lm_head", to=TensorProto.FLOAT)
         else:
             g.op("Identity", [logits], n_out=[LOGITS], scope="/lm_head")
         return inputs, outputs
+
+    def _kept_positions(self, h: str) -> str:
+        """The last ``logits_to_keep`` positions of ``h`` [B, S, hidden] (0 = all: Slice from
+        ``-0``; more than S: all), so the LM head runs only on the rows a caller uses."""
+        g, sc = self.g, "/logits_to_keep"
+        start = g.op("Neg", [LOGITS_TO_KEEP], scope=sc)
+        return g.op("Slice", [h, start, g.const([np.iinfo(np.int64).max], np.int64),
+                              g.const([1], np.int64)], scope=sc)
 
     def _embeddings(self) -> tuple[str, str]:
         """Prompt-table trick: ids >= vocab pick image rows. -> (hidden states, int64 zero)."""
@@ -507,6 +524,8 @@ class _DecoderGraph:
         total_len = g.op("Cast", [g.op("Squeeze", [total, g.const([0], np.int64)], scope=sc)],
                          scope=sc, to=i32)
         query_lens = g.op("Expand", [g.op("Cast", [seq], scope=sc, to=i32), batch], scope=sc)
+        if not self.s.attention_bias:
+            return _GQAInputs(seqlens, total_len, query_lens, "")
         keep = g.op("Cast", [g.op("Unsqueeze", [ATTENTION_MASK, g.const([1, 2], np.int64)],
                                   scope=sc)], scope=sc, to=TensorProto.BOOL)  # [B,1,1,T]
         bias = g.op("Where", [keep, g.const(0.0, self.A), g.const(-10000.0, self.A)], scope=sc)
@@ -626,7 +645,7 @@ class _DecoderGraph:
 
 def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_size,
               accuracy_level, lm_head_accuracy_level, attention, max_positions,
-              embed=None) -> _Settings:
+              embed=None, attention_bias: bool = True) -> _Settings:
     if plan not in PLANS:
         raise DecoderExportError(f"unknown decoder plan '{plan}': use one of {', '.join(PLANS)}")
     spec = PRECISION_PLANS[plan]
@@ -640,6 +659,9 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
                           ("attention", attention, ATTENTIONS)):
         if val not in ok:
             raise DecoderExportError(f"{what} must be one of {', '.join(ok)}, not '{val}'")
+    if not attention_bias and attention != "gqa":
+        raise DecoderExportError(f"attention_bias=False is a GroupQueryAttention build option; "
+                                 f"attention='{attention}' always masks with the attention mask")
     if attention == "gqa" and kv != act:
         raise DecoderExportError(f"attention='gqa' reads and writes its KV buffer in the "
                                  f"activation dtype: pass kv_dtype='{act}' (or attention='mha')")
@@ -664,7 +686,7 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
         exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)
         max_positions = cfg.max_position_embeddings if exact else cfg.seq_length
     return _Settings(plan, act, kv, head, embed, group_size, accuracy_level,
-                     lm_head_accuracy_level, attention, int(max_positions))
+                     lm_head_accuracy_level, attention, int(max_positions), bool(attention_bias))
 
 
 def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str | Path,
@@ -673,7 +695,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                    act_dtype: str | None = None, kv_dtype: str | None = None,
                    accuracy_level: int = 0, lm_head_accuracy_level: int | None = None,
                    attention: str = "mha", max_positions: int | None = None,
-                   check: bool = True, embed: str | None = None) -> DecoderExportResult:
+                   check: bool = True, embed: str | None = None,
+                   attention_bias: bool = True) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
     ``model``: the PyTorch reference, a ``WeightSource`` or a checkpoint directory (weights are read
@@ -689,12 +712,14 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     layout, KV dtype = activation dtype; the runtime binds the buffer as both) or ``plain``
     (MatMul/Softmax fallback).
     ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``).
+    ``attention_bias``: ``gqa`` only; False builds it without the mask bias (onnxruntime's CUDA
+    kernel rejects one): an ``unpadded`` engine (runtime/contract.py).
     """
     t0 = time.perf_counter()
     src = _as_source(model)
     cfg = src.cfg
     s = _settings(cfg, plan, act_dtype, kv_dtype, lm_head, group_size, accuracy_level,
-                  lm_head_accuracy_level, attention, max_positions, embed)
+                  lm_head_accuracy_level, attention, max_positions, embed, attention_bias)
     if PRECISION_PLANS[plan].quantized:
         _require_quant_tensors(cfg, quant_tensors)
     out_path = Path(out_path)
@@ -748,7 +773,7 @@ def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
         "num_heads": str(dg.H), "head_dim": str(dg.D), "hidden_size": str(dg.hid),
         "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
         "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
-        KV_LAYOUT_KEY: dg.io.kv_layout,
+        KV_LAYOUT_KEY: dg.io.kv_layout, PADDING_KEY: dg.io.padding,
         "settings": json.dumps(asdict(s)),
     }
     helper.set_model_props(m, meta)
@@ -814,11 +839,13 @@ KVPair = tuple[np.ndarray, np.ndarray]
 
 
 def run_decoder(session, input_ids, image_embeds=None, attention_mask=None,
-                past: list[KVPair] | None = None) -> tuple[np.ndarray, list[KVPair]]:
+                past: list[KVPair] | None = None,
+                logits_to_keep: int = 0) -> tuple[np.ndarray, list[KVPair]]:
     """One decoder call with defaults filled in: no images, an all-ones mask, an empty past.
 
-    ``session``: from :func:`runtime.engines.open_session`. Returns ``(logits [B,S,V] float32,
-    present [(key, value)] per layer)``.
+    ``session``: from :func:`runtime.engines.open_session`. ``logits_to_keep``: the last
+    positions to return logits for (0 = all; engines without the input return all). Returns
+    ``(logits [B,k,V] float32, present [(key, value)] per layer)``.
     """
     c = decoder_contract(session)
     ids = np.asarray(input_ids, dtype=np.int64)
@@ -834,7 +861,7 @@ def run_decoder(session, input_ids, image_embeds=None, attention_mask=None,
     if image_embeds is None:
         image_embeds = np.zeros((0, c.hidden), np.float32)
     feed = {INPUT_IDS: ids, ATTENTION_MASK: np.asarray(attention_mask, np.int64),
-            IMAGE_EMBEDS: np.asarray(image_embeds, np.float32)}
+            IMAGE_EMBEDS: np.asarray(image_embeds, np.float32), **c.logits_feed(logits_to_keep)}
     for i, (k, v) in enumerate(past):
         pk, pv, _, _ = c.kv_names(i)
         feed[pk], feed[pv] = np.asarray(k, c.kv_dtype), np.asarray(v, c.kv_dtype)
@@ -847,7 +874,7 @@ def greedy_generate(session, input_ids, image_embeds=None, max_new_tokens: int =
                     stop_ids: tuple[int, ...] = ()) -> list[int]:
     """Greedy decoding of one prompt (prompt-table ids) with the KV cache, through the runtime's
     decode loop (:func:`runtime.generate.decode_tokens`) over the whole vocabulary."""
-    logits, past = run_decoder(session, input_ids, image_embeds)
+    logits, past = run_decoder(session, input_ids, image_embeds, logits_to_keep=1)
 
     def forward(tok: int) -> np.ndarray:
         nonlocal past

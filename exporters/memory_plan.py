@@ -6,8 +6,9 @@ from the config's tensor shapes and the plan row's dtypes (``quant/plans.py``: v
 and group size, head, embedding, the target's activation and KV dtypes), stored the way the
 exporters store them (MatMulNBits codes + one scale per group in the activation dtype, norms,
 biases and rotary tables in the activation dtype, fp32 LayerNorms and position tables in the
-vision engine), KV bytes per token times the runtime's two ping-pong KV buffers, and a fixed
-allowance for the runtime (CUDA context, ORT arenas, activations). ``python -m bench.memory``
+vision engine), KV bytes per token times the runtime's KV buffer sets, the prefill's logits (the
+last position's only on a decoder with the ``logits_to_keep`` input), and a fixed allowance for
+the runtime (CUDA context, ORT arenas, activations). ``python -m bench.memory``
 checks every figure against a bundle's files and the runtime's measured peak RSS.
 Figures for the full-size Qwen-VL-Chat are in docs/DESIGN.md §5 (ViT fp16 3.9 GB, int8 1.9 GB;
 int4 decoder 3.4 GB; int8 head 0.6 GB; KV 524 KB/token in fp16).
@@ -89,7 +90,10 @@ class MemoryPlan:
     group_size: int | None = None  # int4 Linears
     lm_head: str = ""  # LM-head dtype counted
     kv_buffers: int = KV_BUFFERS["concat"]
-    logits_bytes_per_token: float = 0.0  # prefill returns every prompt position's logits
+    logits_bytes_per_token: float = 0.0  # one position's logits (host fp32 + the head's output)
+    # the prefill keeps the last position's logits (decoder input ``logits_to_keep``); False:
+    # a decoder exported before it returns every prompt position's
+    logits_last_only: bool = True
     # fp16 weights onnxruntime's CPU kernels re-materialise in fp32 while an engine runs
     cpu_cast_vision_bytes: float = 0.0
     cpu_cast_decoder_bytes: float = 0.0
@@ -112,6 +116,12 @@ class MemoryPlan:
         return self.kv_buffers * self.kv_bytes_per_token * (self.context if tokens is None
                                                             else tokens)
 
+    def prefill_logits_bytes(self, prompt: int | None = None) -> float:
+        """Logits a prefill of ``prompt`` tokens (default: the planned context) holds: one row
+        with ``logits_to_keep``, else one per prompt position."""
+        prompt = self.context if prompt is None else prompt
+        return self.logits_bytes_per_token * (min(1, prompt) if self.logits_last_only else prompt)
+
     def peak_bytes(self, sequential: bool, tokens: int | None = None,
                    prompt: int | None = None, on_cpu: bool = False) -> float:
         """Predicted peak: both engines + KV + the prefill's logits + allowance (resident), or
@@ -131,7 +141,7 @@ class MemoryPlan:
             weights += rows - self.embed_bytes
             vision_run += self.cpu_cast_vision_bytes
             load = self.cpu_load_transient_bytes
-        dec_run = (weights + self.kv_bytes(tokens) + self.logits_bytes_per_token * prompt
+        dec_run = (weights + self.kv_bytes(tokens) + self.prefill_logits_bytes(prompt)
                    + (self.cpu_cast_decoder_bytes if on_cpu else 0.0))
         if sequential:
             body = max(vision_run, weights + load, dec_run)
@@ -156,8 +166,10 @@ class MemoryPlan:
             f"  runtime allowance     {g(self.overhead_bytes)}",
             f"  KV cache              {self.kv_bytes_per_token / 1024:6.0f} KB/token x "
             f"{self.kv_buffers} buffers ({g(self.kv_bytes())} at {self.context} tokens)",
-            f"  prefill logits        {self.logits_bytes_per_token / 1024:6.0f} KB/prompt token "
-            f"({g(self.logits_bytes_per_token * self.context)} for a {self.context}-token prompt)",
+            (f"  prefill logits        {g(self.prefill_logits_bytes())} (the last position only: "
+             "the decoder's logits_to_keep input)" if self.logits_last_only else
+             f"  prefill logits        {self.logits_bytes_per_token / 1024:6.0f} KB/prompt token "
+             f"({g(self.prefill_logits_bytes())} for a {self.context}-token prompt)"),
             f"  bytes read per token  {g(self.bytes_read_per_token)}",
             f"  peak                  {g(self.peak_bytes(False))} both engines resident, "
             f"{g(self.peak_bytes(True))} one engine at a time"
@@ -289,9 +301,9 @@ def _cpu_cast_bytes(cfg: QwenVLConfig, s: _Storage, parts: dict[str, float],
 
 
 def _logits_bytes_per_token(cfg: QwenVLConfig, s: _Storage) -> float:
-    """Prefill logits per prompt token: the decoder returns every position's logits into a host
-    fp32 buffer (runtime/engines.DecoderEngine.forward), written by the graph's last node (a
-    Cast from the activation dtype, or an Identity) from the head's own output buffer."""
+    """Logits of one position: the decoder writes each kept position's logits into a host fp32
+    buffer (runtime/engines.DecoderEngine.forward) from the head's own output buffer (the
+    graph's last node is a Cast from the activation dtype, or an Identity)."""
     return cfg.vocab_size * (4 + s.act)
 
 
@@ -329,12 +341,15 @@ def _load_estimate(nbytes: float, s_per_gb: float | None, source: str
 def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                 context: int | None = None, kv_bits: int | None = None,
                 target: str = "gpu", group_size: int | None = None,
-                lm_head: str | None = None) -> MemoryPlan:
+                lm_head: str | None = None, logits_to_keep: bool = True) -> MemoryPlan:
     """Bytes of each engine for ``plan`` on ``device`` and the largest context that fits.
 
     ``target``: the executor whose activation / KV dtypes count (e.g. fp32 scales and KV for the
     CPU-tuned int4 decoder); ``kv_bits`` overrides the KV width; ``group_size`` the plan row's
-    int4 block size (``export.py --group-size``); ``lm_head`` its head dtype (``--lm-head``)."""
+    int4 block size (``export.py --group-size``); ``lm_head`` its head dtype (``--lm-head``);
+    ``logits_to_keep``: the decoder has that input (every engine this exporter writes), so the
+    prefill holds one position's logits; False for an engine exported before (every
+    position's: ~0.9 MB per prompt token at full size)."""
     if plan not in PLANS:
         raise ValueError(f"unknown plan '{plan}': choose one of {', '.join(PLANS)}")
     if device not in PROFILES:
@@ -351,12 +366,14 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
     p = _decoder_parts(cfg, s)
     kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * s.kv
     logits = _logits_bytes_per_token(cfg, s)
-    per_token = s.kv_buffers * kv + logits  # a prompt that fills the context, prefilled at once
+    # a prompt that fills the context, prefilled at once: one row of logits, or one per token
+    per_token = s.kv_buffers * kv + (0.0 if logits_to_keep else logits)
     decoder = sum(p.values())
+    decoder_fixed = decoder + (logits if logits_to_keep else 0.0)
     usable = prof.usable_bytes - RUNTIME_OVERHEAD
-    max_res = _max_context(usable - vision - decoder, per_token, cfg.seq_length)
+    max_res = _max_context(usable - vision - decoder_fixed, per_token, cfg.seq_length)
     # Sequential mode also needs the vision engine to fit on its own while encoding.
-    max_seq = (_max_context(usable - decoder, per_token, cfg.seq_length)
+    max_seq = (_max_context(usable - decoder_fixed, per_token, cfg.seq_length)
                if usable >= vision else 0)
     mode = ("resident" if max_res >= context else
             "sequential" if max_seq >= context else "does not fit")
@@ -373,7 +390,8 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       target=target if target in spec.targets else "gpu",
                       group_size=s.group_size, lm_head=lm_head or spec.lm_head,
                       kv_buffers=s.kv_buffers,
-                      logits_bytes_per_token=logits, cpu_cast_vision_bytes=cast_vision,
+                      logits_bytes_per_token=logits, logits_last_only=logits_to_keep,
+                      cpu_cast_vision_bytes=cast_vision,
                       cpu_cast_decoder_bytes=cast_decoder,
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
                       cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,

@@ -21,6 +21,7 @@ from models.checkpoint import CheckpointReader
 from models.config import QwenVLConfig
 from quant.plans import (DEFAULT_GROUP_SIZE, PLANS, QUANTIZED_VISION, exportable_plans,
                          traced_vision)
+from runtime.contract import DECODER_IO_VERSION
 from runtime.errors import EXIT_FAILED_CHECK, EdgeError
 from runtime.files import sha256_file
 
@@ -271,8 +272,11 @@ class _Flow:
                          lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
         self._done(vres)
         qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
+        # the target's decoder settings (attention, bias, dtypes) and the graph's I/O contract
+        # key the stage: a changed plan row or contract re-exports a cached decoder
         dkey = stage_key(ckpt=self.digest, plan=opts.plan, quant=qkey, lm_head=opts.lm_head,
-                         cpu=opts.cpu)
+                         cpu=opts.cpu, io=DECODER_IO_VERSION,
+                         target=PLANS[opts.plan].target(opts.target).decoder_kwargs())
         dres = run_stage(self.work, "decoder", dkey,
                          lambda tmp: _export_decoder(ckpt, gptq_dir, opts, tmp))
         self._done(dres)
@@ -554,8 +558,7 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         kwargs: dict[str, Any] = {}
         if PLANS[plan].quantized:
             kwargs = _rtn_quant(model, quant_tensors)
-        if target != "gpu":
-            kwargs.update(PLANS[plan].target(target).decoder_kwargs())
+        kwargs.update(PLANS[plan].target(target).decoder_kwargs())  # as export.py builds it
         kwargs.update(decoder_kwargs or {})
         export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
         if vision_onnx is None:

@@ -34,6 +34,11 @@ class TargetSettings:
     # mha: MultiHeadAttention, present = concat(past, new) in a second buffer every step;
     # gqa: GroupQueryAttention on one shared past/present buffer (KV dtype = activation dtype)
     attention: str = "mha"
+    # gqa only: the attention mask enters as an additive bias (padding and dropped tokens
+    # masked). onnxruntime's CUDA GroupQueryAttention rejects a bias ("attention_bias is not
+    # supported in GroupQueryAttention cuda kernel"), so a CUDA target builds without it and its
+    # engine takes unpadded rows only (runtime/contract.py, ``padding``)
+    attention_bias: bool = True
 
     @property
     def kv_layout(self) -> str:
@@ -48,7 +53,8 @@ class TargetSettings:
     def decoder_kwargs(self) -> dict[str, object]:
         """The ``exporters.decoder.export_decoder`` arguments of this target."""
         return {"act_dtype": self.act_dtype, "accuracy_level": self.accuracy_level,
-                "kv_dtype": self.kv_dtype, "attention": self.attention}
+                "kv_dtype": self.kv_dtype, "attention": self.attention,
+                "attention_bias": self.attention_bias}
 
 
 @dataclass(frozen=True)
@@ -109,12 +115,17 @@ _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
                  "cpu": TargetSettings("fp32", "fp32", accuracy_level=4, attention="gqa")}
 
 # edge: int8 vision (quant/vision_int8.py), int8 embedding rows with an fp16 scale per row
-# (quant/embedding.py), the int4 decoder's targets. The KV cache stays fp16 (gpu) / fp32 (cpu):
-# onnxruntime 1.32's CPU GroupQueryAttention does take an int8 cache (``kv_cache_bit_width`` 8,
-# ``k_quant_type`` / ``v_quant_type`` PER_TENSOR or PER_CHANNEL with static fp32 scales; checked on
-# a tiny graph), but the gpu target's MultiHeadAttention takes float caches only, and static KV
-# scales would need calibrating: an int8 KV is future work on the GQA decoder (cpu: attention gqa).
-_EDGE_TARGETS = dict(_INT4_TARGETS)
+# (quant/embedding.py), the int4 decoder's cpu target, and on the gpu (Jetson) GroupQueryAttention
+# on one shared fp16 KV buffer (half the KV memory of MultiHeadAttention's two; the CUDA kernel
+# registers fp16 activations with fp16 or int8 caches) built without the attention bias the CUDA
+# kernel rejects: that engine takes unpadded rows only, which single requests (Pipeline.chat,
+# the server) are; a left-padded chat_batch is refused. Checked on onnxruntime's CPU kernel
+# only: the CUDA kernel has not been run here (no GPU). The KV cache stays fp16 (gpu) / fp32
+# (cpu): onnxruntime 1.32's GroupQueryAttention does take an int8 cache (``kv_cache_bit_width``
+# 8, ``k_quant_type`` / ``v_quant_type`` with static fp32 scales; checked on a tiny CPU graph),
+# but static KV scales would need calibrating: an int8 KV is future work.
+_EDGE_TARGETS = {"gpu": TargetSettings("fp16", "fp16", attention="gqa", attention_bias=False),
+                 "cpu": _INT4_TARGETS["cpu"]}
 
 PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
     PrecisionPlan("fp32", vision="fp32", linear_bits=32, lm_head="fp32", embed="fp32",

@@ -12,8 +12,9 @@ Decoder engine (``L`` layers, ``H`` heads, ``D`` head dim, KV dtype float16 or f
     attention_mask              int64   [batch, total_sequence_length]
     past_key_values.{i}.key     KV      [batch, H, past_sequence_length, D]   i = 0..L-1
     past_key_values.{i}.value   KV      [batch, H, past_sequence_length, D]
+    logits_to_keep              int64   [1]                            (engines that have it)
     ->
-    logits                      float32 [batch, sequence_length, vocab_size]
+    logits                      float32 [batch, kept_length, vocab_size]
     present.{i}.key             KV      [batch, H, total_sequence_length, D]
     present.{i}.value           KV      [batch, H, total_sequence_length, D]
 
@@ -24,6 +25,22 @@ bound as both, the new keys written in place at ``[P, T)`` (``T`` = the attentio
 ``P = T - sequence_length``), nothing else copied. Row ``t`` of every batch entry is mask column
 ``t`` in both layouts (padding and dropped tokens are masked, never compacted). Fed ``past`` of
 length ``P`` instead, a ``shared`` engine returns ``present`` of length ``T`` like ``concat``.
+
+Padding (``padding``, in the engine's metadata; engines without it are ``masked``): ``masked``
+engines hide every key whose mask column is 0 (left padding, dropped tokens). ``unpadded``
+engines (GroupQueryAttention without an attention bias: onnxruntime's CUDA kernel rejects one)
+attend to every cached column before ``T``, so each row's real tokens must come first and without
+gaps: a row may end in masked columns (a finished row of a batch) but never has a real token after
+a 0. The runtime refuses any other mask (:meth:`DecoderIO.check_mask`) and drops cached tokens
+by rewinding the cache instead of masking them.
+
+Logits (``logits_to_keep``, Hugging Face's name and convention): ``k >= 1`` keeps the last
+``min(k, sequence_length)`` positions of the final hidden state before the LM head, ``k = 0`` keeps
+every position. The runtime's prefill and decode steps pass 1 (a 2048-token prefill returns
+``[batch, 1, V]`` instead of 1.24 GB of fp32 logits at full size); validation's teacher-forced
+decoder stage passes 0. Engines exported before the input existed return every position
+(``kept_length = sequence_length``): the runtime reads whether an engine has the input
+(:attr:`DecoderIO.logits_to_keep`) and feeds it only then (:meth:`DecoderIO.logits_feed`).
 
 Vision engine: ``pixel_values`` float32 ``[N, 3, S, S]`` -> ``image_embeds`` float32
 ``[N, n_queries, hidden]``.
@@ -46,6 +63,7 @@ from .errors import EdgeError
 INPUT_IDS = "input_ids"
 IMAGE_EMBEDS = "image_embeds"
 ATTENTION_MASK = "attention_mask"
+LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS = "logits"
 PIXEL_VALUES = "pixel_values"
 PAST_KEY = "past_key_values.{}.key"
@@ -55,6 +73,11 @@ PRESENT_VALUE = "present.{}.value"
 KV_DTYPES = ("float16", "float32")
 KV_LAYOUTS = ("concat", "shared")
 KV_LAYOUT_KEY = "kv_layout"  # decoder metadata key naming the layout
+#: Revision of the decoder graph's I/O (part of the exporter's cache key): 2 added
+#: ``logits_to_keep`` and the ``padding`` metadata.
+DECODER_IO_VERSION = 2
+PADDINGS = ("masked", "unpadded")
+PADDING_KEY = "padding"  # decoder metadata key: whether the mask's zeros hide keys
 
 Spec = tuple[str, str, list[Any]]  # (name, numpy dtype name, shape with symbolic dims)
 
@@ -123,11 +146,38 @@ class DecoderIO:
     vocab_size: int | None
     kv_dtype: str = "float16"  # numpy dtype name
     kv_layout: str = "concat"  # concat | shared (see the module docstring)
+    logits_to_keep: bool = False  # the engine takes the ``logits_to_keep`` input
+    padding: str = "masked"  # masked | unpadded (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.kv_layout not in KV_LAYOUTS:
             raise ContractError(f"KV layout must be one of {', '.join(KV_LAYOUTS)}, not "
                                 f"'{self.kv_layout}': re-export the decoder")
+        if self.padding not in PADDINGS:
+            raise ContractError(f"padding must be one of {', '.join(PADDINGS)}, not "
+                                f"'{self.padding}': re-export the decoder")
+        if self.padding == "unpadded" and not self.shared_kv:
+            raise ContractError("an unpadded decoder must have the shared KV layout (it drops "
+                                "cached tokens by rewinding): re-export the decoder")
+
+    @property
+    def masks_keys(self) -> bool:
+        """The mask's zeros hide keys (left padding, dropped tokens); False: unpadded rows only."""
+        return self.padding == "masked"
+
+    def check_mask(self, mask: np.ndarray, past: int) -> None:
+        """Refuse a mask an ``unpadded`` engine would get wrong: ``mask [B, P + S]`` of a call on
+        a cache of ``past`` tokens must keep each row's real tokens first and without gaps among
+        the new columns and the last cached one (earlier columns were checked when written)."""
+        if self.masks_keys:
+            return
+        cols = np.asarray(mask)[:, max(past - 1, 0):]
+        if (np.diff(cols, axis=1) > 0).any():
+            raise ContractError(
+                "this decoder (GroupQueryAttention without an attention bias, the gpu target's) "
+                "takes unpadded rows only, and a row has a real token after padding or a dropped "
+                "token: run requests one at a time (Pipeline.chat, the server) or batch prompts "
+                "of equal length, or use a bundle exported with --target cpu")
 
     @property
     def shared_kv(self) -> bool:
@@ -161,11 +211,30 @@ class DecoderIO:
             shape = self.kv_shape("batch", "kv_capacity" if self.shared_kv
                                   else "past_sequence_length")
             out += [(pk, self.kv_dtype, list(shape)), (pv, self.kv_dtype, list(shape))]
+        if self.logits_to_keep:
+            out.append((LOGITS_TO_KEEP, "int64", [1]))
         return out
+
+    def logits_rows(self, sequence_length: int, keep: int) -> int:
+        """Positions whose logits a call of ``sequence_length`` tokens returns when asked to keep
+        ``keep`` (0 = all); every position on an engine without the input."""
+        if not self.logits_to_keep or keep <= 0:
+            return int(sequence_length)
+        return min(int(keep), int(sequence_length))
+
+    def logits_feed(self, keep: int) -> dict[str, np.ndarray]:
+        """The ``logits_to_keep`` input for ``keep`` (0 = all positions), or nothing for an
+        engine without it (it returns every position)."""
+        if not self.logits_to_keep:
+            return {}
+        if keep < 0:
+            raise ContractError(f"logits_to_keep must be >= 0 (0 = all positions), not {keep}")
+        return {LOGITS_TO_KEEP: np.array([keep], np.int64)}
 
     def output_specs(self) -> list[Spec]:
         """The graph outputs, in order."""
-        out: list[Spec] = [(LOGITS, "float32", ["batch", "sequence_length", self.vocab_size])]
+        rows = "kept_length" if self.logits_to_keep else "sequence_length"
+        out: list[Spec] = [(LOGITS, "float32", ["batch", rows, self.vocab_size])]
         for i in range(self.layers):
             _, _, ok, ov = self.kv_names(i)
             shape = self.kv_shape("batch", "kv_capacity" if self.shared_kv
@@ -174,23 +243,27 @@ class DecoderIO:
         return out
 
     @classmethod
-    def from_config(cls, cfg: Any, kv_dtype: str, kv_layout: str = "concat") -> "DecoderIO":
-        """From a ``models.config.QwenVLConfig``, the plan's KV dtype (``fp16``/``float16``) and
-        the attention's KV layout."""
+    def from_config(cls, cfg: Any, kv_dtype: str, kv_layout: str = "concat",
+                    padding: str = "masked") -> "DecoderIO":
+        """From a ``models.config.QwenVLConfig``, the plan's KV dtype (``fp16``/``float16``),
+        the attention's KV layout and padding; the graphs built from it take
+        ``logits_to_keep``."""
         kv = {"fp16": "float16", "fp32": "float32"}.get(kv_dtype, kv_dtype)
         if kv not in KV_DTYPES:
             raise ContractError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not '{kv_dtype}'")
         return cls(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.head_dim),
-                   int(cfg.hidden_size), int(cfg.vocab_size), kv, kv_layout)
+                   int(cfg.hidden_size), int(cfg.vocab_size), kv, kv_layout, True, padding)
 
     @classmethod
     def from_io(cls, inputs: Mapping[str, tuple[Any, Sequence[Any]]],
                 outputs: Mapping[str, tuple[Any, Sequence[Any]]],
-                vocab_size: int | None = None, kv_layout: str = "concat") -> "DecoderIO":
+                vocab_size: int | None = None, kv_layout: str = "concat",
+                padding: str = "masked") -> "DecoderIO":
         """From a graph's ``{name: (dtype, shape)}`` inputs and outputs (the runtime's side).
 
-        ``vocab_size`` is used when the logits' last dim is symbolic; ``kv_layout`` comes from the
-        engine's metadata (``KV_LAYOUT_KEY``; engines without it are ``concat``)."""
+        ``vocab_size`` is used when the logits' last dim is symbolic; ``kv_layout`` and
+        ``padding`` come from the engine's metadata (``KV_LAYOUT_KEY``, ``PADDING_KEY``; engines
+        without them are ``concat`` and ``masked``)."""
         need = (INPUT_IDS, ATTENTION_MASK, PAST_KEY.format(0))
         if any(n not in inputs for n in need) or LOGITS not in outputs:
             raise ContractError(f"not a decoder engine (inputs {list(inputs)})")
@@ -202,7 +275,7 @@ class DecoderIO:
         return cls(layers, int(kv_shape[1]), int(kv_shape[3]),
                    int(hidden) if isinstance(hidden, int) else None,
                    int(vocab) if isinstance(vocab, int) else vocab_size,
-                   np.dtype(kv_type).name, kv_layout)
+                   np.dtype(kv_type).name, kv_layout, LOGITS_TO_KEEP in inputs, padding)
 
 
 @dataclass(frozen=True)

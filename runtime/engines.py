@@ -13,7 +13,8 @@ No wasted copies:
   from one, present into the other), so a step allocates nothing and copies nothing besides the
   graph's own concatenation. A ``shared``-layout decoder (GroupQueryAttention) gets one buffer
   ``[B,H,capacity,D]`` per layer bound as both past and present and writes only the new keys;
-* logits of a decode step go into a preallocated host array;
+* logits of a decode step go into a preallocated host array; a prefill asks an engine that has
+  the ``logits_to_keep`` input for the last position's logits only (``[B, 1, V]``);
 * the vision output stays where it was computed (a device ``OrtValue`` on CUDA) and is bound to
   the decoder's ``image_embeds`` input by pointer, reshaped ``[N,Q,H] -> [N*Q,H]`` for free.
 
@@ -35,7 +36,7 @@ import onnxruntime as ort
 
 from .errors import EdgeError
 from .contract import (ATTENTION_MASK, IMAGE_EMBEDS, INPUT_IDS, KV_LAYOUT_KEY, LOGITS,
-                       PIXEL_VALUES, ContractError, DecoderIO)
+                       LOGITS_TO_KEEP, PADDING_KEY, PIXEL_VALUES, ContractError, DecoderIO)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,12 @@ def _io(args) -> dict[str, IOInfo]:
 def decoder_contract(session: ort.InferenceSession, vocab_size: int | None = None) -> DecoderIO:
     """The decoder contract a session's inputs/outputs and KV-layout metadata state (raises
     ContractError if none)."""
-    layout = session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY, "concat")
+    meta = session.get_modelmeta().custom_metadata_map
     return DecoderIO.from_io({a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
                               for a in session.get_inputs()},
                              {a.name: (_ORT_NP.get(a.type, np.float32), a.shape)
-                              for a in session.get_outputs()}, vocab_size, layout)
+                              for a in session.get_outputs()}, vocab_size,
+                             meta.get(KV_LAYOUT_KEY, "concat"), meta.get(PADDING_KEY, "masked"))
 
 
 class DeviceBuffer:
@@ -454,6 +456,10 @@ class DecoderEngine:
         self._no_images_ptr = self._no_images.ctypes.data
         self._kv_type = _ONNX_TYPES[np.dtype(self.kv_dtype)]
         self.kv_bytes_per_token = c.kv_bytes_per_token
+        # logits_to_keep values bound by pointer: 1 (the last position) and 0 (all)
+        self._keep = np.array([1, 0], np.int64)
+        self._keep_last_ptr = self._keep.ctypes.data
+        self._keep_all_ptr = self._keep_last_ptr + self._keep.itemsize
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self, batch, capacity)
@@ -463,7 +469,8 @@ class DecoderEngine:
         """Run ``input_ids [B,S]`` on top of ``cache`` and append them to it.
 
         ``new_mask [B,S]`` marks real tokens (default all 1). Returns the logits of the last
-        position ``[B, V]`` (``last_only``) or of all positions ``[B, S, V]``.
+        position ``[B, V]`` (``last_only``: an engine with ``logits_to_keep`` computes only that
+        row) or of all positions ``[B, S, V]``.
         """
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
@@ -476,6 +483,12 @@ class DecoderEngine:
             raise EngineError(f"context of {t} tokens exceeds the KV cache capacity "
                               f"{cache.capacity}")
         cache.mask[:, p:t] = 1 if new_mask is None else new_mask
+        if not self.contract.masks_keys:
+            try:
+                self.contract.check_mask(cache.mask[:, :t], p)
+            except ContractError:
+                cache.mask[:, p:t] = 0
+                raise
         bind = cache.binding
         # pointers of the persistent host arrays are cached (``ndarray.ctypes`` costs ~4 us)
         if s == 1:
@@ -495,12 +508,16 @@ class DecoderEngine:
             self._bind_images(bind, features)
         self._bind_kv(cache, b, p, t)
         vocab = self.vocab_size
+        rows = self.contract.logits_rows(s, 1 if last_only else 0)
+        if self.contract.logits_to_keep:
+            bind.input(LOGITS_TO_KEEP, False, _INT64, [1],
+                       self._keep_last_ptr if last_only else self._keep_all_ptr)
         if s == 1:
             logits, logits_ptr = cache._logits1, cache._logits1_ptr
-        else:
-            logits = np.empty((b, s, vocab), np.float32)
+        else:  # a fresh array: prefill logits stay valid after the next step
+            logits = np.empty((b, rows, vocab), np.float32)
             logits_ptr = logits.ctypes.data
-        bind.output(LOGITS, False, _FLOAT, [b, s, vocab], logits_ptr)
+        bind.output(LOGITS, False, _FLOAT, [b, rows, vocab], logits_ptr)
         self.session.run_with_iobinding(bind.io)
         cache.cur = (cache.cur + 1) % len(cache.sets)
         cache.length = t
@@ -544,8 +561,23 @@ class DecoderEngine:
             bind.input(IMAGE_EMBEDS, True, _FLOAT, [features.rows, self.hidden], features.ptr)
 
     def mask_out(self, cache: KVCache, start: int, end: int | None = None) -> None:
-        """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked)."""
+        """Drop cached tokens ``[start, end)`` from attention (they stay in memory, masked); an
+        ``unpadded`` engine cannot mask them (:meth:`truncate` drops a tail)."""
+        if not self.contract.masks_keys:
+            raise ContractError(f"{self.path.name} takes unpadded rows only (GroupQueryAttention "
+                                "without an attention bias) and cannot mask cached tokens: "
+                                "drop a tail with truncate() or start a new cache")
         cache.mask[:, start:cache.length if end is None else end] = 0
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Keep the first ``length`` cached tokens; the next call writes over the rest (the
+        ``shared`` layout's rows do not move when the length changes)."""
+        if not cache.shared:
+            raise EngineError(f"{self.path.name}: only a shared-layout KV cache can be rewound")
+        if not 0 <= length <= cache.length:
+            raise EngineError(f"cannot truncate a cache of {cache.length} tokens to {length}")
+        cache.mask[:, length:] = 0
+        cache.length = int(length)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Imports only numpy, onnxruntime, tiktoken, Pillow and this package.
 * Multi-turn: ``conv = pipeline.conversation()``; ``conv.chat(...)`` (or ``pipeline.chat(...,
   history=conv)``) keeps the KV cache of the previous turns and prefills only the new tokens.
   A plain list of :class:`~runtime.prompt.Turn` as ``history`` recomputes everything.
-* :meth:`Pipeline.chat_batch` runs independent requests as one left-padded batch.
+* :meth:`Pipeline.chat_batch` runs independent requests as one left-padded batch (an ``unpadded``
+  decoder, runtime/contract.py, refuses prompts of different lengths with one line).
 * Threads: engine runs are serialised by one lock, taken per engine call (vision, prefill, each
   decode step), so concurrent streams interleave step by step and an abandoned stream never
   blocks the others. Each stream owns its KV cache.
@@ -753,7 +754,8 @@ class Pipeline:
         return steps
 
     def _reuse(self, conv: Conversation, ids: list[int], max_new: int) -> int:
-        """Prefix of ``ids`` already in ``conv``'s cache; drops (masks) cached tokens after it."""
+        """Prefix of ``ids`` already in ``conv``'s cache; drops cached tokens after it (masked,
+        or cut off on an ``unpadded`` engine, which cannot mask)."""
         cache = conv.cache
         live = [(p, t) for p, t in enumerate(conv.cache_ids) if t >= 0]
         k = 0
@@ -768,6 +770,10 @@ class Pipeline:
             return 0
         if k < len(live):
             first_dead = live[k][0]
+            if not self.decoder.contract.masks_keys:  # unpadded engine: rewind instead of masking
+                self.decoder.truncate(cache, first_dead)
+                del conv.cache_ids[first_dead:]
+                return k
             self.decoder.mask_out(cache, first_dead)
             for p in range(first_dead, len(conv.cache_ids)):
                 conv.cache_ids[p] = -1

@@ -63,12 +63,37 @@ def test_decoder_io_from_config_equals_what_its_graph_io_says():
     assert list(outs)[:3] == ["logits", "present.0.key", "present.0.value"]
     assert ins["past_key_values.2.value"] == (np.dtype(np.float16),
                                               ["batch", 4, "past_sequence_length", 8])
-    assert outs["logits"] == (np.dtype(np.float32), ["batch", "sequence_length", V])
+    assert outs["logits"] == (np.dtype(np.float32), ["batch", "kept_length", V])
+    assert ins["logits_to_keep"] == (np.dtype(np.int64), [1]) and io.logits_to_keep
     assert DecoderIO.from_io(ins, outs) == io
+    # an engine exported before logits_to_keep: every position's logits, nothing extra fed
+    old_ins = {n: v for n, v in ins.items() if n != "logits_to_keep"}
+    old = DecoderIO.from_io(old_ins, outs)
+    assert not old.logits_to_keep and old.logits_feed(1) == {} and old.logits_rows(7, 1) == 7
+    assert io.logits_rows(7, 1) == 1 and io.logits_rows(7, 0) == 7 and io.logits_rows(3, 5) == 3
+    assert io.logits_feed(1)["logits_to_keep"].tolist() == [1]
     assert io.kv_bytes_per_token == 2 * 3 * 4 * 8 * 2 and io.kv_elements(2, 5) == 2 * 4 * 5 * 8
     assert DecoderIO.from_config(_cfg(), "fp32").kv_dtype == "float32"
     with pytest.raises(ContractError, match="not a decoder"):
         DecoderIO.from_io({"pixel_values": (np.float32, [1])}, outs)
+
+
+def test_padding_contract():
+    """``unpadded`` engines (GroupQueryAttention without a bias): each row's real tokens first and
+    without gaps; ``masked`` engines take any mask; unpadded needs the shared KV layout."""
+    io = DecoderIO.from_config(_cfg(), "fp16", "shared", "unpadded")
+    assert not io.masks_keys and DecoderIO.from_config(_cfg(), "fp16").masks_keys
+    io.check_mask(np.array([[1, 1, 1], [1, 1, 0]]), 0)  # a finished row ends in a pad
+    io.check_mask(np.array([[1, 1, 1, 1], [1, 1, 0, 0]]), 3)
+    for mask, past in (([[1, 1, 1], [0, 1, 1]], 0), ([[1, 1, 1, 1], [1, 1, 0, 1]], 3),
+                       ([[1, 0, 1]], 2)):
+        with pytest.raises(ContractError, match="unpadded rows only"):
+            io.check_mask(np.array(mask), past)
+    DecoderIO.from_config(_cfg(), "fp16").check_mask(np.array([[0, 1, 1]]), 0)
+    with pytest.raises(ContractError, match="shared KV layout"):
+        DecoderIO.from_config(_cfg(), "fp16", "concat", "unpadded")
+    with pytest.raises(ContractError, match="padding must be"):
+        DecoderIO.from_config(_cfg(), "fp16", "shared", "left")
 
 
 def test_prompt_table_and_vision_io_from_config_and_manifest_agree():

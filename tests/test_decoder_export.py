@@ -114,7 +114,8 @@ def test_io_contract(fp32_engine, cfg):
     ins = {i.name: i for i in sess.get_inputs()}
     outs = {o.name: o for o in sess.get_outputs()}
     expect_in = ["input_ids", "image_embeds", "attention_mask"] + [
-        f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+        f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")] + [
+        "logits_to_keep"]
     expect_out = ["logits"] + [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     assert list(ins) == expect_in and list(outs) == expect_out
     assert ins["input_ids"].type == ins["attention_mask"].type == "tensor(int64)"
@@ -123,7 +124,8 @@ def test_io_contract(fp32_engine, cfg):
     assert ins["past_key_values.0.key"].shape == ["batch", H, "past_sequence_length", D]
     assert outs["present.0.value"].shape == ["batch", H, "total_sequence_length", D]
     assert outs["logits"].type == "tensor(float)"
-    assert outs["logits"].shape == ["batch", "sequence_length", cfg.vocab_size]
+    assert outs["logits"].shape == ["batch", "kept_length", cfg.vocab_size]
+    assert ins["logits_to_keep"].type == "tensor(int64)" and ins["logits_to_keep"].shape == [1]
     m = onnx.load(str(res.onnx_path), load_external_data=False)
     assert m.ir_version == 10
     assert {o.domain: o.version for o in m.opset_import} == {"": 21, "com.microsoft": 1}

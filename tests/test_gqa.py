@@ -149,3 +149,87 @@ def test_contract_kv_layout(cfg):
     assert DecoderIO.from_config(cfg, "fp32").input_specs()[3][2][2] == "past_sequence_length"
     with pytest.raises(ContractError, match="KV layout"):
         DecoderIO.from_config(cfg, "fp32", "ring")
+
+
+# ---- GroupQueryAttention without the attention bias (the gpu target: CUDA rejects a bias) ----
+
+@pytest.fixture(scope="module")
+def unpadded(nano_model, tmp_path_factory):
+    """The edge plan's gpu-target decoder settings (fp16 activations and KV, GroupQueryAttention
+    without the bias) on the int4 RTN codes, beside the same codes with MultiHeadAttention."""
+    d = tmp_path_factory.mktemp("gqa-nobias")
+    qt = rtn_gptq_tensors(nano_model, 128, True, False)
+    kw = PLANS["edge"].target("gpu").decoder_kwargs()
+    assert kw["attention"] == "gqa" and kw["attention_bias"] is False
+    assert kw["act_dtype"] == kw["kv_dtype"] == "fp16"
+    out = {"qt": qt}
+    for name, over in (("gqa", {}), ("mha", {"attention": "mha", "attention_bias": True})):
+        out[name] = export_decoder(nano_model, d / name / "decoder.onnx", plan="int4",
+                                   quant_tensors=qt, **{**kw, **over})
+    return out
+
+
+def test_unpadded_graph_has_no_bias_and_says_so(unpadded):
+    res = unpadded["gqa"]
+    import onnx
+
+    m = onnx.load(str(res.onnx_path), load_external_data=False)
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == res.op_counts["com.microsoft::GroupQueryAttention"] > 0
+    assert all(len(n.input) < 11 or n.input[10] == "" for n in gqa)  # input 10: attention_bias
+    assert res.metadata["padding"] == "unpadded" and res.metadata["kv_layout"] == "shared"
+    c = decoder_contract(open_session(res.onnx_path, CPU))
+    assert not c.masks_keys and c.shared_kv and c.kv_dtype == "float16"
+    assert decoder_contract(open_session(unpadded["mha"].onnx_path, CPU)).masks_keys
+
+
+def test_unpadded_fp16_matches_reference(unpadded, nano_model, cfg):
+    """onnxruntime's CPU GroupQueryAttention with fp16 activations and no bias, driven as the
+    runtime drives it (one shared fp16 buffer): the fake-quant reference to fp16 rounding, and
+    the MultiHeadAttention engine's greedy tokens."""
+    from quant.fake_quant import fake_quant_model
+
+    fq = fake_quant_model(nano_model, unpadded["qt"], lm_head="int8")
+    ids = _ids(cfg, 15, 4)
+    eng = DecoderEngine(unpadded["gqa"].onnx_path, CPU, 2)
+    toks, logits = _greedy(eng, ids, 8)
+    cache = eng.new_cache(1, 40)
+    got = [eng.forward(cache, np.array([ids]), last_only=False)[0]]
+    with torch.no_grad():
+        out = fq(torch.tensor([ids]))
+        ref = [out.logits[0].numpy()]
+        for tok in toks:
+            got.append(eng.forward(cache, np.array([[tok]])).copy())
+            out = fq(torch.tensor([[tok]]), past=out.past)
+            ref.append(out.logits[0].numpy())
+    err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    toks_m, _ = _greedy(DecoderEngine(unpadded["mha"].onnx_path, CPU, 2), ids, 8)
+    print(f"\n[gqa fp16 no bias, CPU kernel] max |logit - fake-quant| over prefill + 8 steps: "
+          f"{err:.2e}")
+    assert err < 3e-2  # the fp16 MultiHeadAttention engine's bound (test_decoder_export)
+    assert toks == toks_m
+
+
+def test_unpadded_engine_refuses_padding_and_rewinds(unpadded, cfg):
+    """Left padding and masking a cached token are refused (one line, exit 2); a batch row may
+    end in pads (a finished row); dropping a tail rewinds the cache, which then equals a fresh
+    prefill of what it keeps."""
+    eng = DecoderEngine(unpadded["gqa"].onnx_path, CPU, 2)
+    a, b = _ids(cfg, 9, 5), _ids(cfg, 6, 6)
+    c = eng.new_cache(2, 20)
+    padded = np.array([a, [0] * 3 + b])
+    with pytest.raises(ContractError, match="unpadded rows only") as err:
+        eng.forward(c, padded, np.array([[1] * 9, [0] * 3 + [1] * 6]))
+    assert err.value.exit_code == 2 and c.length == 0 and not c.mask.any()
+    eng.forward(c, np.array([a, a[:6] + b[:3]]))  # equal lengths: fine
+    eng.forward(c, np.array([[5], [0]]), np.array([[1], [0]]))  # row 1 finished: a trailing pad
+    with pytest.raises(ContractError, match="unpadded rows only"):
+        eng.forward(c, np.array([[6], [7]]))  # a real token after row 1's pad
+    with pytest.raises(ContractError, match="cannot mask"):
+        eng.mask_out(c, 2, 3)
+    one = eng.new_cache(1, 30)
+    eng.forward(one, np.array([a + b]))
+    eng.truncate(one, len(a))
+    got = eng.forward(one, np.array([b[::-1]]))
+    fresh = eng.forward(eng.new_cache(1, 30), np.array([a + b[::-1]]))
+    np.testing.assert_allclose(got, fresh, atol=1e-3)

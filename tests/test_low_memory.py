@@ -255,10 +255,21 @@ def test_sequential_peak_is_the_larger_engine():
     cfg = qwen_vl_chat_config()
     p = plan_memory(cfg, "int4", "orin-nano-8gb")
     kv = 2 * p.kv_bytes_per_token * p.context  # two ping-pong KV buffers
-    logits = cfg.vocab_size * (4 + 2) * p.context  # fp16 head output + fp32 host copy
+    logits = cfg.vocab_size * (4 + 2)  # the last position: fp16 head output + fp32 host copy
     decoder = p.decoder_bytes + kv + logits
     assert p.peak_bytes(False) == pytest.approx(p.overhead_bytes + p.vision_bytes + decoder)
     assert p.peak_bytes(True) == pytest.approx(p.overhead_bytes + max(p.vision_bytes, decoder))
+    # a decoder exported before logits_to_keep returns every prompt position's logits
+    old = plan_memory(cfg, "int4", "orin-nano-8gb", logits_to_keep=False)
+    assert old.peak_bytes(True) == pytest.approx(p.peak_bytes(True) + logits * (p.context - 1))
+    assert "0.91 MB (the last position only" in "\n".join(p.lines())
+    assert "890 KB/prompt token (  1.87 GB for a 2048-token prompt)" in "\n".join(old.lines())
+    e, e_old = (plan_memory(cfg, "edge", "orin-nano-8gb", logits_to_keep=k) for k in (True, False))
+    free = e.usable_bytes - e.overhead_bytes - e.decoder_bytes
+    kv = e.kv_buffers * e.kv_bytes_per_token  # one shared buffer: GroupQueryAttention on gpu
+    assert e.kv_buffers == 1
+    assert e.max_context_sequential == int((free - logits) // kv) == 24
+    assert e_old.max_context_sequential == int(free // (kv + logits)) == 9
     cpu = plan_memory(cfg, "int4", target="cpu")
     # onnxruntime CPU: fp32 copies of the fp16 vision weights while it runs; the mmapped
     # embedding resident only in the rows gathered
@@ -269,7 +280,7 @@ def test_sequential_peak_is_the_larger_engine():
     weights = cpu.decoder_bytes - cpu.embed_bytes + 100 * cpu.embed_row_bytes
     assert cpu.peak_bytes(False, 100, on_cpu=True) == pytest.approx(
         cpu.overhead_bytes + 3 * cpu.vision_bytes + weights + cpu.kv_bytes(100)
-        + 100 * cpu.logits_bytes_per_token)
+        + cpu.logits_bytes_per_token)
 
 
 # ---- bench.memory ----------------------------------------------------------------------------

@@ -49,7 +49,13 @@ def test_edge_plan_row_describes_what_is_built():
 
     edge, int4 = PLANS["edge"], PLANS["int4"]
     assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int8", "int8", 4)
-    assert edge.targets == int4.targets and edge.exportable
+    assert edge.targets["cpu"] == int4.targets["cpu"] and edge.exportable
+    # the Jetson target: GroupQueryAttention on one fp16 KV buffer, without the bias that
+    # onnxruntime's CUDA kernel rejects (an unpadded engine)
+    gpu = edge.target("gpu")
+    assert (gpu.act_dtype, gpu.kv_dtype, gpu.attention, gpu.attention_bias) == (
+        "fp16", "fp16", "gqa", False)
+    assert gpu.kv_layout == "shared" and int4.target("gpu").attention_bias
     assert traced_vision("int8") == "fp32" and "int8" not in vision_precisions()
     cfg = qwen_vl_chat_config()
     e, i = plan_memory(cfg, "edge", "agx-orin-32gb"), plan_memory(cfg, "int4", "agx-orin-32gb")
@@ -65,7 +71,7 @@ def test_targets_of_the_plans():
     from models.config import qwen_vl_chat_config
 
     assert CPU_FAST == {"act_dtype": "fp32", "accuracy_level": 4, "kv_dtype": "fp32",
-                        "attention": "gqa"}
+                        "attention": "gqa", "attention_bias": True}
     assert PLANS["int4"].act_dtypes == ("fp16", "fp32")
     assert PLANS["fp32"].target("cpu") == PLANS["fp32"].target("gpu")
     cfg = qwen_vl_chat_config()

@@ -149,11 +149,12 @@ def bare_greedy(sess, ids, embeds, n_new, n_vocab, suppress, stop_ids):
             for i in range(layers) for w in ("key", "value")}
     cur = np.asarray(ids, np.int64)[None]
     emb, new = embeds, []
+    keep = {"logits_to_keep": np.array([1], np.int64)} if "logits_to_keep" in ins else {}
     for step in range(n_new):
         total = next(iter(past.values())).shape[2] + cur.shape[1]
         out = dict(zip(names, sess.run(None, {"input_ids": cur, "image_embeds": emb,
                                                "attention_mask": np.ones((1, total), np.int64),
-                                               **past})))
+                                               **past, **keep})))
         lg = out["logits"][0, -1, :n_vocab].copy()
         lg[list(suppress)] = -np.inf
         t = int(np.argmax(lg))
@@ -182,7 +183,7 @@ def test_kv_cache_buffers_hold_the_presents(pipe):
         "input_ids": full, "image_embeds": np.zeros((0, pipe.decoder.hidden), np.float32),
         "attention_mask": np.ones_like(full),
         **{f"past_key_values.{i}.{w}": z for i in range(pipe.decoder.layers)
-           for w in ("key", "value")}})))
+           for w in ("key", "value")}, **pipe.decoder.contract.logits_feed(0)})))
     k0, v0 = cache.layer(0)
     np.testing.assert_allclose(k0, out["present.0.key"], atol=1e-5)
     np.testing.assert_allclose(v0, out["present.0.value"], atol=1e-5)
@@ -285,6 +286,51 @@ def test_batch_equals_single_requests(pipe, images):
         assert res.token_ids == single.token_ids
         assert res.text == single.text
     assert len(out[2].token_ids) <= 5
+
+
+@pytest.fixture(scope="session")
+def unpadded_bundle(tmp_path_factory, nano_ckpt, nano_model, quant_tensors) -> Path:
+    """The int4 codes of ``int4_fp16_bundle`` with the edge plan's gpu-target decoder:
+    GroupQueryAttention without the attention bias (an ``unpadded`` engine), fp16 KV."""
+    from quant.plans import PLANS
+
+    return shared_bundle(tmp_path_factory, "int4-unpadded", nano_ckpt, nano_model, plan="int4",
+                         quant_tensors=quant_tensors,
+                         decoder_kwargs=PLANS["edge"].target("gpu").decoder_kwargs())
+
+
+def test_unpadded_decoder_single_requests_and_turns(unpadded_bundle, int4_fp16_bundle, images):
+    """Single requests (the robotics use: one picture, one question) and a conversation whose
+    history is edited (cached tokens dropped by rewinding, not masking) give the
+    MultiHeadAttention bundle's tokens; a left-padded batch is refused with one line, exit 2."""
+    from runtime import ChatRequest, Pipeline
+    from runtime.contract import ContractError
+    from runtime.prompt import Turn
+
+    p = Pipeline.from_bundle(unpadded_bundle, device="cpu", threads=1)
+    m = Pipeline.from_bundle(int4_fp16_bundle, device="cpu", threads=1)
+    assert not p.decoder.contract.masks_keys and m.decoder.contract.masks_keys
+    kw = {"temperature": 0, "max_new_tokens": 10}
+    tokens = {}
+    for name, pipe in (("unpadded", p), ("mha", m)):
+        conv = pipe.conversation()
+        r1 = conv.chat("What is in the picture?", images=images[:1], **kw).result()
+        conv.chat("And the colours?", **kw).result()
+        conv.turns[-1] = Turn("And the colours?", conv.turns[-1].response[:2], 0)
+        r3 = conv.chat("Thanks.", **kw).result()
+        assert r3.reused_tokens > 0
+        s3 = pipe.chat("Thanks.", images=images[:1], history=list(conv.turns[:2]), **kw).result()
+        assert r3.token_ids == s3.token_ids
+        conv.close()
+        tokens[name] = (r1.token_ids, r3.token_ids)
+    assert tokens["unpadded"] == tokens["mha"]
+    reqs = [ChatRequest("What is in the picture?", [im]) for im in images[:2]]  # equal lengths
+    assert [r.token_ids for r in p.chat_batch(reqs, **kw)] == [
+        p.chat(r.prompt, images=r.images, **kw).result().token_ids for r in reqs]
+    with pytest.raises(ContractError, match="unpadded rows only") as err:
+        p.chat_batch([ChatRequest("Hi", []), ChatRequest("What is in the picture?", [images[0]])],
+                     **kw)
+    assert err.value.exit_code == 2
 
 
 def test_grounding_boxes_in_original_pixels(pipe, images, monkeypatch):
