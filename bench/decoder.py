@@ -100,6 +100,19 @@ def export_ours(checkpoint: Path, out: Path, layers: int | None, device: str = "
     return onnx_path
 
 
+#: The int8-KV timing engine's one scale for every channel: calibrating real scales needs the
+#: full-width model in fp32 (quant/kv_scales.py); the kernel's work does not depend on them.
+TIMING_KV_SCALE = 0.05
+
+
+def timing_kv_scales(cfg):
+    """Constant int8-KV scales of ``cfg``'s shape (timing engines only, see --kv-dtype)."""
+    from quant.kv_scales import KVScales
+
+    full = np.full((cfg.num_hidden_layers, cfg.hidden_size), TIMING_KV_SCALE, np.float32)
+    return KVScales(full, full.copy())
+
+
 def weights_read_per_token(onnx_path: Path) -> int:
     """Bytes of initializers a decode step reads: all but Gather tables (the embedding)."""
     import onnx
@@ -360,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--genai-build-vocab", type=int, default=8192,
                     help="vocabulary rows genai's builder builds before the expansion")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--kv-dtype", choices=("fp16", "fp32"),
-                    help="KV dtype of the exported engine (default: export.py --target cpu's)")
+    ap.add_argument("--kv-dtype", choices=("fp16", "fp32", "int8"),
+                    help="KV dtype of the exported engine (default: export.py --target cpu's); "
+                         "int8 (GroupQueryAttention only) is built with constant scales "
+                         f"({TIMING_KV_SCALE}): a timing engine, its tokens mean nothing")
     ap.add_argument("--attention", nargs="+", choices=("gqa", "mha", "plain"),
                     help="attention of our engine; several: each is a contender of its own in "
                          "the alternation, the first is 'ours' (default: the target's, see "
@@ -382,7 +397,9 @@ def our_engines(args, ckpt: Path, cfg, work: Path) -> tuple[dict[str, Path], boo
     from quant.plans import PLANS
 
     default = PLANS["int4"].target("cpu" if args.device == "cpu" else "gpu").attention
-    over = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+    over: dict = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+    if args.kv_dtype == "int8":
+        over["kv_scales"] = timing_kv_scales(cfg)
     out, cached = {}, True
     for att in dict.fromkeys(args.attention or [default]):
         d = work / (f"ours-L{cfg.num_hidden_layers}" + ("-gpu" if args.device == "cuda" else "")

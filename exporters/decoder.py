@@ -15,6 +15,9 @@ the mask's ``T`` columns, so ``seqlens_k = T - 1`` for all rows and padding stay
 ``attention_bias=False`` builds GroupQueryAttention without that bias (onnxruntime's CUDA kernel
 rejects one): it then attends to all ``T`` columns of every row, so the engine is marked
 ``padding: unpadded`` and the runtime refuses rows with padding before a real token.
+the mask's ``T`` columns, so ``seqlens_k = T - 1`` for all rows and padding stays masked). With
+GroupQueryAttention the KV may be ``int8``: codes with static per-channel scales in the graph
+(``k_scale`` / ``v_scale``, calibrated by quant/kv_scales.py, which also mirrors the kernel).
 
 Prompt-table trick: an id ``>= vocab_size`` selects row ``id - vocab_size`` of ``image_embeds``,
 every other id the embedding table (``Where`` + two ``Gather``); the table never leaves the engine.
@@ -69,6 +72,7 @@ from models.config import QwenVLConfig
 from models.qwen_vl import rotary_cos_sin
 from quant.fake_quant import LINEAR_SUFFIXES, check_gptq_shape
 from quant.embedding import EMBED_MODES, QUANT_BITS, quantize_embedding
+from quant.kv_scales import KVScales, scale_names
 from quant.lm_head import head_weights
 from quant.packing import GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits
 from quant.plans import DEFAULT_GROUP_SIZE
@@ -90,9 +94,11 @@ MS_DOMAIN = "com.microsoft"
 ATTENTIONS = ("mha", "gqa", "plain")  # export_decoder(attention=...)
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller initializers stay inside decoder.onnx
 _NP = {"fp32": np.float32, "fp16": np.float16}
+_KV_NP = {**_NP, "int8": np.int8}  # int8: GroupQueryAttention's quantised cache (static scales)
 _ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
          np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
-         np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL}
+         np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL,
+         np.dtype(np.int8): TensorProto.INT8}
 
 
 class DecoderExportError(EdgeError, ValueError):
@@ -318,14 +324,14 @@ class _LayerShared:
 
 class _DecoderGraph:
     def __init__(self, src: WeightSource, s: _Settings, g: _GraphWriter,
-                 quant: Mapping[str, GPTQTensors] | None):
-        self.src, self.s, self.g, self.quant = src, s, g, quant
+                 quant: Mapping[str, GPTQTensors] | None, kv_scales: KVScales | None = None):
+        self.src, self.s, self.g, self.quant, self.kv_scales = src, s, g, quant, kv_scales
         cfg = src.cfg
         self.cfg = cfg
         self.hid, self.H, self.D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.L, self.V, self.F = cfg.num_hidden_layers, cfg.vocab_size, cfg.ffn_dim
         self.A = _NP[s.act_dtype]
-        self.KV = _NP[s.kv_dtype]
+        self.KV = _KV_NP[s.kv_dtype]
         self.tA, self.tKV = _ONNX[np.dtype(self.A)], _ONNX[np.dtype(self.KV)]
         # norms and biases in the plan's small-tensor dtype (fp32 plan: fp32, else fp16)
         self.small_dtype = _NP[PRECISION_PLANS[s.plan].small]
@@ -572,13 +578,14 @@ class _DecoderGraph:
     def _attention(self, i: int, q: str, k: str, v: str, sh: _LayerShared, scope: str) -> str:
         g, H, D = self.g, self.H, self.D
         past_k, past_v, pres_k, pres_v = self.io.kv_names(i)
-        if sh.gqa is not None:  # KV dtype = act dtype (checked in _settings): one shared buffer
+        if sh.gqa is not None:  # KV dtype = act dtype or int8 (_settings): one shared buffer
             a = sh.gqa
+            scales, quant = self._kv_quant(i)
             o, _, _ = g.op("GroupQueryAttention",
                            [q, k, v, past_k, past_v, a.seqlens_k, a.total_len, "", "", "", a.bias,
-                            "", "", "", "", "", a.query_lens], n_out=[None, pres_k, pres_v],
+                            "", *scales, "", "", a.query_lens], n_out=[None, pres_k, pres_v],
                            scope=scope, domain=MS_DOMAIN, num_heads=H, kv_num_heads=H,
-                           scale=1.0 / math.sqrt(D))
+                           scale=1.0 / math.sqrt(D), **quant)
             return o
         same = np.dtype(self.KV) == np.dtype(self.A)
         if not same:
@@ -595,6 +602,19 @@ class _DecoderGraph:
             g.op("Cast", [pk], n_out=[pres_k], scope=scope, to=self.tKV)
             g.op("Cast", [pv], n_out=[pres_v], scope=scope, to=self.tKV)
         return o
+
+    def _kv_quant(self, i: int) -> tuple[list[str], dict[str, Any]]:
+        """Layer ``i``'s ``k_scale`` / ``v_scale`` inputs and the int8-cache attributes of
+        GroupQueryAttention (nothing for a float cache). The kernel stores ``round(x / scale)``;
+        quant/kv_scales.py says what was measured and mirrors it."""
+        if self.s.kv_dtype != "int8":
+            return ["", ""], {}
+        ks = self.kv_scales
+        kn, vn = scale_names(i)
+        names = [self.g.init(kn, ks.key[i].astype(np.float32), "other"),
+                 self.g.init(vn, ks.value[i].astype(np.float32), "other")]
+        return names, {"kv_cache_bit_width": 8, "k_quant_type": ks.quant_type,
+                       "v_quant_type": ks.quant_type}
 
     # -- plain-op attention (fallback; fp32 scores and softmax) -------------------------------
     def _plain_mask(self, seq: str) -> str:
@@ -653,7 +673,7 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
     kv = kv_dtype or spec.kv_dtype
     head = lm_head or spec.lm_head
     embed = embed or spec.embed
-    for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _NP),
+    for what, val, ok in (("act_dtype", act, _NP), ("kv_dtype", kv, _KV_NP),
                           ("lm_head", head, ("int8", "int4", "fp16", "fp32")),
                           ("embed", embed, EMBED_MODES),
                           ("attention", attention, ATTENTIONS)):
@@ -662,9 +682,13 @@ def _settings(cfg: QwenVLConfig, plan: str, act_dtype, kv_dtype, lm_head, group_
     if not attention_bias and attention != "gqa":
         raise DecoderExportError(f"attention_bias=False is a GroupQueryAttention build option; "
                                  f"attention='{attention}' always masks with the attention mask")
-    if attention == "gqa" and kv != act:
+    if kv == "int8" and attention != "gqa":
+        raise DecoderExportError("an int8 KV cache needs attention='gqa' (GroupQueryAttention "
+                                 "quantises its cache; the other attentions take float caches)")
+    if attention == "gqa" and kv not in (act, "int8"):
         raise DecoderExportError(f"attention='gqa' reads and writes its KV buffer in the "
-                                 f"activation dtype: pass kv_dtype='{act}' (or attention='mha')")
+                                 f"activation dtype or int8: pass kv_dtype='{act}' or 'int8' "
+                                 "(or attention='mha')")
     if act not in spec.act_dtypes:
         other = next((n for n in PLANS if PRECISION_PLANS[n].act_dtypes == (act,)), None)
         raise DecoderExportError(f"the {plan} plan has {'/'.join(spec.act_dtypes)} activations"
@@ -696,7 +720,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                    accuracy_level: int = 0, lm_head_accuracy_level: int | None = None,
                    attention: str = "mha", max_positions: int | None = None,
                    check: bool = True, embed: str | None = None,
-                   attention_bias: bool = True) -> DecoderExportResult:
+                   attention_bias: bool = True,
+                   kv_scales: KVScales | None = None) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
     ``model``: the PyTorch reference, a ``WeightSource`` or a checkpoint directory (weights are read
@@ -714,6 +739,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``).
     ``attention_bias``: ``gqa`` only; False builds it without the mask bias (onnxruntime's CUDA
     kernel rejects one): an ``unpadded`` engine (runtime/contract.py).
+    ``kv_scales``: the static scales of an int8 KV cache (``kv_dtype="int8"``, GQA only;
+    ``quant.kv_scales.calibrate_kv_scales``), stored in the graph.
     """
     t0 = time.perf_counter()
     src = _as_source(model)
@@ -722,6 +749,11 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                   lm_head_accuracy_level, attention, max_positions, embed, attention_bias)
     if PRECISION_PLANS[plan].quantized:
         _require_quant_tensors(cfg, quant_tensors)
+    if s.kv_dtype == "int8":
+        if kv_scales is None:
+            raise DecoderExportError("an int8 KV cache needs its static scales: pass kv_scales "
+                                     "(quant.kv_scales.calibrate_kv_scales on the calib split)")
+        kv_scales.check(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
     # .onnx and .data are written beside out_path, then moved into place: data first, the
@@ -729,7 +761,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     with staging_dir(out_path) as tmp:
         with open(tmp / data_name, "wb") as f:
             gw = _GraphWriter(f, data_name)
-            dg = _DecoderGraph(src, s, gw, quant_tensors)
+            dg = _DecoderGraph(src, s, gw, quant_tensors,
+                               kv_scales if s.kv_dtype == "int8" else None)
             inputs, outputs = dg.build()
         m, meta = _decoder_model(gw, dg, inputs, outputs)
         (tmp / out_path.name).write_bytes(m.SerializeToString())
@@ -774,6 +807,7 @@ def _decoder_model(gw: _GraphWriter, dg: _DecoderGraph, inputs: list,
         "vocab_size": str(dg.V), "max_positions": str(s.max_positions),
         "positions": "cumsum(attention_mask)-1", "image_token_offset": str(dg.V),
         KV_LAYOUT_KEY: dg.io.kv_layout, PADDING_KEY: dg.io.padding,
+        **({"kv_quant": dg.kv_scales.quant_type} if dg.kv_scales is not None else {}),
         "settings": json.dumps(asdict(s)),
     }
     helper.set_model_props(m, meta)

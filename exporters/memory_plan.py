@@ -6,7 +6,8 @@ from the config's tensor shapes and the plan row's dtypes (``quant/plans.py``: v
 and group size, head, embedding, the target's activation and KV dtypes), stored the way the
 exporters store them (MatMulNBits codes + one scale per group in the activation dtype, norms,
 biases and rotary tables in the activation dtype, fp32 LayerNorms and position tables in the
-vision engine), KV bytes per token times the runtime's KV buffer sets, the prefill's logits (the
+vision engine), KV bytes per token (the target's KV dtype: 1 byte an element for int8, plus its
+fp32 per-channel scales) times the runtime's KV buffer sets, the prefill's logits (the
 last position's only on a decoder with the ``logits_to_keep`` input), and a fixed allowance for
 the runtime (CUDA context, ORT arenas, activations). ``python -m bench.memory``
 checks every figure against a bundle's files and the runtime's measured peak RSS.
@@ -77,7 +78,7 @@ class MemoryPlan:
     decoder_linear_bytes: float
     lm_head_bytes: float
     embed_bytes: float
-    other_bytes: float  # norms, biases, rotary tables
+    other_bytes: float  # norms, biases, rotary tables (+ an int8 KV's scales)
     kv_bytes_per_token: float  # one K and one V per layer for one token
     bytes_read_per_token: float  # decode: every decoder weight once (embedding rows excluded)
     overhead_bytes: float
@@ -103,6 +104,8 @@ class MemoryPlan:
     vision_load_note: str = ""
     decoder_load_s: float | None = None  # ... and the decoder's, after the vision engine
     decoder_load_note: str = ""
+    kv_dtype: str = ""  # KV element dtype counted (quant/plans.py DTYPE_BITS names)
+    kv_scale_bytes: float = 0.0  # an int8 KV's static fp32 scales (in other_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +168,10 @@ class MemoryPlan:
             f"  norms, biases, rope   {g(self.other_bytes)}",
             f"  runtime allowance     {g(self.overhead_bytes)}",
             f"  KV cache              {self.kv_bytes_per_token / 1024:6.0f} KB/token x "
-            f"{self.kv_buffers} buffers ({g(self.kv_bytes())} at {self.context} tokens)",
+            f"{self.kv_buffers} buffers ({g(self.kv_bytes())} at {self.context} tokens"
+            + (f", {self.kv_dtype}" if self.kv_dtype else "")
+            + (f" + {self.kv_scale_bytes / 1024:.0f} KB of scales" if self.kv_scale_bytes else "")
+            + ")",
             (f"  prefill logits        {g(self.prefill_logits_bytes())} (the last position only: "
              "the decoder's logits_to_keep input)" if self.logits_last_only else
              f"  prefill logits        {self.logits_bytes_per_token / 1024:6.0f} KB/prompt token "
@@ -204,16 +210,25 @@ class _Storage:
     act: float  # bytes of one activation-dtype element (scales, norms, biases, rope)
     kv: float  # bytes of one KV element
     kv_buffers: int  # KV buffer sets the runtime holds for the target's layout
+    kv_dtype: str  # the KV element dtype counted
 
 
 def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: str | None,
              kv_bits: int | None) -> _Storage:
     t = spec.target(target if target in spec.targets else "gpu")
+    kv_dtype = next((n for n, b in DTYPE_BITS.items() if b == kv_bits), "") if kv_bits \
+        else t.kv_dtype
     return _Storage(vision=DTYPE_BITS[spec.vision], linear=spec.linear_bits,
                     group_size=(group_size or spec.group_size) if spec.quantized else None,
                     head=DTYPE_BITS[lm_head or spec.lm_head], embed=spec.embed,
                     act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8,
-                    kv_buffers=KV_BUFFERS[t.kv_layout])
+                    kv_buffers=KV_BUFFERS[t.kv_layout], kv_dtype=kv_dtype)
+
+
+def kv_scale_bytes(cfg: QwenVLConfig, kv_dtype: str) -> float:
+    """An int8 KV cache's static scales in the decoder graph: one fp32 per layer, channel, key
+    and value (quant/kv_scales.py, per-channel); none for a float cache."""
+    return 2 * cfg.num_hidden_layers * cfg.hidden_size * 4.0 if kv_dtype == "int8" else 0.0
 
 
 def _nbits_bytes(rows: int, k: int, bits: int, block: int, scale_bytes: float) -> float:
@@ -283,6 +298,7 @@ def _decoder_parts(cfg: QwenVLConfig, s: _Storage) -> dict[str, float]:
     exact = not (cfg.use_dynamic_ntk or cfg.use_logn_attn)  # exporters/decoder.py's rule
     positions = cfg.max_position_embeddings if exact else cfg.seq_length
     parts["other"] += 2 * positions * cfg.head_dim // 2 * s.act  # rotary cos/sin tables
+    parts["other"] += kv_scale_bytes(cfg, s.kv_dtype)
     return parts
 
 
@@ -396,4 +412,5 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
                       cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,
                       vision_load_s=load_s, vision_load_note=load_note,
-                      decoder_load_s=dec_s, decoder_load_note=dec_note)
+                      decoder_load_s=dec_s, decoder_load_note=dec_note, kv_dtype=s.kv_dtype,
+                      kv_scale_bytes=kv_scale_bytes(cfg, s.kv_dtype))

@@ -34,6 +34,7 @@ DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "calib_data" / "mani
 #: The int4 decoder for onnxruntime on CPU (``export.py --target cpu``): the int4 plan's ``cpu``
 #: target in quant/plans.py, where the measurements behind it are cited.
 CPU_FAST = PLANS["int4"].target("cpu").decoder_kwargs()
+KV_SCALES_FILE = "kv_scales.npz"  # the kv_scales stage's output (quant.kv_scales.KVScales)
 
 
 class ExportError(EdgeError, RuntimeError):
@@ -129,7 +130,7 @@ def _source(ckpt: Path) -> dict[str, Any]:
     return {"checkpoint": str(ckpt), "index_sha256": CheckpointReader(ckpt).sha256_of_index()}
 
 
-STAGES = ("data", "quant", "vision", "decoder", "candidate", "validate", "bundle")
+STAGES = ("data", "quant", "kv_scales", "vision", "decoder", "candidate", "validate", "bundle")
 
 
 def check_out(opts: ExportOptions, ckpt: Path) -> None:
@@ -195,9 +196,10 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
         flow = _Flow(opts, ckpt, ckpt.digest(), work, report, bar)
         calib_items, val_items, data_key = flow.data()
         gptq_dir = flow.quant(calib_items, data_key)
-        files = flow.engines(calib_items, gptq_dir)
+        kv_scales = flow.kv_scales(calib_items, data_key, gptq_dir)
+        files = flow.engines(calib_items, gptq_dir, kv_scales)
         candidate = flow.candidate(files)
-        report_files = flow.validate(candidate, val_items, data_key, gptq_dir)
+        report_files = flow.validate(candidate, val_items, data_key, gptq_dir, kv_scales)
         report.bundle = flow.bundle(files, report_files)
     if opts.demo:
         report.demo = run_demo(report.bundle, opts.demo_prompt)
@@ -259,7 +261,23 @@ class _Flow:
         self._done(res)
         return res.path / "gptq"
 
-    def engines(self, calib_items: list, gptq_dir: Path | None) -> dict[str, Path]:
+    def kv_scales(self, calib_items: list, data_key: str, gptq_dir: Path | None) -> Path | None:
+        """Static int8-KV scales (quant/kv_scales.py) when the target stores an int8 cache:
+        calibrated on the calibration split through the model the decoder is built from."""
+        opts = self.opts
+        if not PLANS[opts.plan].target(opts.target).int8_kv:
+            self._done()
+            return None
+        qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
+        key = stage_key(ckpt=self.digest, data=data_key, quant=qkey, gptq=str(gptq_dir),
+                        kv="amax/127 per channel")
+        res = run_stage(self.work, "kv_scales", key,
+                        lambda tmp: _calibrate_kv(self.ckpt, gptq_dir, calib_items, tmp))
+        self._done(res)
+        return res.path / KV_SCALES_FILE
+
+    def engines(self, calib_items: list, gptq_dir: Path | None,
+                kv_scales: Path | None = None) -> dict[str, Path]:
         opts, ckpt = self.opts, self.ckpt
         vprec = PLANS[opts.plan].vision
         vkey = stage_key(ckpt=self.digest, precision=vprec)
@@ -272,13 +290,15 @@ class _Flow:
                          lambda tmp: _export_vision(ckpt, vprec, calib_items, tmp))
         self._done(vres)
         qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
+        kvkey = next((s.key for s in self.report.stages if s.name == "kv_scales"), "")
         # the target's decoder settings (attention, bias, dtypes) and the graph's I/O contract
         # key the stage: a changed plan row or contract re-exports a cached decoder
         dkey = stage_key(ckpt=self.digest, plan=opts.plan, quant=qkey, lm_head=opts.lm_head,
                          cpu=opts.cpu, io=DECODER_IO_VERSION,
-                         target=PLANS[opts.plan].target(opts.target).decoder_kwargs())
+                         target=PLANS[opts.plan].target(opts.target).decoder_kwargs(),
+                         **({"kv": kvkey} if kvkey else {}))
         dres = run_stage(self.work, "decoder", dkey,
-                         lambda tmp: _export_decoder(ckpt, gptq_dir, opts, tmp))
+                         lambda tmp: _export_decoder(ckpt, gptq_dir, opts, tmp, kv_scales))
         self._done(dres)
         self.engine_keys = (vres.key, dres.key)
         return {**_engine_files(vres.path, "vision.onnx"),
@@ -292,7 +312,7 @@ class _Flow:
         return cres.path / "bundle"
 
     def validate(self, candidate: Path, val_items: list, data_key: str,
-                 gptq_dir: Path | None) -> dict[str, Path]:
+                 gptq_dir: Path | None, kv_scales: Path | None = None) -> dict[str, Path]:
         """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift`` and on
         INCONCLUSIVE without ``--accept-inconclusive`` (or ``--allow-drift``)."""
         from validate.thresholds import fingerprint
@@ -307,7 +327,7 @@ class _Flow:
                          gates=fingerprint(opts.plan, opts.target))
         valres = run_stage(self.work, "validate", vkey,
                            lambda tmp: _validate(candidate, self.ckpt, val_items, opts, tmp,
-                                                 gptq_dir))
+                                                 gptq_dir, kv_scales))
         report.validation = valres.info
         report.verdict = valres.info.get("verdict", "n/a")
         self._done(valres)
@@ -394,6 +414,29 @@ def _quantize(ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
             "mean_rel_loss": sum(l.rel_loss for l in result.losses) / max(1, len(result.losses))}
 
 
+def _calibrate_kv(ckpt: LoadedCheckpoint, gptq_dir: Path | None, items: list,
+                  tmp: Path) -> dict[str, Any]:
+    """int8-KV scales from the calibration items (image-conditioned, teacher-forced answers),
+    run through the model the decoder is built from: the GPTQ checkpoint's dequantised weights
+    for a quantised plan (an imported Int4 checkpoint included), else the reference."""
+    from quant.calibration import CalibItem, build_calibration
+    from quant.kv_scales import calibrate_kv_scales, scales_info
+
+    if gptq_dir is not None:
+        from quant.checkpoint import load_gptq_model
+
+        model = load_gptq_model(gptq_dir, "fp32",
+                                cfg=ckpt.cfg if gptq_dir == ckpt.path else None).eval()
+    else:
+        model = _reference_model(ckpt)
+    images = _materialise(items, tmp.parent / "images")
+    calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
+             for it, img in zip(items, images)]
+    scales = calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path))
+    scales.save(tmp / KV_SCALES_FILE)
+    return {"items": len(calib), **scales_info(scales)}
+
+
 def _reference_model(ckpt: LoadedCheckpoint, prefixes: list[str] | None = None) -> Any:
     """The fp32 PyTorch reference; for an official Int4 checkpoint (no fp weights) its
     fake-quant model (its vision tower is stored in fp16, unquantised)."""
@@ -466,10 +509,15 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
 
 
 def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportOptions,
-                    tmp: Path) -> dict[str, Any]:
+                    tmp: Path, kv_scales: Path | None = None) -> dict[str, Any]:
     from .decoder import WeightSource, export_decoder
 
     plan = PLANS[opts.plan]
+    extra: dict[str, Any] = {}
+    if kv_scales is not None:
+        from quant.kv_scales import KVScales
+
+        extra["kv_scales"] = KVScales.load(kv_scales)
     if plan.quantized:
         from quant.checkpoint import load_gptq_checkpoint
 
@@ -479,7 +527,8 @@ def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportO
                                                 ckpt.cfg if gptq_dir == ckpt.path else None)
         res = export_decoder(WeightSource.from_checkpoint(gptq_dir, gcfg), tmp / "decoder.onnx",
                              plan=opts.plan, quant_tensors=tensors, group_size=opts.group_size,
-                             lm_head=opts.lm_head, **plan.target(opts.target).decoder_kwargs())
+                             lm_head=opts.lm_head, **plan.target(opts.target).decoder_kwargs(),
+                             **extra)
     else:
         res = export_decoder(WeightSource.from_checkpoint(ckpt.path, ckpt.cfg),
                              tmp / "decoder.onnx", plan=opts.plan)
@@ -510,7 +559,7 @@ def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
 
 
 def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
-              tmp: Path, gptq_dir: Path | None) -> dict[str, Any]:
+              tmp: Path, gptq_dir: Path | None, kv_scales: Path | None = None) -> dict[str, Any]:
     """The drift report of the candidate bundle, against the fp32 reference *and* the
     same-precision reference (the GPTQ codes dequantised, or fp16-rounded weights), so that
     quantisation loss and exporter error are judged apart."""
@@ -518,8 +567,14 @@ def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOpt
     from validate.stages import run_validation
 
     reference = _reference_model(ckpt)
+    scales = None
+    if kv_scales is not None:
+        from quant.kv_scales import KVScales
+
+        scales = KVScales.load(kv_scales)
     same = same_precision_reference(reference, opts.plan, gptq_dir, opts.lm_head,
-                                    ckpt.cfg if gptq_dir == ckpt.path else None, opts.target)
+                                    ckpt.cfg if gptq_dir == ckpt.path else None, opts.target,
+                                    kv_scales=scales)
     rep = run_validation(bundle, reference, items, opts.plan, tmp / "report",
                          cache_dir=tmp.parent / "images", fake_quant_model=same,
                          target=opts.target)

@@ -12,6 +12,7 @@ refused instead).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,6 +251,10 @@ class QWenAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
+        # (key, value) [B, S, H, D] -> (key, value): applied to the new rows (keys after RoPE)
+        # before they join the cache; None in the reference. The int8-KV mirror and its scale
+        # calibration (quant/kv_scales.py) set it.
+        self.kv_hook: Callable[[torch.Tensor, torch.Tensor], KV] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -258,6 +263,8 @@ class QWenAttention(nn.Module):
         q = apply_rotary(q.view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(b, s, self.heads, self.head_dim), cos, sin)
         v = v.view(b, s, self.heads, self.head_dim)
+        if self.kv_hook is not None:
+            k, v = self.kv_hook(k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=1)
             v = torch.cat([past[1], v], dim=1)

@@ -8,7 +8,7 @@ Torch-free on purpose: ``validate`` and ``exporters.memory_plan`` import it with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 #: GPTQ / MatMulNBits block size of the int4 plans (GPTQ ``QuantConfig``, ``export.py
 #: --group-size``, round-to-nearest stand-ins and the memory planner default to it).
@@ -29,16 +29,31 @@ class TargetSettings:
     """How the decoder is built for one kind of executor (``export.py --target``)."""
 
     act_dtype: str  # decoder activations
-    kv_dtype: str  # KV cache
+    kv_dtype: str  # KV cache: the activation dtype, or int8 (GroupQueryAttention only)
     accuracy_level: int = 0  # MatMulNBits compute precision (0 = exact, 4 = int8 activations)
     # mha: MultiHeadAttention, present = concat(past, new) in a second buffer every step;
-    # gqa: GroupQueryAttention on one shared past/present buffer (KV dtype = activation dtype)
+    # gqa: GroupQueryAttention on one shared past/present buffer (KV dtype = activation dtype,
+    # or int8 codes with static per-channel scales calibrated on the calib split:
+    # quant/kv_scales.py)
     attention: str = "mha"
     # gqa only: the attention mask enters as an additive bias (padding and dropped tokens
     # masked). onnxruntime's CUDA GroupQueryAttention rejects a bias ("attention_bias is not
     # supported in GroupQueryAttention cuda kernel"), so a CUDA target builds without it and its
     # engine takes unpadded rows only (runtime/contract.py, ``padding``)
     attention_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype == "int8" and self.attention != "gqa":
+            raise ValueError(f"an int8 KV cache needs attention 'gqa' (onnxruntime's "
+                             f"GroupQueryAttention quantises its cache; '{self.attention}' takes "
+                             "float caches only): set attention='gqa' or a float kv_dtype")
+        if self.kv_dtype not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"kv_dtype must be fp32, fp16 or int8, not '{self.kv_dtype}'")
+
+    @property
+    def int8_kv(self) -> bool:
+        """The KV cache holds int8 codes (what the same-precision reference mirrors)."""
+        return self.kv_dtype == "int8"
 
     @property
     def kv_layout(self) -> str:
@@ -115,17 +130,18 @@ _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
                  "cpu": TargetSettings("fp32", "fp32", accuracy_level=4, attention="gqa")}
 
 # edge: int8 vision (quant/vision_int8.py), int8 embedding rows with an fp16 scale per row
-# (quant/embedding.py), the int4 decoder's cpu target, and on the gpu (Jetson) GroupQueryAttention
-# on one shared fp16 KV buffer (half the KV memory of MultiHeadAttention's two; the CUDA kernel
-# registers fp16 activations with fp16 or int8 caches) built without the attention bias the CUDA
-# kernel rejects: that engine takes unpadded rows only, which single requests (Pipeline.chat,
-# the server) are; a left-padded chat_batch is refused. Checked on onnxruntime's CPU kernel
-# only: the CUDA kernel has not been run here (no GPU). The KV cache stays fp16 (gpu) / fp32
-# (cpu): onnxruntime 1.32's GroupQueryAttention does take an int8 cache (``kv_cache_bit_width``
-# 8, ``k_quant_type`` / ``v_quant_type`` with static fp32 scales; checked on a tiny CPU graph),
-# but static KV scales would need calibrating: an int8 KV is future work.
+# (quant/embedding.py), the int4 decoder's cpu target with an int8 KV cache, and on the gpu
+# (Jetson) GroupQueryAttention on one shared fp16 KV buffer (half the KV memory of
+# MultiHeadAttention's two; the CUDA kernel registers fp16 activations with fp16 or int8 caches)
+# built without the attention bias the CUDA kernel rejects: that engine takes unpadded rows only,
+# which single requests (Pipeline.chat, the server) are; a left-padded chat_batch is refused.
+# Checked on onnxruntime's CPU kernel only: the CUDA kernel has not been run here (no GPU).
+# cpu: GroupQueryAttention's quantised cache (``kv_cache_bit_width`` 8, PER_CHANNEL static fp32
+# scales, amax / 127 over the calibration split; quant/kv_scales.py mirrors the kernel), a
+# quarter of the fp32 cache's bytes; measured on the shipped nano (bench/RESULTS.md, "KV cache").
+# The gpu target's KV stays fp16 (its int8 cache is not calibrated or run on CUDA here).
 _EDGE_TARGETS = {"gpu": TargetSettings("fp16", "fp16", attention="gqa", attention_bias=False),
-                 "cpu": _INT4_TARGETS["cpu"]}
+                 "cpu": replace(_INT4_TARGETS["cpu"], kv_dtype="int8")}
 
 PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
     PrecisionPlan("fp32", vision="fp32", linear_bits=32, lm_head="fp32", embed="fp32",

@@ -5,7 +5,7 @@ runtime reads it back from an engine's inputs/outputs (:meth:`DecoderIO.from_io`
 bundle manifest (:meth:`PromptTable.from_manifest`); validation, benchmarks and tests use the same
 objects, so no other module computes table ids or KV shapes. Torch-free (numpy only).
 
-Decoder engine (``L`` layers, ``H`` heads, ``D`` head dim, KV dtype float16 or float32)::
+Decoder engine (``L`` layers, ``H`` heads, ``D`` head dim, KV dtype float16, float32 or int8)::
 
     input_ids                   int64   [batch, sequence_length]
     image_embeds                float32 [image_rows, hidden]          (image_rows may be 0)
@@ -42,6 +42,11 @@ decoder stage passes 0. Engines exported before the input existed return every p
 (``kept_length = sequence_length``): the runtime reads whether an engine has the input
 (:attr:`DecoderIO.logits_to_keep`) and feeds it only then (:meth:`DecoderIO.logits_feed`).
 
+KV dtype ``int8`` (``shared`` layout only): the cache holds int8 codes, ``round(x * (1 / scale))``
+saturated to [-128, 127], with static fp32 scales stored inside the graph (one per layer and
+channel ``h * D + d``, for keys after RoPE and for values); the runtime only allocates and binds
+the int8 buffer. A zeroed buffer is valid (its rows are masked until written).
+
 Vision engine: ``pixel_values`` float32 ``[N, 3, S, S]`` -> ``image_embeds`` float32
 ``[N, n_queries, hidden]``.
 
@@ -70,7 +75,7 @@ PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
-KV_DTYPES = ("float16", "float32")
+KV_DTYPES = ("float16", "float32", "int8")
 KV_LAYOUTS = ("concat", "shared")
 KV_LAYOUT_KEY = "kv_layout"  # decoder metadata key naming the layout
 #: Revision of the decoder graph's I/O (part of the exporter's cache key): 2 added
@@ -159,6 +164,14 @@ class DecoderIO:
         if self.padding == "unpadded" and not self.shared_kv:
             raise ContractError("an unpadded decoder must have the shared KV layout (it drops "
                                 "cached tokens by rewinding): re-export the decoder")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ContractError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not "
+                                f"'{self.kv_dtype}': re-export the decoder")
+
+    @property
+    def quantized_kv(self) -> bool:
+        """The cache holds int8 codes (scales inside the graph; see the module docstring)."""
+        return self.kv_dtype == "int8"
 
     @property
     def masks_keys(self) -> bool:
@@ -251,6 +264,9 @@ class DecoderIO:
         kv = {"fp16": "float16", "fp32": "float32"}.get(kv_dtype, kv_dtype)
         if kv not in KV_DTYPES:
             raise ContractError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not '{kv_dtype}'")
+        if kv == "int8" and kv_layout != "shared":
+            raise ContractError("an int8 KV cache exists only in the shared layout "
+                                "(GroupQueryAttention): re-export with attention 'gqa'")
         return cls(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.head_dim),
                    int(cfg.hidden_size), int(cfg.vocab_size), kv, kv_layout, True, padding)
 

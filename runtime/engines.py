@@ -44,7 +44,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8}
 
 
 class EngineError(EdgeError, RuntimeError):
@@ -321,9 +321,9 @@ class TrtVisionEngine:
 # Decoder
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT, _FLOAT16, _INT64 = 1, 10, 7  # ONNX TensorProto element types
+_FLOAT, _FLOAT16, _INT64, _INT8 = 1, 10, 7, 3  # ONNX TensorProto element types
 _ONNX_TYPES = {np.dtype(np.float32): _FLOAT, np.dtype(np.float16): _FLOAT16,
-               np.dtype(np.int64): _INT64}
+               np.dtype(np.int64): _INT64, np.dtype(np.int8): _INT8}
 
 
 class Binding:

@@ -151,3 +151,36 @@ def test_bench_edge_decoder_nano():
     assert all(0 <= v["kl_mean"] and 0 < v["top1"] <= 1 for v in rows.values())
     full = rec["full_size_bytes"]["embed"]
     assert full["int8"] == 151936 * 4096 + 151936 * 2 and full["fp16"] == 151936 * 4096 * 2
+
+
+def test_edge_cpu_target_keeps_an_int8_kv_calibrated_on_the_calib_split(edge_bundle, nano_ckpt,
+                                                                        images):
+    """``--plan edge --target cpu``: a kv_scales stage on the calibration items (GPTQ and
+    vision stages reused), an int8 cache whose engine holds exactly those scales, a runtime
+    that answers with it."""
+    import numpy as np
+
+    from exporters.pipeline import KV_SCALES_FILE, ExportOptions, run_export
+    from quant.kv_scales import KVScales, read_engine_scales
+    from runtime import Pipeline
+    from runtime.engines import decoder_contract, open_session
+
+    work = edge_bundle.parent / "bundle.work"
+    rep = run_export(ExportOptions(checkpoint=nano_ckpt, plan="edge", cpu=True, n_calib=8,
+                                   out=edge_bundle.parent / "cpu", work_dir=work,
+                                   skip_validation=True, demo=False))
+    stages = {s.name: s for s in rep.stages}
+    assert stages["quant"].cached and stages["vision"].cached
+    assert stages["kv_scales"].info["items"] == 8
+    assert stages["kv_scales"].info["quant_type"] == "PER_CHANNEL"
+    stored = KVScales.load(work / "kv_scales" / KV_SCALES_FILE)
+    engine = read_engine_scales(rep.bundle / "decoder.onnx")
+    np.testing.assert_array_equal(engine.key, stored.key)
+    np.testing.assert_array_equal(engine.value, stored.value)
+    assert decoder_contract(open_session(rep.bundle / "decoder.onnx", ["CPUExecutionProvider"],
+                                         1)).kv_dtype == "int8"
+    assert read_engine_scales(edge_bundle / "decoder.onnx") is None  # gpu target: fp16 KV
+    res = Pipeline.from_bundle(rep.bundle, device="cpu", threads=1).chat(
+        "What is in the picture?", images=[str(images[0])], max_new_tokens=4,
+        temperature=0.0).result()
+    assert len(res.token_ids) > 0

@@ -41,7 +41,8 @@ def test_unexportable_plan_is_refused_with_one_line(nano_ckpt, tmp_path, monkeyp
 
 
 def test_edge_plan_row_describes_what_is_built():
-    """int8 vision and embedding rows, the int4 decoder's targets and KV (no int8 KV is built)."""
+    """int8 vision and embedding rows, the int4 decoder's targets; the cpu target's KV int8
+    (GroupQueryAttention), the gpu target's the int4 plan's fp16."""
     from exporters.memory_plan import plan_memory
     from models.config import qwen_vl_chat_config
     from quant.embedding import table_bytes
@@ -49,7 +50,8 @@ def test_edge_plan_row_describes_what_is_built():
 
     edge, int4 = PLANS["edge"], PLANS["int4"]
     assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int8", "int8", 4)
-    assert edge.targets["cpu"] == int4.targets["cpu"] and edge.exportable
+    assert edge.exportable
+    assert edge.target("cpu") == dataclasses.replace(int4.target("cpu"), kv_dtype="int8")
     # the Jetson target: GroupQueryAttention on one fp16 KV buffer, without the bias that
     # onnxruntime's CUDA kernel rejects (an unpadded engine)
     gpu = edge.target("gpu")
@@ -60,6 +62,9 @@ def test_edge_plan_row_describes_what_is_built():
     cfg = qwen_vl_chat_config()
     e, i = plan_memory(cfg, "edge", "agx-orin-32gb"), plan_memory(cfg, "int4", "agx-orin-32gb")
     assert e.kv_bytes_per_token == i.kv_bytes_per_token
+    ec, ic = plan_memory(cfg, "edge", target="cpu"), plan_memory(cfg, "int4", target="cpu")
+    assert ec.kv_bytes_per_token == ic.kv_bytes_per_token / 4 == 2 * 32 * 4096  # 1 byte a value
+    assert ec.other_bytes - ic.other_bytes == ec.kv_scale_bytes == 2 * 32 * 4096 * 4
     assert e.decoder_linear_bytes == i.decoder_linear_bytes
     assert e.embed_bytes == table_bytes(cfg.vocab_size, cfg.hidden_size, "int8")
     assert e.embed_bytes == pytest.approx(i.embed_bytes / 2, rel=1e-3)  # + one fp16 scale a row

@@ -76,14 +76,18 @@ def _print_report(report, out: Path) -> None:
 
 
 def _same_precision(a: argparse.Namespace):
-    """The dequantised ``--gptq`` model, rounding activations as the bundle's target does."""
+    """The dequantised ``--gptq`` model, rounding activations (and an int8 KV cache, with the
+    scales the bundle's decoder holds) as the bundle's target does."""
     from runtime.bundle import read_manifest
 
     from .compare import same_precision_reference
 
+    from quant.kv_scales import read_engine_scales
+
     man = read_manifest(a.bundle)
     plan = a.plan or man.precision
-    return same_precision_reference(None, plan, a.gptq, a.lm_head, target=a.target or man.target)
+    return same_precision_reference(None, plan, a.gptq, a.lm_head, target=a.target or man.target,
+                                    kv_scales=read_engine_scales(a.bundle / "decoder.onnx"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,13 +165,16 @@ class Context:
 
 
 def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
-                             lm_head: str = "int8", cfg=None, target: str = "gpu"):
+                             lm_head: str = "int8", cfg=None, target: str = "gpu",
+                             kv_scales=None):
     """The PyTorch model with exactly the engine's weights, run in fp32 (``None`` for fp32).
 
     ``int4``/``edge``: the GPTQ checkpoint ``gptq_dir`` dequantised (the same int4 codes, the
     norms as stored, the embedding table and LM head as the plan ships them: fp16 or int8 rows,
     ``quant.checkpoint``); for a target whose MatMulNBits quantises its inputs to int8 (``cpu``),
-    the model does so too.
+    the model does so too; for a target with an int8 KV cache, the model rounds its keys (after
+    RoPE) and values with the engine's static scales ``kv_scales`` (``quant.kv_scales``:
+    ``KVScales``, e.g. ``read_engine_scales(<bundle>/decoder.onnx)``) as the kernel does.
     ``fp16``: the reference with every weight rounded to fp16, as the fp16 engine stores them.
     The engine differs from it only by activation rounding, so any larger gap is the exporter's.
     """
@@ -196,6 +199,14 @@ def same_precision_reference(model, plan: str, gptq_dir: Path | None = None,
         raise ValueError(f"the {plan} plan's same-precision reference needs its GPTQ checkpoint")
     from quant.checkpoint import load_gptq_model
 
-    acts = PRECISION_PLANS[plan].target(target).int8_activations
-    return load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg,
-                           embed=PRECISION_PLANS[plan].embed, int8_acts=acts).eval()
+    t = PRECISION_PLANS[plan].target(target)
+    if t.int8_kv and kv_scales is None:
+        raise ValueError(f"the {plan} plan's {target} target keeps an int8 KV cache: its "
+                         "same-precision reference needs the engine's scales (kv_scales)")
+    fq = load_gptq_model(gptq_dir, "fp32", lm_head=lm_head, cfg=cfg,
+                         embed=PRECISION_PLANS[plan].embed, int8_acts=t.int8_activations).eval()
+    if t.int8_kv:
+        from quant.kv_scales import int8_kv
+
+        int8_kv(fq, kv_scales)
+    return fq

@@ -585,16 +585,18 @@ def run_validation(bundle_dir: str | Path, reference_model, items, plan=None,
 
 
 def _check_same_precision(fq_model, plan: str, target: str) -> None:
-    """A same-precision reference that does not round activations as the target does would
-    fail (or pass) the exporter-error rows for the wrong reason."""
+    """A same-precision reference that does not round activations (or the KV cache) as the
+    target does would fail (or pass) the exporter-error rows for the wrong reason."""
     from quant.plans import PLANS as PRECISION_PLANS
 
-    want = PRECISION_PLANS[plan].target(target).int8_activations
-    if fq_model is not None and bool(getattr(fq_model, "int8_activations", False)) != want:
-        raise ValueError(
-            f"the same-precision reference {'lacks' if want else 'has'} the int8 activations of "
-            f"the {plan} plan's {target} target: build it with "
-            f"validate.compare.same_precision_reference(..., target='{target}')")
+    t = PRECISION_PLANS[plan].target(target)
+    for what, want, attr in (("int8 activations", t.int8_activations, "int8_activations"),
+                             ("int8 KV cache", t.int8_kv, "int8_kv")):
+        if fq_model is not None and bool(getattr(fq_model, attr, False)) != want:
+            raise ValueError(
+                f"the same-precision reference {'lacks' if want else 'has'} the {what} of "
+                f"the {plan} plan's {target} target: build it with "
+                f"validate.compare.same_precision_reference(..., target='{target}')")
 
 
 @dataclass
