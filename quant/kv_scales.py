@@ -217,7 +217,8 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
 def scales_info(s: KVScales) -> Mapping[str, object]:
     """A short summary for stage records and reports."""
     return {"quant_type": s.quant_type, "layers": s.layers, "channels": int(s.key.shape[1]),
-            "key_amax_max": float(s.key.max() * QMAX), "value_amax_max": float(s.value.max() * QMAX)}
+            "key_amax_max": float(s.key.max() * QMAX),
+            "value_amax_max": float(s.value.max() * QMAX)}
 
 
 __all__ = ["GRANULARITIES", "KVScaleError", "KVScales", "calibrate_kv_scales", "fake_quant_kv",
