@@ -176,12 +176,15 @@ class _AmaxRecorder:
 
 @torch.no_grad()
 def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
-                        granularity: str = "channel") -> KVScales:
-    """Scales ``amax / 127`` of every layer's keys (after RoPE) and values over ``batches``
-    (``inputs_embeds [1, T, hidden]`` from ``quant.calibration.build_calibration``: the
-    calibration split, never validation items). ``granularity``: ``channel`` | ``tensor``."""
+                        granularity: str = "channel", clip: float = 1.0) -> KVScales:
+    """Scales ``clip * amax / 127`` of every layer's keys (after RoPE) and values over
+    ``batches`` (``inputs_embeds [1, T, hidden]`` from ``quant.calibration.build_calibration``:
+    the calibration split, never validation items). ``granularity``: ``channel`` | ``tensor``;
+    ``clip`` < 1 saturates the largest values for finer steps (bench.kv_cache measures it)."""
     from tqdm import tqdm
 
+    if not 0 < clip <= 1:
+        raise KVScaleError(f"clip must be in (0, 1], not {clip}")
     if granularity not in GRANULARITIES:
         raise KVScaleError(f"granularity must be one of {', '.join(GRANULARITIES)}, "
                            f"not '{granularity}'")
@@ -205,7 +208,7 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
         a = torch.stack(amax).numpy().astype(np.float64)
         if granularity == "tensor":
             a = a.max(1, keepdims=True)
-        return (np.maximum(a, _MIN_AMAX) / QMAX).astype(np.float32)
+        return (np.maximum(a * clip, _MIN_AMAX) / QMAX).astype(np.float32)
 
     out = KVScales(scale([r.k for r in recs]), scale([r.v for r in recs]))
     log.info("KV scales (%s, %d items): key amax %.3g..%.3g, value amax %.3g..%.3g", granularity,
