@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="its GPTQ checkpoint (export.py's <out>.work/quant/gptq)")
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     p.add_argument("--max-items", type=int, default=None, help="validation items (default all)")
+    p.add_argument("--n-calib", type=int, default=None, help="calibration items (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS),
                    help="fp32 | channel | tensor, the int8 ones optionally @CLIP (fraction of "
@@ -48,17 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _calibration(gptq: Path, ckpt: Path, manifest: Path, cache: Path):
+def _calibration(gptq: Path, ckpt: Path, manifest: Path, cache: Path, n: int | None):
     """The GPTQ model and its calibration inputs (``export.py``'s calib split and plumbing)."""
     from calib_data.manifest import load_manifest, materialise
     from quant.calibration import CalibItem, build_calibration
     from quant.checkpoint import load_gptq_model
 
     model = load_gptq_model(gptq, "fp32").eval()
-    items = [it for it in load_manifest(manifest) if it.split == "calib"]
+    items = [it for it in load_manifest(manifest) if it.split == "calib"][:n]
     calib = [CalibItem(image=materialise(it, cache), prompt=it.query_parts(), answer=it.answer)
              for it in items]
-    return model, build_calibration(model, calib, ckpt)
+    return model, build_calibration(model, calib, ckpt, min_items=min(len(calib), 8))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     items = load_manifest(args.manifest)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
-        gmodel, batches = _calibration(args.gptq, ckpt, args.manifest, Path(tmp) / "images")
+        gmodel, batches = _calibration(args.gptq, ckpt, args.manifest, Path(tmp) / "images",
+                                       args.n_calib)
         vision = None
         for variant in args.variants:
             out = Path(tmp) / variant

@@ -230,3 +230,27 @@ def test_planner_counts_one_byte_per_kv_value_and_the_scales(tmp_path, capsys):
     export.main(["--plan-only", "--checkpoint", str(tmp_path), "--plan", "edge", "--target", "cpu"])
     out = capsys.readouterr().out
     assert "256 KB/token x 1 buffers" in out and "int8 + 1024 KB of scales" in out
+
+
+def test_bench_kv_cache_nano(nano_ckpt, nano_model, tmp_path):
+    """The KV-variant bench runs on a GPTQ checkpoint and judges int8 caches against the mirror."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from quant.checkpoint import save_gptq_checkpoint
+    from quant.fake_quant import rtn_gptq_tensors
+    from quant.gptq import QuantConfig
+
+    gptq = save_gptq_checkpoint(nano_ckpt, rtn_gptq_tensors(nano_model), QuantConfig(),
+                                tmp_path / "gptq")
+    r = subprocess.run([sys.executable, "-m", "bench.kv_cache", "--checkpoint", str(nano_ckpt),
+                        "--gptq", str(gptq), "--max-items", "2", "--n-calib", "2",
+                        "--variants", "fp32", "channel@0.9"],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {v["kv"]: v for v in json.loads(r.stdout.splitlines()[-1])["variants"]}
+    assert rows["fp32"]["fq_kl_mean"] is None and rows["channel@0.9"]["fq_kl_mean"] >= 0
+    assert all(0 < v["top1"] <= 1 and v["kl_mean"] >= 0 for v in rows.values())
