@@ -269,8 +269,8 @@ class _Flow:
             self._done()
             return None
         qkey = next((s.key for s in self.report.stages if s.name == "quant"), "")
-        key = stage_key(ckpt=self.digest, data=data_key, quant=qkey, gptq=str(gptq_dir),
-                        kv="amax/127 per channel")
+        # the GPTQ codes are keyed by the quant stage (an imported Int4 one by the checkpoint)
+        key = stage_key(ckpt=self.digest, data=data_key, quant=qkey, kv="amax/127 per channel")
         res = run_stage(self.work, "kv_scales", key,
                         lambda tmp: _calibrate_kv(self.ckpt, gptq_dir, calib_items, tmp))
         self._done(res)
