@@ -418,21 +418,27 @@ def _calibrate_kv(ckpt: LoadedCheckpoint, gptq_dir: Path | None, items: list,
                   tmp: Path) -> dict[str, Any]:
     """int8-KV scales from the calibration items (image-conditioned, teacher-forced answers),
     run through the model the decoder is built from: the GPTQ checkpoint's dequantised weights
-    for a quantised plan (an imported Int4 checkpoint included), else the reference."""
+    for a quantised plan (an imported Int4 checkpoint included), else the reference; the
+    vision tower and embedding table make the inputs, then one decoder block at a time."""
     from quant.calibration import CalibItem, build_calibration
-    from quant.kv_scales import calibrate_kv_scales, scales_info
+    from quant.gptq import CheckpointBlocks
+    from quant.kv_scales import calibrate_kv_blocks, scales_info
 
+    front = ["transformer.visual.", "transformer.wte."]  # what the calibration inputs need
     if gptq_dir is not None:
-        from quant.checkpoint import load_gptq_model
+        from quant.checkpoint import GPTQBlocks, load_gptq_model
 
-        model = load_gptq_model(gptq_dir, "fp32",
-                                cfg=ckpt.cfg if gptq_dir == ckpt.path else None).eval()
+        cfg = ckpt.cfg if gptq_dir == ckpt.path else None
+        model = load_gptq_model(gptq_dir, "fp32", prefixes=front, cfg=cfg).eval()
+        blocks: Any = GPTQBlocks(gptq_dir, cfg)
     else:
-        model = _reference_model(ckpt)
+        model, blocks = _reference_model(ckpt, front), CheckpointBlocks(ckpt.path, ckpt.cfg)
     images = _materialise(items, tmp.parent / "images")
     calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
              for it, img in zip(items, images)]
-    scales = calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path))
+    batches = build_calibration(model, calib, ckpt.path)
+    del model  # one decoder block at a time from here on
+    scales = calibrate_kv_blocks(blocks, batches)
     scales.save(tmp / KV_SCALES_FILE)
     return {"items": len(calib), **scales_info(scales)}
 

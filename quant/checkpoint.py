@@ -361,6 +361,27 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     return model
 
 
+class GPTQBlocks:
+    """Decoder blocks of a GPTQ checkpoint, dequantised one at a time in fp32 (a
+    ``quant.gptq.BlockSource``): calibration passes over a 7B checkpoint (int8-KV scales,
+    quant/kv_scales.py) hold one block, never the whole fake-quant model."""
+
+    def __init__(self, path: str | Path, cfg: QwenVLConfig | None = None):
+        self.path = Path(path)
+        self.cfg = load_gptq_checkpoint(self.path, cfg)[0]
+
+    def num_blocks(self) -> int:
+        return self.cfg.num_hidden_layers
+
+    def load(self, i: int) -> nn.Module:
+        m = load_gptq_model(self.path, torch.float32, prefixes=[f"transformer.h.{i}."],
+                            cfg=self.cfg)
+        return m.transformer.h[i].eval()
+
+    def done(self, i: int, block: nn.Module) -> None:
+        pass
+
+
 __all__ = ["GPTQCheckpointError", "save_gptq_checkpoint", "load_gptq_checkpoint",
            "load_gptq_model", "read_quant_config", "read_gptq_linear", "gptq_config_dict",
-           "GPTQ_PARTS", "LINEAR_SUFFIXES"]
+           "GPTQ_PARTS", "GPTQBlocks", "LINEAR_SUFFIXES"]

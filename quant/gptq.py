@@ -467,7 +467,7 @@ class _StopForward(Exception):
     pass
 
 
-def _block_forward(block: QWenBlock, x: torch.Tensor, cfg: QwenVLConfig) -> torch.Tensor:
+def block_forward(block: QWenBlock, x: torch.Tensor, cfg: QwenVLConfig) -> torch.Tensor:
     """One prefill pass of a decoder block (positions 0..T-1, causal mask), as the model does."""
     s = x.shape[1]
     cos, sin = rotary_cos_sin(torch.arange(s), cfg.head_dim, cfg.rotary_emb_base)
@@ -506,7 +506,7 @@ def _collect_hessians(block: QWenBlock, names: Sequence[str], inputs: Sequence[t
         for x in inputs:
             seen.clear()
             try:
-                _block_forward(block, x, cfg)
+                block_forward(block, x, cfg)
             except _StopForward:
                 pass
             if len(seen) != len(names):
@@ -653,7 +653,7 @@ def _final_pass(block: nn.Module, deltas: dict[str, torch.Tensor], inputs: list[
     hooks = [block.get_submodule(s).register_forward_hook(post_hook(s)) for s in deltas]
     try:
         for j, x in enumerate(inputs):
-            inputs[j] = _block_forward(block, x, cfg)
+            inputs[j] = block_forward(block, x, cfg)
     finally:
         for hk in hooks:
             hk.remove()
@@ -692,4 +692,4 @@ def fake_quant_rtn_weight(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 __all__ = ["QuantConfig", "QuantResult", "LayerLoss", "QuantError", "QuantizedWeight",
            "gptq_quantize_weight", "group_params", "Hessian", "quantize_decoder",
            "quantize_checkpoint", "ModelBlocks", "CheckpointBlocks", "BlockSource", "STAGES",
-           "fake_quant_rtn_weight"]
+           "fake_quant_rtn_weight", "block_forward"]

@@ -175,34 +175,35 @@ class _AmaxRecorder:
 
 
 @torch.no_grad()
-def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
-                        granularity: str = "channel", clip: float = 1.0) -> KVScales:
+def calibrate_kv_blocks(blocks, batches: Iterable[torch.Tensor], granularity: str = "channel",
+                        clip: float = 1.0) -> KVScales:
     """Scales ``clip * amax / 127`` of every layer's keys (after RoPE) and values over
     ``batches`` (``inputs_embeds [1, T, hidden]`` from ``quant.calibration.build_calibration``:
-    the calibration split, never validation items). ``granularity``: ``channel`` | ``tensor``;
-    ``clip`` < 1 saturates the largest values for finer steps (bench.kv_cache measures it)."""
+    the calibration split, never validation items), one decoder block in memory at a time
+    (``blocks``: a ``quant.gptq.BlockSource``, e.g. ``quant.checkpoint.GPTQBlocks``, so a 7B
+    checkpoint is calibrated block by block as GPTQ quantises it). ``granularity``: ``channel``
+    | ``tensor``; ``clip`` < 1 saturates the largest values for finer steps (bench.kv_cache)."""
     from tqdm import tqdm
+
+    from .gptq import block_forward
 
     if not 0 < clip <= 1:
         raise KVScaleError(f"clip must be in (0, 1], not {clip}")
     if granularity not in GRANULARITIES:
         raise KVScaleError(f"granularity must be one of {', '.join(GRANULARITIES)}, "
                            f"not '{granularity}'")
-    blocks = list(model.transformer.h)
-    recs = [_AmaxRecorder() for _ in blocks]
-    saved = [b.attn.kv_hook for b in blocks]
-    try:
-        for b, r in zip(blocks, recs):
-            b.attn.kv_hook = r
-        n = 0
-        for x in tqdm(batches, desc="KV scales", unit="item", disable=None):
-            model(None, inputs_embeds=x.to(model.dtype))
-            n += 1
-    finally:
-        for b, h in zip(blocks, saved):
-            b.attn.kv_hook = h
-    if not n:
+    xs = [x.float() for x in batches]
+    if not xs:
         raise KVScaleError("KV scales need at least one calibration item")
+    k_amax, v_amax = [], []
+    for i in tqdm(range(blocks.num_blocks()), desc="KV scales", unit="block", disable=None):
+        blk = blocks.load(i)
+        rec = _AmaxRecorder()
+        blk.attn.kv_hook = rec
+        xs = [block_forward(blk, x, blocks.cfg) for x in xs]
+        k_amax.append(rec.k)
+        v_amax.append(rec.v)
+        del blk
 
     def scale(amax: list[torch.Tensor]) -> np.ndarray:
         a = torch.stack(amax).numpy().astype(np.float64)
@@ -210,11 +211,19 @@ def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
             a = a.max(1, keepdims=True)
         return (np.maximum(a * clip, _MIN_AMAX) / QMAX).astype(np.float32)
 
-    out = KVScales(scale([r.k for r in recs]), scale([r.v for r in recs]))
+    out = KVScales(scale(k_amax), scale(v_amax))
     log.info("KV scales (%s, %d items): key amax %.3g..%.3g, value amax %.3g..%.3g", granularity,
-             n, out.key.min() * QMAX, out.key.max() * QMAX, out.value.min() * QMAX,
+             len(xs), out.key.min() * QMAX, out.key.max() * QMAX, out.value.min() * QMAX,
              out.value.max() * QMAX)
     return out
+
+
+def calibrate_kv_scales(model: nn.Module, batches: Iterable[torch.Tensor],
+                        granularity: str = "channel", clip: float = 1.0) -> KVScales:
+    """:func:`calibrate_kv_blocks` over the blocks of an in-memory ``QWenLMHeadModel``."""
+    from .gptq import ModelBlocks
+
+    return calibrate_kv_blocks(ModelBlocks(model), batches, granularity, clip)
 
 
 def scales_info(s: KVScales) -> Mapping[str, object]:
@@ -224,5 +233,6 @@ def scales_info(s: KVScales) -> Mapping[str, object]:
             "value_amax_max": float(s.value.max() * QMAX)}
 
 
-__all__ = ["GRANULARITIES", "KVScaleError", "KVScales", "calibrate_kv_scales", "fake_quant_kv",
+__all__ = ["GRANULARITIES", "KVScaleError", "KVScales", "calibrate_kv_blocks",
+           "calibrate_kv_scales", "fake_quant_kv",
            "int8_kv", "read_engine_scales", "scale_names", "scales_info"]

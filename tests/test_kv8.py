@@ -232,19 +232,39 @@ def test_planner_counts_one_byte_per_kv_value_and_the_scales(tmp_path, capsys):
     assert "256 KB/token x 1 buffers" in out and "int8 + 1024 KB of scales" in out
 
 
-def test_bench_kv_cache_nano(nano_ckpt, nano_model, tmp_path):
+@pytest.fixture(scope="module")
+def gptq(nano_ckpt, nano_model, tmp_path_factory):
+    """An RTN GPTQ checkpoint of the random nano (the layout export.py's quant stage writes)."""
+    from quant.checkpoint import save_gptq_checkpoint
+    from quant.fake_quant import rtn_gptq_tensors
+    from quant.gptq import QuantConfig
+
+    return save_gptq_checkpoint(nano_ckpt, rtn_gptq_tensors(nano_model), QuantConfig(),
+                                tmp_path_factory.mktemp("kv8-gptq") / "gptq")
+
+
+def test_streamed_calibration_equals_the_whole_model(gptq, nano_model):
+    """GPTQ checkpoint blocks dequantised one at a time give the in-memory model's scales
+    exactly (export.py's kv_scales stage streams, so a 7B checkpoint never sits in memory)."""
+    from conftest import image_prompt_inputs
+    from quant.checkpoint import GPTQBlocks, load_gptq_model
+    from quant.kv_scales import calibrate_kv_blocks
+
+    batches = image_prompt_inputs(nano_model, 2)
+    whole = calibrate_kv_scales(load_gptq_model(gptq, "fp32"), batches)
+    streamed = calibrate_kv_blocks(GPTQBlocks(gptq), batches)
+    np.testing.assert_array_equal(streamed.key, whole.key)
+    np.testing.assert_array_equal(streamed.value, whole.value)
+    assert not np.array_equal(whole.key, calibrate_kv_scales(nano_model, batches).key)
+
+
+def test_bench_kv_cache_nano(nano_ckpt, gptq):
     """The KV-variant bench runs on a GPTQ checkpoint and judges int8 caches against the mirror."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from quant.checkpoint import save_gptq_checkpoint
-    from quant.fake_quant import rtn_gptq_tensors
-    from quant.gptq import QuantConfig
-
-    gptq = save_gptq_checkpoint(nano_ckpt, rtn_gptq_tensors(nano_model), QuantConfig(),
-                                tmp_path / "gptq")
     r = subprocess.run([sys.executable, "-m", "bench.kv_cache", "--checkpoint", str(nano_ckpt),
                         "--gptq", str(gptq), "--max-items", "2", "--n-calib", "2",
                         "--variants", "fp32", "channel@0.9"],
