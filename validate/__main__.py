@@ -78,11 +78,10 @@ def _print_report(report, out: Path) -> None:
 def _same_precision(a: argparse.Namespace):
     """The dequantised ``--gptq`` model, rounding activations (and an int8 KV cache, with the
     scales the bundle's decoder holds) as the bundle's target does."""
+    from quant.kv_scales import read_engine_scales
     from runtime.bundle import read_manifest
 
     from .compare import same_precision_reference
-
-    from quant.kv_scales import read_engine_scales
 
     man = read_manifest(a.bundle)
     plan = a.plan or man.precision
