@@ -621,6 +621,8 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
             kwargs = _rtn_quant(model, quant_tensors)
         kwargs.update(PLANS[plan].target(target).decoder_kwargs())  # as export.py builds it
         kwargs.update(decoder_kwargs or {})
+        if kwargs.get("kv_dtype") == "int8" and kwargs.get("kv_scales") is None:
+            kwargs["kv_scales"] = _quick_kv_scales(model, ckpt, t)
         export_decoder(model, t / "decoder.onnx", plan=plan, **kwargs)
         if vision_onnx is None:
             from .vision import export_vision
@@ -632,6 +634,21 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         fields = manifest_fields(ckpt.path, plan, checkpoint_id, cfg=ckpt.cfg,
                                  vision_precision=vision_precision, target=target)
         return write_bundle(out, files, fields)
+
+
+def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path, n_items: int = 8) -> Any:
+    """int8-KV scales for :func:`build_bundle`: the first ``n_items`` calibration items (with
+    their images) through the in-memory fp32 model, as the export's kv_scales stage does with
+    every item; validation mirrors whatever scales the engine holds."""
+    from quant.calibration import CalibItem, build_calibration
+    from quant.kv_scales import calibrate_kv_scales
+
+    items = [it for it in _load_items(ExportOptions()) if it.split == "calib"][:n_items]
+    images = _materialise(items, tmp / "images")
+    calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
+             for it, img in zip(items, images)]
+    return calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path,
+                                                        min_items=len(calib)))
 
 
 def _rtn_quant(model: Any, quant_tensors: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -179,7 +179,8 @@ def test_edge_cpu_target_keeps_an_int8_kv_calibrated_on_the_calib_split(edge_bun
     np.testing.assert_array_equal(engine.value, stored.value)
     assert decoder_contract(open_session(rep.bundle / "decoder.onnx", ["CPUExecutionProvider"],
                                          1)).kv_dtype == "int8"
-    assert read_engine_scales(edge_bundle / "decoder.onnx") is None  # gpu target: fp16 KV
+    gpu = read_engine_scales(edge_bundle / "decoder.onnx")  # the gpu target: the same stage's
+    np.testing.assert_array_equal(gpu.key, stored.key)  # scales under fp16 activations
     res = Pipeline.from_bundle(rep.bundle, device="cpu", threads=1).chat(
         "What is in the picture?", images=[str(images[0])], max_new_tokens=4,
         temperature=0.0).result()

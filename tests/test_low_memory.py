@@ -267,9 +267,9 @@ def test_sequential_peak_is_the_larger_engine():
     e, e_old = (plan_memory(cfg, "edge", "orin-nano-8gb", logits_to_keep=k) for k in (True, False))
     free = e.usable_bytes - e.overhead_bytes - e.decoder_bytes
     kv = e.kv_buffers * e.kv_bytes_per_token  # one shared buffer: GroupQueryAttention on gpu
-    assert e.kv_buffers == 1
-    assert e.max_context_sequential == int((free - logits) // kv) == 24
-    assert e_old.max_context_sequential == int(free // (kv + logits)) == 9
+    assert e.kv_buffers == 1 and e.kv_bytes_per_token == 2 * 32 * 4096  # int8
+    assert e.max_context_sequential == int((free - logits) // kv) == 44
+    assert e_old.max_context_sequential == int(free // (kv + logits)) == 10
     cpu = plan_memory(cfg, "int4", target="cpu")
     # onnxruntime CPU: fp32 copies of the fp16 vision weights while it runs; the mmapped
     # embedding resident only in the rows gathered

@@ -52,16 +52,16 @@ def test_edge_plan_row_describes_what_is_built():
     assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int8", "int8", 4)
     assert edge.exportable
     assert edge.target("cpu") == dataclasses.replace(int4.target("cpu"), kv_dtype="int8")
-    # the Jetson target: GroupQueryAttention on one fp16 KV buffer, without the bias that
+    # the Jetson target: GroupQueryAttention on one int8 KV buffer, without the bias that
     # onnxruntime's CUDA kernel rejects (an unpadded engine)
     gpu = edge.target("gpu")
     assert (gpu.act_dtype, gpu.kv_dtype, gpu.attention, gpu.attention_bias) == (
-        "fp16", "fp16", "gqa", False)
+        "fp16", "int8", "gqa", False)
     assert gpu.kv_layout == "shared" and int4.target("gpu").attention_bias
     assert traced_vision("int8") == "fp32" and "int8" not in vision_precisions()
     cfg = qwen_vl_chat_config()
     e, i = plan_memory(cfg, "edge", "agx-orin-32gb"), plan_memory(cfg, "int4", "agx-orin-32gb")
-    assert e.kv_bytes_per_token == i.kv_bytes_per_token
+    assert e.kv_bytes_per_token == i.kv_bytes_per_token / 2  # int8 vs fp16
     ec, ic = plan_memory(cfg, "edge", target="cpu"), plan_memory(cfg, "int4", target="cpu")
     assert ec.kv_bytes_per_token == ic.kv_bytes_per_token / 4 == 2 * 32 * 4096  # 1 byte a value
     assert ec.other_bytes - ic.other_bytes == ec.kv_scale_bytes == 2 * 32 * 4096 * 4
