@@ -461,14 +461,14 @@ def _export_vision(ckpt: LoadedCheckpoint, precision: str, items: list,
     on the calibration split's images (``items``), then checked against that fp32 graph."""
     from .vision import export_vision
 
-    # A path lets export_vision load (and free while exporting) the tower itself.
-    source: Any = _reference_model(ckpt, ["transformer.visual."]) if ckpt.quantized else ckpt.path
+    # A path (GPTQ or not) lets export_vision load the tower and free it while exporting: a
+    # module held here would stay alive through the check and the int8 calibration.
     photos = [it for it in items if it.task in ("caption", "vqa")][:3] or items[:3]
     traced = traced_vision(precision)
     dest = tmp / "vision.onnx" if traced == precision else tmp / "traced" / "vision.onnx"
     dest.parent.mkdir(parents=True, exist_ok=True)
     photo_images = _materialise(photos, tmp.parent / "images")
-    res = export_vision(source, dest, precision=traced, check_images=photo_images,
+    res = export_vision(ckpt.path, dest, precision=traced, check_images=photo_images,
                         config=ckpt.cfg, write_trt_script=traced == precision)
     if traced == precision:
         return res.to_dict()
@@ -482,7 +482,7 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
     """int8 QDQ engine (quant/vision_int8.py) from the traced fp32 graph, calibrated on the
     calibration split only; checked on the export's photos against the fp32 engine (itself
     checked against PyTorch) with the int8 tolerances, and given its TensorRT commands."""
-    from quant.vision_int8 import calibration_images, quantize_vision
+    from quant.vision_int8 import Int8Config, calibration_images, quantize_vision
 
     from .check_images import check_pixels
     from .tensorrt import trt_command_files, write_trt_commands
@@ -490,7 +490,7 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
                          run_session)
 
     image_size = ckpt.cfg.visual.image_size
-    calib = calibration_images(items, image_size)
+    calib = calibration_images(items, image_size, Int8Config().pictures)
     out = tmp / "vision.onnx"
     q = quantize_vision(traced.onnx_path, out, calib, cache_dir=tmp / "traced")
     names, pixels = check_pixels(photos, image_size)
