@@ -294,15 +294,16 @@ def _run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-vision-int8-") as tmp_name:
         tmp = Path(tmp_name)
         fp32, size = _fp32_onnx(args, tmp)
-        calib = calibration_images(args.manifest, size, args.max_calib)
+        calib = None if args.int8 else calibration_images(args.manifest, size, args.max_calib)
         evals = split_images(args.manifest, "validation", size, args.eval_limit,
                              kinds=("skimage", "file"))
         run = Runner(fp32, calib, evals, tmp, threads, args.cache_dir)
         pcs = {"on": [True], "off": [False], "both": [True, False]}[args.per_channel]
         rec: dict[str, Any] = {"bench": "vision_int8", "host": host(), "fp32_onnx": fp32,
-                               "calib": {"split": calib.split, "pictures": len(calib.names),
-                                         "items": len(calib.all_item_ids())},
                                "eval": {"split": evals.split, "pictures": evals.names}}
+        if calib is not None:
+            rec["calib"] = {"split": calib.split, "pictures": len(calib.names),
+                            "items": len(calib.all_item_ids())}
         int8 = tmp / "chosen" / "vision.onnx"
         if args.int8:
             int8 = Path(args.int8)

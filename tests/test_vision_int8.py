@@ -270,6 +270,7 @@ def test_bench_given_engine_and_calib_counts(fp32_onnx, int8):
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(r.stdout)
     assert rec["given"]["onnx"] == str(int8.onnx_path) and "variants" not in rec
+    assert "calib" not in rec  # nothing was calibrated
     assert len(rec["given"]["per_image"]) == 2 and rec["given"]["min_cosine"] > MIN_COSINE
     assert rec["speed"]["int8"]["iters"] == 1
     r = subprocess.run(base + ["--calib-counts", "1", "3"], cwd=REPO, capture_output=True,
