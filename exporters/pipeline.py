@@ -304,14 +304,19 @@ class _Flow:
         return {**_engine_files(vres.path, "vision.onnx"),
                 **_engine_files(dres.path, "decoder.onnx"), **ckpt.tokenizer_file()}
 
-    def candidate(self, files: dict[str, Path]) -> Path:
+    def candidate(self, files: dict[str, Path]) -> Path | None:
+        """The bundle the drift report judges; none with --skip-validation (nothing reads it,
+        and at full size it is another 6.7 GB copy of the engines)."""
+        if self.opts.skip_validation:
+            self._done()
+            return None
         cres = run_stage(self.work, "candidate",
                          stage_key(v=self.engine_keys[0], d=self.engine_keys[1]),
                          lambda tmp: _write_candidate(tmp, files, self.ckpt, self.opts))
         self._done(cres)
         return cres.path / "bundle"
 
-    def validate(self, candidate: Path, val_items: list, data_key: str,
+    def validate(self, candidate: Path | None, val_items: list, data_key: str,
                  gptq_dir: Path | None, kv_scales: Path | None = None) -> dict[str, Path]:
         """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift`` and on
         INCONCLUSIVE without ``--accept-inconclusive`` (or ``--allow-drift``)."""

@@ -313,26 +313,32 @@ def calibrate(fp32_onnx: str | Path, calib: SplitImages, config: Int8Config, cac
 
     Inside ``quantize_static`` the weights are held three times at once: its own model, the
     calibrator's copy and the calibration session (full size: 3 x 7.7 GB). Here the
-    calibrator's copy is dropped as soon as the augmented graph is on disk (``scratch``), and
-    the session runs without the CPU memory arena, which grew by ~1.3 GB per image on the
-    4-layer full-width tower. The ranges are the same: same calibrator, same graph, same
+    calibrator's copy is dropped as soon as the augmented graph is on disk, and the session
+    runs without the CPU memory arena, which grew by ~1.3 GB per image on the 4-layer
+    full-width tower. A graph with external weights gets an augmented graph beside it that
+    reads the same weights file (the calibrator would write a second 7.7 GB copy); others
+    are augmented in ``scratch``. The ranges are the same: same calibrator, same graph, same
     images, merged in strides of ``config.calib_stride`` as before.
     """
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     from runtime.engines import open_session
 
+    fp32_onnx = Path(fp32_onnx)
     work = Path(tempfile.mkdtemp(prefix="calibrate-", dir=scratch))
+    external = _external_weights(fp32_onnx)
+    augmented = (fp32_onnx.with_name(f".{fp32_onnx.stem}.augmented-{work.name}.onnx")
+                 if external else work / "augmented.onnx")
     try:
         with _quiet():
-            calibrator = _calibrator(config, Path(fp32_onnx), work / "augmented.onnx", large)
+            calibrator = _calibrator(config, fp32_onnx, augmented, large)
+            _point_at(calibrator.model, external)
             calibrator.augment_graph()
             calibrator.model = None  # only the augmented file is needed from here on
             gc.collect()
             # the calibrator's own session settings (no graph optimisation), without the arena
-            calibrator.infer_session = open_session(work / "augmented.onnx",
-                                                    ["CPUExecutionProvider"], level="disable",
-                                                    mem_arena=False)
+            calibrator.infer_session = open_session(augmented, ["CPUExecutionProvider"],
+                                                    level="disable", mem_arena=False)
             reader = PixelReader(calib.pixels)
             stride = _stride(len(reader), config.calib_stride)
             for start in _progress(range(0, len(reader), stride), "calibrating", stride):
@@ -341,8 +347,32 @@ def calibrate(fp32_onnx: str | Path, calib: SplitImages, config: Int8Config, cac
             ranges = calibrator.compute_data()
         del calibrator
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # the augmented graph and its weights
+        augmented.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     save_tensors_data(ranges, cache)
+
+
+def _external_weights(onnx_path: Path) -> dict[str, Any]:
+    """``{initializer: its external-data entries}`` of a graph whose weights live in files."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return {t.name: list(t.external_data) for t in m.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _point_at(model, external: dict[str, Any]) -> None:
+    """Make ``model``'s loaded initializers refer to their original external data again, so
+    that saving it (in the original's folder) writes the graph only."""
+    import onnx
+
+    for t in model.graph.initializer:
+        entries = external.get(t.name)
+        if entries is not None:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.extend(entries)
 
 
 def _progress(it, desc: str, stride: int):

@@ -228,9 +228,12 @@ def test_bench_bad_onnx_exits_2(tmp_path):
     assert "missing.onnx: no such file" in r.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("method,n", [("minmax", N_CALIB), ("percentile", 2)])
-def test_ranges_equal_quantize_static_own_calibration(fp32_onnx, loaded, tmp_path, method, n):
-    """``calibrate`` (the calibrator's model dropped, no arena) stores the very ranges that
+@pytest.mark.parametrize("method,n,external", [("minmax", N_CALIB, False),
+                                               ("percentile", 2, False), ("minmax", 2, True)])
+def test_ranges_equal_quantize_static_own_calibration(fp32_onnx, loaded, tmp_path, method, n,
+                                                     external, monkeypatch):
+    """``calibrate`` (the calibrator's model dropped, no arena; with external weights, an
+    augmented graph that reads the original weights file) stores the very ranges that
     ``quantize_static`` computes when it calibrates by itself."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -242,8 +245,25 @@ def test_ranges_equal_quantize_static_own_calibration(fp32_onnx, loaded, tmp_pat
     calib = SplitImages(calib.split, calib.names[:n], calib.item_ids[:n], calib.pixels[:n])
     cfg = Int8Config(method=method)
     ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
-    calibrate(fp32_onnx, calib, cfg, ours, tmp_path, large=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["ours.json"]  # the augmented graph is gone
+    src = fp32_onnx
+    if external:  # the full-size layout: weights in <name>.data beside the graph
+        src = tmp_path / "ext" / "vision.onnx"
+        src.parent.mkdir()
+        onnx.save(onnx.load(str(fp32_onnx)), str(src), save_as_external_data=True,
+                  location="vision.onnx.data")
+    (tmp_path / "scratch").mkdir()
+    import onnx.external_data_helper as edh
+
+    written: list[str] = []
+    real_save = edh.save_external_data
+    monkeypatch.setattr(edh, "save_external_data",
+                        lambda t, base: (written.append(t.name), real_save(t, base))[1])
+    calibrate(src, calib, cfg, ours, tmp_path / "scratch", large=external)
+    monkeypatch.undo()
+    assert not (external and written)  # the weights were not copied for the augmented graph
+    assert not any((tmp_path / "scratch").iterdir())  # the augmented graph is gone
+    if external:  # augmented beside the weights it reads, then removed: nothing left over
+        assert sorted(p.name for p in src.parent.iterdir()) == ["vision.onnx", "vision.onnx.data"]
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
              "CalibStridedMinMax": 2 if n % 2 == 0 else 1}
     if method == "percentile":
