@@ -319,9 +319,10 @@ def calibrate(fp32_onnx: str | Path, calib: SplitImages, config: Int8Config, cac
     ReduceMin/ReduceMax outputs run after the whole forward pass, holding every calibrated
     tensor of every layer (+1.33 GB per image at 4 of 48 layers; at 48 the export was
     OOM-killed at 23.7 GB); in priority order +0.29 GB. A graph with external weights gets an
-    augmented graph beside it that reads the same weights file (the calibrator would write a second 7.7 GB copy); others
-    are augmented in ``scratch``. The ranges are the same: same calibrator, same graph, same
-    images, merged in strides of ``config.calib_stride`` as before.
+    augmented graph beside it that reads the same weights file (the calibrator would write a
+    second 7.7 GB copy); others are augmented in ``scratch``. The ranges are the same: same
+    calibrator, same graph, same images, merged in strides of ``config.calib_stride`` as
+    before.
     """
     from onnxruntime.quantization.calibrate import save_tensors_data
 
