@@ -314,11 +314,11 @@ def calibrate(fp32_onnx: str | Path, calib: SplitImages, config: Int8Config, cac
     Inside ``quantize_static`` the weights are held three times at once: its own model, the
     calibrator's copy and the calibration session (full size: 3 x 7.7 GB). Here the
     calibrator's copy is dropped as soon as the augmented graph is on disk, and the session
-    runs without the CPU memory arena (which grew by ~1.3 GB per image on the 4-layer
+    runs without the CPU memory arena (which grew by ~1.3 GiB per image on the 4-layer
     full-width tower) and in priority order: in onnxruntime's default order the graph's
     ReduceMin/ReduceMax outputs run after the whole forward pass, holding every calibrated
-    tensor of every layer (+1.33 GB per image at 4 of 48 layers; at 48 the export was
-    OOM-killed at 23.7 GB); in priority order +0.29 GB. A graph with external weights gets an
+    tensor of every layer (+1.33 GiB per image at 4 of 48 layers; at 48 the export was
+    OOM-killed at 22.6 GiB); in priority order +0.29 GiB. A graph with external weights gets an
     augmented graph beside it that reads the same weights file (the calibrator would write a
     second 7.7 GB copy); others are augmented in ``scratch``. The ranges are the same: same
     calibrator, same graph, same images, merged in strides of ``config.calib_stride`` as

@@ -106,9 +106,9 @@ def open_session(path: Path, providers: list[Any], threads: int | None = None,
     or ``(name, options)`` pairs. ``mem_arena=False`` returns CPU buffers after each run (fp16
     graphs on x86, whose fp32 weight casts otherwise stay allocated). ``profile_prefix`` turns on
     onnxruntime's node profiling (benchmarks). ``priority_order``: run each node as soon as its
-    inputs exist (onnxruntime's default order, a depth-first walk back from the *last* output,
-    runs a graph's side outputs only after its main path, so every tensor they read stays
-    alive: the int8 calibrator's graph, quant/vision_int8.py). A file that does not load
+    inputs exist (in onnxruntime's default order a graph's side outputs ran after its main path,
+    so every tensor they read stayed alive: the int8 calibrator's graph, quant/vision_int8.py,
+    bench/RESULTS.md). A file that does not load
     raises :class:`EngineError` with one line saying what to do.
     """
     try:
