@@ -14,6 +14,11 @@ cosines are measured on the validation split's photographs (never calibrated on)
 * ``variants``: per calibration method x per-channel on/off, the rest int8; the best is timed;
 * ``speed``: fp32 vs the chosen int8 engine on the CPU, runs interleaved (a busy machine slows
   both alike), with the load average before and after. Figures only: nothing is asserted.
+
+``--int8 <engine>`` measures a given int8 engine (e.g. a bundle's ``vision.onnx``) against
+``--onnx`` instead of quantizing variants: its per-photo cosines and the speed rows.
+``--calib-counts 4 8 16`` quantizes the default configuration once per number of calib
+pictures (spread over the split) and gives each one's cosines: how many are needed.
 """
 
 from __future__ import annotations
@@ -211,11 +216,36 @@ def _measure_all(run: Runner, args, pcs: list[bool], int8: Path) -> dict[str, An
     return rec
 
 
+def _calib_counts(run: Runner, args, size: int, counts: list[int]) -> list[dict[str, Any]]:
+    """Cosines of the default configuration calibrated on n pictures, for each n."""
+    from quant.vision_int8 import Int8Config, calibration_images
+
+    rows = []
+    for n in counts:
+        run.calib = calibration_images(args.manifest, size, n)
+        rec = run.measure(Int8Config())
+        rows.append({"pictures": len(run.calib.names), **rec})
+        logging.info("%d calib pictures: %s", len(run.calib.names), rec["min_cosine"])
+    return rows
+
+
+def _given(run: Runner, int8: str) -> dict[str, Any]:
+    """Cosines of an int8 engine this bench did not quantize."""
+    from exporters.vision import make_session, run_session
+
+    sess = make_session(int8, ["CPUExecutionProvider"], threads=run.threads)
+    rec = _cosines(run_session(sess, run.evals.pixels, 1), run.ref, run.evals.names)
+    return {"onnx": int8, **rec}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vision_int8",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--onnx", help="fp32 vision.onnx (default: export --checkpoint's now)")
     ap.add_argument("--checkpoint", help="checkpoint to export when no --onnx (default: nano)")
+    ap.add_argument("--int8", help="measure this int8 engine against --onnx (no quantization)")
+    ap.add_argument("--calib-counts", nargs="+", type=int, metavar="N",
+                    help="default configuration calibrated on N calib pictures, each N")
     ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
     ap.add_argument("--max-calib", type=int, help="at most this many calib-split pictures")
     ap.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy"],
@@ -241,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.onnx and not Path(args.onnx).is_file():
         ap.error(f"--onnx {args.onnx}: no such file; export one with exporters.vision or omit it")
+    if args.int8 and not (args.onnx and Path(args.int8).is_file()):
+        ap.error(f"--int8 {args.int8}: needs an existing file and the fp32 engine as --onnx")
     if not Path(args.manifest).exists():
         ap.error(f"--manifest {args.manifest}: not found")
     from calib_data.manifest import ManifestError
@@ -262,17 +294,26 @@ def _run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-vision-int8-") as tmp_name:
         tmp = Path(tmp_name)
         fp32, size = _fp32_onnx(args, tmp)
-        calib = calibration_images(args.manifest, size, args.max_calib)
+        calib = None if args.int8 else calibration_images(args.manifest, size, args.max_calib)
         evals = split_images(args.manifest, "validation", size, args.eval_limit,
                              kinds=("skimage", "file"))
         run = Runner(fp32, calib, evals, tmp, threads, args.cache_dir)
         pcs = {"on": [True], "off": [False], "both": [True, False]}[args.per_channel]
         rec: dict[str, Any] = {"bench": "vision_int8", "host": host(), "fp32_onnx": fp32,
-                               "calib": {"split": calib.split, "pictures": len(calib.names),
-                                         "items": len(calib.all_item_ids())},
                                "eval": {"split": evals.split, "pictures": evals.names}}
+        if calib is not None:
+            rec["calib"] = {"split": calib.split, "pictures": len(calib.names),
+                            "items": len(calib.all_item_ids())}
         int8 = tmp / "chosen" / "vision.onnx"
-        rec.update(_measure_all(run, args, pcs, int8))
+        if args.int8:
+            int8 = Path(args.int8)
+            rec["given"] = _given(run, args.int8)
+        elif args.calib_counts:
+            rec["calib_counts"] = _calib_counts(run, args, size, args.calib_counts)
+            rec["peak_rss_mib"] = peak_rss_mib()
+            return rec
+        else:
+            rec.update(_measure_all(run, args, pcs, int8))
         pixels = np.repeat(evals.pixels[:1], args.batch, axis=0)
         load_before = os.getloadavg()
         rec["speed"] = _speed(fp32, str(int8), pixels, args.warmup, args.iters, threads)

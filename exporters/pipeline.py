@@ -304,14 +304,19 @@ class _Flow:
         return {**_engine_files(vres.path, "vision.onnx"),
                 **_engine_files(dres.path, "decoder.onnx"), **ckpt.tokenizer_file()}
 
-    def candidate(self, files: dict[str, Path]) -> Path:
+    def candidate(self, files: dict[str, Path]) -> Path | None:
+        """The bundle the drift report judges; none with --skip-validation (nothing reads it,
+        and at full size it is another 6.7 GB copy of the engines)."""
+        if self.opts.skip_validation:
+            self._done()
+            return None
         cres = run_stage(self.work, "candidate",
                          stage_key(v=self.engine_keys[0], d=self.engine_keys[1]),
                          lambda tmp: _write_candidate(tmp, files, self.ckpt, self.opts))
         self._done(cres)
         return cres.path / "bundle"
 
-    def validate(self, candidate: Path, val_items: list, data_key: str,
+    def validate(self, candidate: Path | None, val_items: list, data_key: str,
                  gptq_dir: Path | None, kv_scales: Path | None = None) -> dict[str, Path]:
         """Run the drift report (unless skipped); raises on FAIL without ``--allow-drift`` and on
         INCONCLUSIVE without ``--accept-inconclusive`` (or ``--allow-drift``)."""
@@ -461,14 +466,14 @@ def _export_vision(ckpt: LoadedCheckpoint, precision: str, items: list,
     on the calibration split's images (``items``), then checked against that fp32 graph."""
     from .vision import export_vision
 
-    # A path lets export_vision load (and free while exporting) the tower itself.
-    source: Any = _reference_model(ckpt, ["transformer.visual."]) if ckpt.quantized else ckpt.path
+    # A path (GPTQ or not) lets export_vision load the tower and free it while exporting: a
+    # module held here would stay alive through the check and the int8 calibration.
     photos = [it for it in items if it.task in ("caption", "vqa")][:3] or items[:3]
     traced = traced_vision(precision)
     dest = tmp / "vision.onnx" if traced == precision else tmp / "traced" / "vision.onnx"
     dest.parent.mkdir(parents=True, exist_ok=True)
     photo_images = _materialise(photos, tmp.parent / "images")
-    res = export_vision(source, dest, precision=traced, check_images=photo_images,
+    res = export_vision(ckpt.path, dest, precision=traced, check_images=photo_images,
                         config=ckpt.cfg, write_trt_script=traced == precision)
     if traced == precision:
         return res.to_dict()
@@ -482,7 +487,7 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
     """int8 QDQ engine (quant/vision_int8.py) from the traced fp32 graph, calibrated on the
     calibration split only; checked on the export's photos against the fp32 engine (itself
     checked against PyTorch) with the int8 tolerances, and given its TensorRT commands."""
-    from quant.vision_int8 import calibration_images, quantize_vision
+    from quant.vision_int8 import Int8Config, calibration_images, quantize_vision
 
     from .check_images import check_pixels
     from .tensorrt import trt_command_files, write_trt_commands
@@ -490,7 +495,7 @@ def _quantize_vision(ckpt: LoadedCheckpoint, traced: Any, photos: list, items: l
                          run_session)
 
     image_size = ckpt.cfg.visual.image_size
-    calib = calibration_images(items, image_size)
+    calib = calibration_images(items, image_size, Int8Config().pictures)
     out = tmp / "vision.onnx"
     q = quantize_vision(traced.onnx_path, out, calib, cache_dir=tmp / "traced")
     names, pixels = check_pixels(photos, image_size)

@@ -111,15 +111,23 @@ class VisionExportResult:
 def resolve_visual(model_or_checkpoint: Any, cfg: Any = None) -> tuple[nn.Module, bool]:
     """(fp32 ``VisionTransformer``, whether this call owns it) from a path or a module.
 
-    ``cfg``: the checkpoint's ``QwenVLConfig`` when the caller parsed it already."""
+    A path may be a GPTQ checkpoint (its tower is read as stored, unquantised): loaded here, the
+    tower is owned, so the export frees it block by block instead of holding it next to the
+    check session (full size: 7.7 GB of fp32 weights). ``cfg``: the checkpoint's
+    ``QwenVLConfig`` when the caller parsed it already."""
     from models.qwen_vl import VisionTransformer
 
     if isinstance(model_or_checkpoint, (str, Path)):
         from models.checkpoint import load_model
+        from models.config import QwenVLConfig
 
         t = time.perf_counter()
-        model = load_model(model_or_checkpoint, torch.float32, prefixes=["transformer.visual."],
-                           cfg=cfg)
+        cfg = cfg or QwenVLConfig.from_pretrained(model_or_checkpoint)
+        loader = load_model
+        if cfg.quantization_config:  # GPTQ checkpoint: its vision tower is stored unquantised
+            from quant.checkpoint import load_gptq_model as loader
+        model = loader(model_or_checkpoint, torch.float32, prefixes=["transformer.visual."],
+                       cfg=cfg)
         log.info("loaded the vision tower of %s in %.1f s", model_or_checkpoint,
                  time.perf_counter() - t)
         return model.transformer.visual, True

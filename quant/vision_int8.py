@@ -25,6 +25,7 @@ import ast
 import contextlib
 import dataclasses
 import fnmatch
+import gc
 import hashlib
 import io
 import logging
@@ -215,6 +216,10 @@ class Int8Config:
     sensitivity table quantizes one layer at a time). ``percentile`` is used by the
     "percentile" method only. ``calib_stride``: at most this many images' activations are held
     at once (the histogram methods keep whole tensors: ~0.6 GB per full-width image).
+    ``pictures``: how many calib-split pictures an export calibrates on, spread over the split
+    (:func:`calibration_images`' ``limit``; None: all). Calibration runs the unoptimised fp32
+    graph once per picture (full size: about a minute each on 2 CPU cores), and more pictures
+    did not help: bench/RESULTS.md, "how many calibration pictures".
     """
 
     method: str = "minmax"
@@ -224,6 +229,7 @@ class Int8Config:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     percentile: float = 99.999
     calib_stride: int = 4
+    pictures: int | None = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -283,6 +289,106 @@ def _method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
+def _calibrator(config: Int8Config, fp32_onnx: Path, augmented: Path, large: bool):
+    """onnxruntime's calibrator of ``config.method``, as ``quantize_static`` would create it
+    (``create_calibrator`` with our extra options; not called itself because it opens the
+    calibration session while the calibrator still holds its copy of the model)."""
+    from onnxruntime.quantization import calibrate as c
+
+    common = {"op_types_to_calibrate": list(config.op_types),
+              "augmented_model_path": str(augmented), "use_external_data_format": large}
+    if config.method == "minmax":
+        return c.MinMaxCalibrater(fp32_onnx, **common)
+    if config.method == "entropy":
+        return c.EntropyCalibrater(fp32_onnx, **common)
+    return c.PercentileCalibrater(fp32_onnx, symmetric=True, percentile=config.percentile,
+                                  **common)
+
+
+def calibrate(fp32_onnx: str | Path, calib: SplitImages, config: Int8Config, cache: Path,
+              scratch: Path, large: bool) -> None:
+    """Compute the tensor ranges with onnxruntime's calibrator and store them as
+    ``quantize_static``'s calibration cache (``cache``), which it then reads instead of
+    calibrating.
+
+    Inside ``quantize_static`` the weights are held three times at once: its own model, the
+    calibrator's copy and the calibration session (full size: 3 x 7.7 GB). Here the
+    calibrator's copy is dropped as soon as the augmented graph is on disk, and the session
+    runs without the CPU memory arena (which grew by ~1.3 GiB per image on the 4-layer
+    full-width tower) and in priority order: in onnxruntime's default order the graph's
+    ReduceMin/ReduceMax outputs run after the whole forward pass, holding every calibrated
+    tensor of every layer (+1.33 GiB per image at 4 of 48 layers; at 48 the export was
+    OOM-killed at 22.6 GiB); in priority order +0.29 GiB. A graph with external weights gets an
+    augmented graph beside it that reads the same weights file (the calibrator would write a
+    second 7.7 GB copy); others are augmented in ``scratch``. The ranges are the same: same
+    calibrator, same graph, same images, merged in strides of ``config.calib_stride`` as
+    before.
+    """
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from runtime.engines import open_session
+
+    fp32_onnx = Path(fp32_onnx)
+    work = Path(tempfile.mkdtemp(prefix="calibrate-", dir=scratch))
+    external = _external_weights(fp32_onnx)
+    augmented = (fp32_onnx.with_name(f".{fp32_onnx.stem}.augmented-{work.name}.onnx")
+                 if external else work / "augmented.onnx")
+    try:
+        with _quiet():
+            calibrator = _calibrator(config, fp32_onnx, augmented, large)
+            _point_at(calibrator.model, external)
+            calibrator.augment_graph()
+            calibrator.model = None  # only the augmented file is needed from here on
+            gc.collect()
+            # the calibrator's own session settings (no graph optimisation), without the arena,
+            # each min/max read as soon as its tensor exists (by default all are read at the end)
+            calibrator.infer_session = open_session(augmented, ["CPUExecutionProvider"],
+                                                    level="disable", mem_arena=False,
+                                                    priority_order=True)
+            reader = PixelReader(calib.pixels)
+            stride = _stride(len(reader), config.calib_stride)
+            for start in _progress(range(0, len(reader), stride), "calibrating", stride):
+                reader.set_range(start, start + stride)
+                calibrator.collect_data(reader)
+            ranges = calibrator.compute_data()
+        del calibrator
+    finally:
+        augmented.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    save_tensors_data(ranges, cache)
+
+
+def _external_weights(onnx_path: Path) -> dict[str, Any]:
+    """``{initializer: its external-data entries}`` of a graph whose weights live in files."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return {t.name: list(t.external_data) for t in m.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _point_at(model, external: dict[str, Any]) -> None:
+    """Make ``model``'s loaded initializers refer to their original external data again, so
+    that saving it (in the original's folder) writes the graph only."""
+    import onnx
+
+    for t in model.graph.initializer:
+        entries = external.get(t.name)
+        if entries is not None:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.extend(entries)
+
+
+def _progress(it, desc: str, stride: int):
+    """tqdm over the calibration strides (the full-size tower takes ~1 min per image)."""
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit=f"x{stride} images", leave=False,
+                disable=not log.isEnabledFor(logging.INFO))
+
+
 def calibration_cache(cache_dir: Path, config: Int8Config, model, calib: SplitImages) -> Path:
     """Where the tensor ranges of one calibration method live (shared by every variant), keyed
     by the graph and the calibration pixels so a changed model or set never reuses stale ones."""
@@ -321,16 +427,15 @@ def quantize_vision(fp32_onnx: str | Path, out_path: str | Path, calib: SplitIma
     # Only the inputs of a conv / matmul are quantized (TensorRT's placement); quantizing their
     # outputs too would put the attention scores through int8 before the softmax.
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
-             "OpTypesToExcludeOutputQuantization": list(config.op_types),
-             "CalibStridedMinMax": _stride(len(calib.pixels), config.calib_stride)}
-    if config.method == "percentile":
-        extra["CalibPercentile"] = config.percentile
+             "OpTypesToExcludeOutputQuantization": list(config.op_types)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     try:
         cache = calibration_cache(Path(cache_dir or tmp_dir), config, model, calib)
+        if not cache.is_file():
+            calibrate(fp32_onnx, calib, config, cache, tmp_dir, large)
         tmp = tmp_dir / out_path.name
         with _quiet():
             quantize_static(
@@ -339,7 +444,7 @@ def quantize_vision(fp32_onnx: str | Path, out_path: str | Path, calib: SplitIma
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(quant), use_external_data_format=large,
                 calibrate_method=_method(config.method), extra_options=extra,
-                calibration_cache_path=cache)
+                calibration_cache_path=cache)  # a cache hit: it never calibrates itself
         counts = _finish(tmp, model)
         if large and (tmp_dir / (out_path.name + ".data")).exists():
             os.replace(tmp_dir / (out_path.name + ".data"), out_path.with_name(

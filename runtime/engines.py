@@ -72,7 +72,8 @@ def pick_providers(device: str = "auto") -> list[str]:
 
 
 def session_options(threads: int | None = None, level: str = "all", mem_arena: bool = True,
-                    profile_prefix: str | None = None) -> ort.SessionOptions:
+                    profile_prefix: str | None = None,
+                    priority_order: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -90,22 +91,28 @@ def session_options(threads: int | None = None, level: str = "all", mem_arena: b
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    if priority_order:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return so
 
 
 def open_session(path: Path, providers: list[Any], threads: int | None = None,
                  level: str = "all", *, mem_arena: bool = True,
-                 profile_prefix: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None,
+                 priority_order: bool = False) -> ort.InferenceSession:
     """The one onnxruntime session factory (runtime, exporters' checks, validation, benchmarks).
 
     ``level``: graph optimisation all | extended | basic | disable (or none). ``providers``: names
     or ``(name, options)`` pairs. ``mem_arena=False`` returns CPU buffers after each run (fp16
     graphs on x86, whose fp32 weight casts otherwise stay allocated). ``profile_prefix`` turns on
-    onnxruntime's node profiling (benchmarks). A file that does not load
+    onnxruntime's node profiling (benchmarks). ``priority_order``: run each node as soon as its
+    inputs exist (in onnxruntime's default order a graph's side outputs ran after its main path,
+    so every tensor they read stayed alive: the int8 calibrator's graph, quant/vision_int8.py,
+    bench/RESULTS.md). A file that does not load
     raises :class:`EngineError` with one line saying what to do.
     """
     try:
-        so = session_options(threads, level, mem_arena, profile_prefix)
+        so = session_options(threads, level, mem_arena, profile_prefix, priority_order)
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -96,6 +96,9 @@ def test_edge_export_writes_a_bundle_the_runtime_answers_with(edge_bundle, image
     man = verify_bundle(edge_bundle)
     assert man.precision == "edge" and man.data["vision_precision"] == "int8"
     assert not [f for f in man.files if "traced" in f]  # the fp32 graph was only an input
+    work = edge_bundle.parent / f"{edge_bundle.name}.work"
+    # no drift report, so no candidate bundle (a third copy of the engines at full size)
+    assert (work / "vision").is_dir() and not (work / "candidate").exists()
     vision = onnx.load(str(edge_bundle / "vision.onnx"), load_external_data=False)
     ops = {n.op_type for n in vision.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops

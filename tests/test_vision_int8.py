@@ -226,3 +226,76 @@ def test_bench_bad_onnx_exits_2(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and not r.stdout
     assert "missing.onnx: no such file" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("method,n,external", [("minmax", N_CALIB, False),
+                                               ("percentile", 2, False), ("minmax", 2, True)])
+def test_ranges_equal_quantize_static_own_calibration(fp32_onnx, loaded, tmp_path, method, n,
+                                                     external, monkeypatch):
+    """``calibrate`` (the calibrator's model dropped, no arena; with external weights, an
+    augmented graph that reads the original weights file) stores the very ranges that
+    ``quantize_static`` computes when it calibrates by itself."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from quant.vision_int8 import SplitImages, calibrate
+
+    calib, _ = loaded
+    calib = SplitImages(calib.split, calib.names[:n], calib.item_ids[:n], calib.pixels[:n])
+    cfg = Int8Config(method=method)
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    src = fp32_onnx
+    if external:  # the full-size layout: weights in <name>.data beside the graph
+        src = tmp_path / "ext" / "vision.onnx"
+        src.parent.mkdir()
+        onnx.save(onnx.load(str(fp32_onnx)), str(src), save_as_external_data=True,
+                  location="vision.onnx.data")
+    (tmp_path / "scratch").mkdir()
+    import onnx.external_data_helper as edh
+
+    written: list[str] = []
+    real_save = edh.save_external_data
+    monkeypatch.setattr(edh, "save_external_data",
+                        lambda t, base: (written.append(t.name), real_save(t, base))[1])
+    calibrate(src, calib, cfg, ours, tmp_path / "scratch", large=external)
+    monkeypatch.undo()
+    assert not (external and written)  # the weights were not copied for the augmented graph
+    assert not any((tmp_path / "scratch").iterdir())  # the augmented graph is gone
+    if external:  # augmented beside the weights it reads, then removed: nothing left over
+        assert sorted(p.name for p in src.parent.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
+             "CalibStridedMinMax": 2 if n % 2 == 0 else 1}
+    if method == "percentile":
+        extra["CalibPercentile"] = cfg.percentile
+    quantize_static(str(fp32_onnx), str(tmp_path / "q.onnx"), PixelReader(calib.pixels),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types),
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "percentile": CalibrationMethod.Percentile}[method],
+                    extra_options=extra, calibration_cache_path=theirs)
+    a, b = load_tensors_data(ours), load_tensors_data(theirs)
+    assert a.calibration_method == b.calibration_method and set(a.keys()) == set(b.keys())
+    assert len(a.keys()) > 20
+    for k in a.keys():
+        np.testing.assert_array_equal(a[k].range_value, b[k].range_value, err_msg=k)
+
+
+def test_bench_given_engine_and_calib_counts(fp32_onnx, int8):
+    """``--int8`` measures an engine it did not quantize; ``--calib-counts`` one per count."""
+    base = [sys.executable, "-m", "bench.vision_int8", "--onnx", str(fp32_onnx),
+            "--eval-limit", "2", "--threads", "1", "--max-calib", "2"]
+    r = subprocess.run(base + ["--int8", str(int8.onnx_path), "--iters", "1", "--warmup", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(r.stdout)
+    assert rec["given"]["onnx"] == str(int8.onnx_path) and "variants" not in rec
+    assert "calib" not in rec  # nothing was calibrated
+    assert len(rec["given"]["per_image"]) == 2 and rec["given"]["min_cosine"] > MIN_COSINE
+    assert rec["speed"]["int8"]["iters"] == 1
+    r = subprocess.run(base + ["--calib-counts", "1", "3"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)["calib_counts"]
+    assert [row["pictures"] for row in rows] == [1, 3]
+    assert all(len(row["per_image"]) == 2 for row in rows)
