@@ -10,10 +10,14 @@ side virtual environment of the onnxruntime-genai baseline.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +66,22 @@ def timed(fn: Callable[[], Any], warmup: int, iters: int) -> tuple[list[float], 
         out = fn()
         times.append(time.perf_counter() - t)
     return times, out
+
+
+def run_child(cmd: list[str], what: str, record: bool = False,
+              cwd: Path | None = None) -> dict | None:
+    """Run a contender or a build step (from ``cwd``, the repository root, importable); with
+    ``record``, return the JSON record it printed last (its stdout is captured), else pass its
+    output to stderr (the caller's stdout carries only its own record)."""
+    logging.getLogger("bench").info("%s: %s", what, " ".join(cmd))
+    root = Path(cwd or Path(__file__).resolve().parents[1])
+    r = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, text=True,
+                       stdout=subprocess.PIPE if record else sys.stderr,
+                       stderr=subprocess.PIPE if record else None)
+    if r.returncode != 0:
+        tail = f": {r.stderr.strip()[-2000:]}" if record else ""
+        raise SystemExit(f"{what} failed (exit {r.returncode}){tail}")
+    return json.loads(r.stdout.strip().splitlines()[-1]) if record else None
 
 
 def peak_rss_mib() -> float:

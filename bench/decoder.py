@@ -47,7 +47,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (ceiling, cuda_copy_bandwidth_gbs, host, host_read_bandwidth_gbs,
-                          peak_rss_and_reset_mib, peak_rss_mib, stats)
+                          peak_rss_and_reset_mib, peak_rss_mib, run_child, stats)
 from runtime.errors import cli_main
 
 log = logging.getLogger("bench.decoder")
@@ -317,17 +316,8 @@ def run_eager(checkpoint: Path, layers: int | None, dtype: str, n_prompt: int, n
 # ---------------------------------------------------------------------------------------------
 
 def _run(cmd: list[str], what: str, record: bool = False) -> dict | None:
-    """Run a contender or a build step from the repository root; with ``record``, return the
-    JSON record it printed last (its stdout is captured), else pass its output to stderr (our
-    stdout carries only our own record)."""
-    log.info("%s: %s", what, " ".join(cmd))
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                       stdout=subprocess.PIPE if record else sys.stderr,
-                       stderr=subprocess.PIPE if record else None)
-    if r.returncode != 0:
-        tail = f": {r.stderr.strip()[-2000:]}" if record else ""
-        raise SystemExit(f"{what} failed (exit {r.returncode}){tail}")
-    return json.loads(r.stdout.strip().splitlines()[-1]) if record else None
+    """Run a contender or a build step from the repository root (``bench.common.run_child``)."""
+    return run_child(cmd, what, record, cwd=REPO)
 
 
 def _with_ceiling(rec: dict, weights: float, kv: float, bw: dict) -> dict:

@@ -143,3 +143,50 @@ def test_bench_decoder_pair_nano(tmp_path: Path) -> None:
     assert rec["kv_layouts"] == ["shared", "concat"] and len(rec["rounds"]) == 2
     for r in rec["rounds"]:
         assert min(r["decode_median_ms"]) > 0 and r["b_over_a"] > 0
+
+
+def test_bench_ttft_per_plan_nano(tmp_path: Path) -> None:
+    """The per-plan mode: every plan's vision / prefill / TTFT at explicit threads, one-shot and
+    chunked prefill (chunks must not change the logits), contenders alternating."""
+    rec = run_bench("bench.ttft", "--plans", "int4", "edge", "--targets", "cpu", "--threads", "1",
+                    "--chunks", "64", "--rounds", "2", "--iters", "1", "--work", str(tmp_path))
+    rows = {(r["plan"], r["chunk"]): r for r in rec["table"]}
+    assert set(rows) == {(p, c) for p in ("int4-cpu", "edge-cpu") for c in (0, 64)}
+    by_label = {c["label"]: c for c in rec["contenders"]}
+    assert by_label["edge-cpu"]["vision_precision"] == "int8"
+    assert by_label["int4-cpu"]["vision_precision"] == "fp16"
+    for c in rec["contenders"]:
+        assert c["threads"] == 1 and c["rounds"] == 2 and c["prompt_tokens"] == 288
+        assert set(c["cpu_util"]) == {"vision", "prefill_0", "prefill_64"}
+        assert all(len(v) == 2 and all(x > 0 for x in v) for v in c["cpu_util"].values())
+        # chunked prefill (5 calls of <= 64 tokens on one KV cache) gives the one-shot logits
+        assert c["chunk_max_abs_diff"]["0"] == 0.0 and c["chunk_max_abs_diff"]["64"] < 1e-3
+        for chunk in ("0", "64"):
+            _stat_ok(c["ttft"][chunk])
+            # every run's TTFT covers its stages: the fastest TTFT >= the fastest parts
+            parts = c["vision"]["min_ms"] + c["prefill"][chunk]["min_ms"]
+            assert c["ttft"][chunk]["min_ms"] >= parts - 0.01
+            row = rows[c["label"], int(chunk)]
+            assert row["ttft_ms"] == c["ttft"][chunk]["median_ms"]
+        assert c["files_bytes"]["vision"] > 0 and c["files_bytes"]["decoder"] > 0
+    assert by_label["edge-cpu"]["files_bytes"]["vision"] < by_label["int4-cpu"]["files_bytes"]["vision"]
+    assert len(rec["load_avg_1_5_15"]["start"]) == 3
+
+
+def test_bench_vision_contender_nano(tmp_path: Path) -> None:
+    """The TensorRT-LLM recipe's ONNX step (opset 17, wrapper around visual(images)) re-run on
+    the nano tower, beside our engine: both agree with PyTorch eager and are timed."""
+    import onnx
+
+    rec = run_bench("bench.vision_contender", "--threads", "1", "--rounds", "1",
+                    "--precisions", "fp32", "--work", str(tmp_path))
+    ours, theirs = rec["engines"]["ours_fp32"], rec["engines"]["trtllm_recipe_fp32"]
+    assert theirs["opset"] == {"ai.onnx": 17} and ours["opset"] == {"ai.onnx": 18}
+    m = onnx.load(str(tmp_path / "trtllm-recipe-fp32" / "visual.onnx"), load_external_data=False)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert m.graph.input[0].name == "input" and dims[0].dim_param  # dynamic batch, as exported
+    for e in (ours, theirs):
+        assert e["vs_eager"]["cosine"] > 0.99999 and e["nodes"] > 0 and e["file_bytes"] > 0
+        _stat_ok(e["time"])
+    assert rec["recipe_over_ours_fp32"] == pytest.approx(
+        theirs["time"]["median_ms"] / ours["time"]["median_ms"], rel=1e-2)
