@@ -179,14 +179,21 @@ def test_bench_vision_contender_nano(tmp_path: Path) -> None:
     import onnx
 
     rec = run_bench("bench.vision_contender", "--threads", "1", "--rounds", "1",
-                    "--precisions", "fp32", "--work", str(tmp_path))
-    ours, theirs = rec["engines"]["ours_fp32"], rec["engines"]["trtllm_recipe_fp32"]
-    assert theirs["opset"] == {"ai.onnx": 17} and ours["opset"] == {"ai.onnx": 18}
-    m = onnx.load(str(tmp_path / "trtllm-recipe-fp32" / "visual.onnx"), load_external_data=False)
-    dims = m.graph.input[0].type.tensor_type.shape.dim
-    assert m.graph.input[0].name == "input" and dims[0].dim_param  # dynamic batch, as exported
-    for e in (ours, theirs):
-        assert e["vs_eager"]["cosine"] > 0.99999 and e["nodes"] > 0 and e["file_bytes"] > 0
-        _stat_ok(e["time"])
-    assert rec["recipe_over_ours_fp32"] == pytest.approx(
-        theirs["time"]["median_ms"] / ours["time"]["median_ms"], rel=1e-2)
+                    "--work", str(tmp_path))
+    assert set(rec["engines"]) == {f"{w}_{p}" for w in ("ours", "trtllm_recipe")
+                                   for p in ("fp32", "fp16")}
+    for prec, min_cos in (("fp32", 0.99999), ("fp16", 0.9995)):
+        ours, theirs = rec["engines"][f"ours_{prec}"], rec["engines"][f"trtllm_recipe_{prec}"]
+        assert theirs["opset"] == {"ai.onnx": 17} and ours["opset"] == {"ai.onnx": 18}
+        m = onnx.load(str(tmp_path / f"trtllm-recipe-{prec}" / "visual.onnx"),
+                      load_external_data=False)
+        io = [v.type.tensor_type for v in (m.graph.input[0], m.graph.output[0])]
+        assert m.graph.input[0].name == "input" and io[0].shape.dim[0].dim_param  # dynamic batch
+        assert io[0].elem_type == io[1].elem_type == onnx.TensorProto.FLOAT  # float32 I/O
+        weights = {t.data_type for t in m.graph.initializer if len(t.dims) == 2}
+        assert weights == {onnx.TensorProto.FLOAT16 if prec == "fp16" else onnx.TensorProto.FLOAT}
+        for e in (ours, theirs):
+            assert e["vs_eager"]["cosine"] > min_cos and e["nodes"] > 0 and e["file_bytes"] > 0
+            _stat_ok(e["time"])
+        assert rec[f"recipe_over_ours_{prec}"] == pytest.approx(
+            theirs["time"]["median_ms"] / ours["time"]["median_ms"], rel=1e-2)
