@@ -145,16 +145,17 @@ def test_bench_decoder_pair_nano(tmp_path: Path) -> None:
         assert min(r["decode_median_ms"]) > 0 and r["b_over_a"] > 0
 
 
-def test_bench_ttft_per_plan_nano(tmp_path: Path) -> None:
+def test_bench_ttft_per_plan_nano(tmp_path_factory, nano_ckpt, nano_model, fp32_bundle) -> None:
     """The per-plan mode: every plan's vision / prefill / TTFT at explicit threads, one-shot and
     chunked prefill (chunks must not change the logits), contenders alternating."""
-    rec = run_bench("bench.ttft", "--plans", "int4", "edge", "--targets", "cpu", "--threads", "1",
-                    "--chunks", "64", "--rounds", "2", "--iters", "1", "--work", str(tmp_path))
+    from conftest import shared_bundle
+
+    int4_cpu = shared_bundle(tmp_path_factory, "ttft-int4-cpu", nano_ckpt, nano_model,
+                             plan="int4", target="cpu")
+    rec = run_bench("bench.ttft", "--bundles", str(fp32_bundle), str(int4_cpu), "--threads", "1",
+                    "--chunks", "64", "--rounds", "2", "--iters", "1")
     rows = {(r["plan"], r["chunk"]): r for r in rec["table"]}
-    assert set(rows) == {(p, c) for p in ("int4-cpu", "edge-cpu") for c in (0, 64)}
-    by_label = {c["label"]: c for c in rec["contenders"]}
-    assert by_label["edge-cpu"]["vision_precision"] == "int8"
-    assert by_label["int4-cpu"]["vision_precision"] == "fp16"
+    assert set(rows) == {(p, c) for p in ("fp32", "int4-cpu") for c in (0, 64)}
     for c in rec["contenders"]:
         assert c["threads"] == 1 and c["rounds"] == 2 and c["prompt_tokens"] == 288
         assert set(c["cpu_util"]) == {"vision", "prefill_0", "prefill_64"}
@@ -166,11 +167,36 @@ def test_bench_ttft_per_plan_nano(tmp_path: Path) -> None:
             # every run's TTFT covers its stages: the fastest TTFT >= the fastest parts
             parts = c["vision"]["min_ms"] + c["prefill"][chunk]["min_ms"]
             assert c["ttft"][chunk]["min_ms"] >= parts - 0.01
-            row = rows[c["label"], int(chunk)]
-            assert row["ttft_ms"] == c["ttft"][chunk]["median_ms"]
+            assert rows[c["label"], int(chunk)]["ttft_ms"] == c["ttft"][chunk]["median_ms"]
         assert c["files_bytes"]["vision"] > 0 and c["files_bytes"]["decoder"] > 0
-    assert by_label["edge-cpu"]["files_bytes"]["vision"] < by_label["int4-cpu"]["files_bytes"]["vision"]
     assert len(rec["load_avg_1_5_15"]["start"]) == 3
+
+
+def test_ttft_plan_engines_nano(tmp_path: Path, nano_ckpt, fp32_bundle) -> None:
+    """``--plans`` exports what ``export.py --plan P --target T`` would: the edge plan's int8
+    vision engine (from the fp32 one, calibrated) and each target's decoder; fp16's two targets
+    are one build."""
+    import shutil
+
+    import onnx
+
+    from bench.ttft_plans import export_plan_engines, plan_targets
+
+    assert plan_targets(["fp16", "int4"], ["cpu", "gpu"]) == [("fp16", "cpu"), ("int4", "cpu"),
+                                                              ("int4", "gpu")]
+    (tmp_path / "vision-fp32").mkdir()  # the traced fp32 graph, reused: only int8 is new
+    shutil.copy(fp32_bundle / "vision.onnx", tmp_path / "vision-fp32" / "vision.onnx")
+    engines = export_plan_engines(nano_ckpt, tmp_path, ["edge"], ["cpu", "gpu"], calib_images=2)
+    assert [e.label for e in engines] == ["edge-cpu", "edge-gpu"]
+
+    def ops(path: str) -> set[str]:
+        return {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+
+    assert {e.vision for e in engines} == {str(tmp_path / "vision-int8" / "vision.onnx")}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(engines[0].vision)
+    cpu, gpu = (ops(e.decoder) for e in engines)
+    assert {"GatherBlockQuantized", "GroupQueryAttention"} <= cpu
+    assert "MultiHeadAttention" in gpu and "GroupQueryAttention" not in gpu
 
 
 def test_bench_vision_contender_nano(tmp_path: Path) -> None:
