@@ -12,10 +12,12 @@ thread count. Each contender runs in its own process per round, contenders alter
 every contender alike. In its process a contender loads both engines the way the runtime does
 (``runtime.engines``), warms up once, then times the vision engine and every prefill chunking
 (``--chunks``: 0 = the whole prompt in one call, as the runtime does; N = calls of N tokens on the
-same KV cache), ``--iters`` times, with process CPU time / wall time per phase (``cpu_util``:
-about the thread count when every thread works). TTFT of a chunking = preprocess + vision +
-that prefill of the same iteration. Every chunked prefill's last logits are compared with the
-one-shot ones (``chunk_max_abs_diff``): chunking must not change the answer.
+same KV cache; their order rotates from one iteration to the next), ``--iters`` times, with
+process CPU time / wall time per phase (``cpu_util``: about the thread count when every thread
+works, lower when the shared machine starved the run; ``per_run_ms`` keeps every run). TTFT of
+a chunking = preprocess + vision + that prefill of the same iteration. Every chunked prefill's
+last logits are compared with the one-shot ones (``chunk_max_abs_diff``): chunking must not
+change the answer.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def run_contender(spec: dict) -> dict:
         px, pre_s, _ = _timed(lambda: preprocess(load_image(image), size)[None])
         feats, vis_s, vis_cpu = _timed(lambda: ve.encode(px))
         run = {"preprocess_s": pre_s, "vision_s": vis_s, "vision_cpu_s": vis_cpu, "prefill": {}}
-        for c in (chunks if i else chunks[:1]):
+        order = chunks[i % len(chunks):] + chunks[:i % len(chunks)]  # none always runs first
+        for c in (order if i else chunks[:1]):
             logits, s, cpu = _timed(lambda: _prefill(de, table, feats, c))
             run["prefill"][str(c)] = {"s": s, "cpu_s": cpu, "logits": logits}
         runs.append(run)
@@ -259,13 +262,20 @@ def summarise(e: PlanEngines, t: int, runs: list[dict], chunks: list[int]) -> di
            "session_load_s": [r["session_load_s"] for r in runs],
            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
            "prompt_tokens": runs[0]["prompt_tokens"], "providers": runs[0]["providers"]}
+    out["per_run_ms"] = {"vision": _ms(vision), "prefill": {}}
     for c in map(str, chunks):
         fill = [v for r in runs for v in r["prefill_s"][c]]
         ttft = [p + v + f for r in runs for p, v, f in
                 zip(r["preprocess_s"], r["vision_s"], r["prefill_s"][c])]
         out["prefill"][c], out["ttft"][c] = stats(fill), stats(ttft)
+        out["per_run_ms"]["prefill"][c] = _ms(fill)
     out["files_bytes"] = {k: _engine_bytes(Path(getattr(e, k))) for k in ("vision", "decoder")}
     return out
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    """Every run in round order (a round's ``--iters`` runs together): a starved round shows."""
+    return [round(x * 1000, 1) for x in seconds]
 
 
 def _engine_bytes(onnx_path: Path) -> int:
