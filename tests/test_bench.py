@@ -169,6 +169,9 @@ def test_bench_ttft_per_plan_nano(tmp_path_factory, nano_ckpt, nano_model, fp32_
             assert c["ttft"][chunk]["min_ms"] >= parts - 0.01
             assert rows[c["label"], int(chunk)]["ttft_ms"] == c["ttft"][chunk]["median_ms"]
         assert c["files_bytes"]["vision"] > 0 and c["files_bytes"]["decoder"] > 0
+        runs = c["per_run_ms"]  # every run kept, so a starved round can be told apart
+        assert len(runs["vision"]) == 2 and set(runs["prefill"]) == {"0", "64"}
+        assert min(runs["prefill"]["64"]) == pytest.approx(c["prefill"]["64"]["min_ms"], abs=0.1)
     assert len(rec["load_avg_1_5_15"]["start"]) == 3
 
 
