@@ -184,6 +184,7 @@ def test_ttft_plan_engines_nano(tmp_path: Path, nano_ckpt, fp32_bundle) -> None:
     import onnx
 
     from bench.ttft_plans import export_plan_engines, plan_targets
+    from quant.plans import PLANS
 
     assert plan_targets(["fp16", "int4"], ["cpu", "gpu"]) == [("fp16", "cpu"), ("int4", "cpu"),
                                                               ("int4", "gpu")]
@@ -197,9 +198,14 @@ def test_ttft_plan_engines_nano(tmp_path: Path, nano_ckpt, fp32_bundle) -> None:
 
     assert {e.vision for e in engines} == {str(tmp_path / "vision-int8" / "vision.onnx")}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(engines[0].vision)
-    cpu, gpu = (ops(e.decoder) for e in engines)
-    assert {"GatherBlockQuantized", "GroupQueryAttention"} <= cpu
-    assert "MultiHeadAttention" in gpu and "GroupQueryAttention" not in gpu
+    attention_op = {"gqa": "GroupQueryAttention", "mha": "MultiHeadAttention"}
+    for e in engines:  # each target's decoder as the plan table builds it
+        settings = PLANS["edge"].target(e.target)
+        assert {"GatherBlockQuantized", attention_op[settings.attention]} <= ops(e.decoder)
+        inputs = onnx.load(e.decoder, load_external_data=False).graph.input
+        kv = {v.type.tensor_type.elem_type for v in inputs if v.name.startswith("past")}
+        assert kv == {onnx.TensorProto.FLOAT16 if settings.kv_dtype == "fp16"
+                      else onnx.TensorProto.FLOAT}
 
 
 def test_bench_vision_contender_nano(tmp_path: Path) -> None:
