@@ -107,7 +107,8 @@ def vision_engine(checkpoint: Path, cfg, work: Path, precision: str, calib_image
 
 def decoder_engine(checkpoint: Path, cfg, dest: Path, plan: str, target: str) -> Path:
     """The plan's decoder for ``target`` (what ``export.py --plan P --target T`` builds), int4
-    codes by round-to-nearest; cached at ``dest``."""
+    codes by round-to-nearest and, for an int8 KV cache, one placeholder scale per channel (the
+    export calibrates them; values change the drift, not the speed); cached at ``dest``."""
     if dest.exists():
         return dest
     from exporters.decoder import WeightSource, export_decoder
@@ -123,6 +124,11 @@ def decoder_engine(checkpoint: Path, cfg, dest: Path, plan: str, target: str) ->
             group //= 2
         kwargs = {"quant_tensors": RTNTensors(src.get, cfg.num_hidden_layers, group_size=group),
                   "group_size": group, **p.target(target).decoder_kwargs()}
+        if p.target(target).int8_kv:
+            from quant.kv_scales import KVScales
+
+            ones = np.full((cfg.num_hidden_layers, cfg.hidden_size), 0.05, np.float32)
+            kwargs["kv_scales"] = KVScales(key=ones, value=ones.copy())
     dest.parent.mkdir(parents=True, exist_ok=True)
     export_decoder(src, dest, plan=plan, **kwargs)
     return dest

@@ -204,8 +204,8 @@ def test_ttft_plan_engines_nano(tmp_path: Path, nano_ckpt, fp32_bundle) -> None:
         assert {"GatherBlockQuantized", attention_op[settings.attention]} <= ops(e.decoder)
         inputs = onnx.load(e.decoder, load_external_data=False).graph.input
         kv = {v.type.tensor_type.elem_type for v in inputs if v.name.startswith("past")}
-        assert kv == {onnx.TensorProto.FLOAT16 if settings.kv_dtype == "fp16"
-                      else onnx.TensorProto.FLOAT}
+        assert kv == {{"fp16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8,
+                       "fp32": onnx.TensorProto.FLOAT}[settings.kv_dtype]}
 
 
 def test_bench_vision_contender_nano(tmp_path: Path) -> None:
