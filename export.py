@@ -73,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"GPTQ group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
-    p.add_argument("--lm-head", choices=["int8", "int4", "fp16"], default="int8",
-                   help="LM head precision in the int4 and edge plans (default int8; int4: groups "
-                        "of 32, see bench/RESULTS.md for its size and KL)")
+    p.add_argument("--lm-head", choices=["int8", "int4", "fp16"], default=None,
+                   help="LM head precision in the int4 and edge plans (default: the plan's, int8; "
+                        "int4: groups of 32, see bench/RESULTS.md for its size and KL)")
+    p.add_argument("--lm-head-method", choices=["gptq", "rtn"], default="gptq",
+                   help="how an int4 LM head is quantised: gptq (default; on the Hessian of its "
+                        "inputs over the calibration split, cached with the decoder's GPTQ) or "
+                        "rtn (round-to-nearest); a GPTQ-quantised checkpoint gets rtn")
     p.add_argument("--target", choices=["gpu", "cpu"], default="gpu",
                    help="what runs the int4 decoder: gpu (fp16 activations, exact MatMulNBits) or "
                         "cpu (fp32 activations and KV cache, int8-quantised MatMulNBits inputs: "
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             accept_inconclusive=args.accept_inconclusive,
             skip_validation=args.skip_validation,
             n_calib=args.n_calib, n_val=args.n_val, group_size=args.group_size,
-            desc_act=args.act_order, lm_head=args.lm_head, cpu=args.target == "cpu",
+            desc_act=args.act_order, lm_head=args.lm_head, head_method=args.lm_head_method,
+            cpu=args.target == "cpu",
             demo=not args.no_demo,
             demo_prompt=args.demo_prompt)
         rep = run_export(opts)

@@ -71,9 +71,9 @@ from torch import nn
 from models.config import QwenVLConfig
 from models.qwen_vl import rotary_cos_sin
 from quant.fake_quant import LINEAR_SUFFIXES, check_gptq_shape
-from quant.embedding import EMBED_MODES, QUANT_BITS, quantize_embedding
+from quant.embedding import EMBED_MODES, QUANT_BITS, QuantizedEmbedding, quantize_embedding
 from quant.kv_scales import KVScales, scale_names
-from quant.lm_head import head_weights
+from quant.lm_head import HEAD_KEY, head_weights
 from quant.packing import GPTQTensors, MatMulNBitsWeights, PackingError, gptq_to_matmul_nbits
 from quant.plans import DEFAULT_GROUP_SIZE
 from quant.plans import PLANS as PRECISION_PLANS
@@ -324,8 +324,10 @@ class _LayerShared:
 
 class _DecoderGraph:
     def __init__(self, src: WeightSource, s: _Settings, g: _GraphWriter,
-                 quant: Mapping[str, GPTQTensors] | None, kv_scales: KVScales | None = None):
+                 quant: Mapping[str, GPTQTensors] | None, kv_scales: KVScales | None = None,
+                 embed_table: QuantizedEmbedding | None = None):
         self.src, self.s, self.g, self.quant, self.kv_scales = src, s, g, quant, kv_scales
+        self.embed_table = embed_table
         cfg = src.cfg
         self.cfg = cfg
         self.hid, self.H, self.D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -423,8 +425,14 @@ class _DecoderGraph:
         if mode in ("fp32", "fp16"):
             dt = _NP[mode]
             return self.fp_linear(x, "lm_head", dt, scope, cast_back=False), dt
-        # int8 per output channel / int4 per group, quantised in row chunks (quant/lm_head.py)
-        mm = head_weights(self.get("lm_head.weight"), mode)
+        # int8 per output channel / int4 per group, quantised in row chunks (quant/lm_head.py);
+        # an int4 head quantised earlier (GPTQ: quant.lm_head.gptq_head) comes with the Linears
+        t = self.quant.get(HEAD_KEY) if mode == "int4" and self.quant is not None else None
+        if t is not None:
+            check_gptq_shape(HEAD_KEY, t, self.V, self.hid)
+            mm = _gptq_to_nbits_chunked(t, t.in_features // t.n_groups)
+        else:
+            mm = head_weights(self.get("lm_head.weight"), mode)
         return self.nbits(x, "lm_head", mm, None, scope, "lm_head",
                           self.s.lm_head_accuracy_level), self.A
 
@@ -492,8 +500,11 @@ class _DecoderGraph:
             dt = _NP[self.s.embed]
             wte = g.init("transformer.wte.weight", _np(w, dt), "embedding")
             return g.op("Gather", [wte, tok_ids], scope=sc, axis=0), dt
-        q = quantize_embedding(w, self.s.embed)
+        q = self.embed_table or quantize_embedding(w, self.s.embed)
         del w
+        if q.mode != self.s.embed or q.data.shape[0] != self.V:
+            raise DecoderExportError(f"embed_table is a {q.mode} table of {q.data.shape[0]} rows: "
+                                     f"the decoder needs {self.s.embed} rows for {self.V} tokens")
         data = g.init("transformer.wte.qweight", q.data, "embedding")
         scales = g.init("transformer.wte.scales", q.scales, "embedding")
         # zero point 2**(bits-1) is the kernel's default: not stored
@@ -721,7 +732,8 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
                    attention: str = "mha", max_positions: int | None = None,
                    check: bool = True, embed: str | None = None,
                    attention_bias: bool = True,
-                   kv_scales: KVScales | None = None) -> DecoderExportResult:
+                   kv_scales: KVScales | None = None,
+                   embed_table: QuantizedEmbedding | None = None) -> DecoderExportResult:
     """Export the language decoder of ``model`` to ``out_path`` (+ ``out_path.data``).
 
     ``model``: the PyTorch reference, a ``WeightSource`` or a checkpoint directory (weights are read
@@ -736,7 +748,10 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
     ``gqa`` (com.microsoft GroupQueryAttention on one shared past/present buffer, ``shared`` KV
     layout, KV dtype = activation dtype; the runtime binds the buffer as both) or ``plain``
     (MatMul/Softmax fallback).
-    ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``).
+    ``embed``: the embedding table's dtype (default the plan's: ``int8`` rows for ``edge``);
+    ``embed_table``: that table quantised elsewhere (another int4 block size or clipping:
+    ``quant.embedding.quantize_embedding``). An int4 head: ``quant_tensors["lm_head"]`` when
+    given (GPTQ, ``quant.lm_head.gptq_head``), else round-to-nearest in groups of 32.
     ``attention_bias``: ``gqa`` only; False builds it without the mask bias (onnxruntime's CUDA
     kernel rejects one): an ``unpadded`` engine (runtime/contract.py).
     ``kv_scales``: the static scales of an int8 KV cache (``kv_dtype="int8"``, GQA only;
@@ -762,7 +777,7 @@ def export_decoder(model: nn.Module | WeightSource | str | Path, out_path: str |
         with open(tmp / data_name, "wb") as f:
             gw = _GraphWriter(f, data_name)
             dg = _DecoderGraph(src, s, gw, quant_tensors,
-                               kv_scales if s.kv_dtype == "int8" else None)
+                               kv_scales if s.kv_dtype == "int8" else None, embed_table)
             inputs, outputs = dg.build()
         m, meta = _decoder_model(gw, dg, inputs, outputs)
         (tmp / out_path.name).write_bytes(m.SerializeToString())

@@ -60,7 +60,9 @@ class ExportOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     desc_act: bool = False
     damp_percent: float = 0.01
-    lm_head: str = "int8"  # int8 | int4 | fp16 (quantised plans)
+    lm_head: str | None = None  # int8 | int4 | fp16 (quantised plans); None: the plan row's
+    # how an int4 head is quantised when GPTQ runs: gptq (on the head's calibration Hessian) | rtn
+    head_method: str = "gptq"
     cpu: bool = False  # decoder tuned for onnxruntime on CPU (the plan's "cpu" target)
     demo: bool = True
     demo_prompt: str | None = None
@@ -68,6 +70,15 @@ class ExportOptions:
     @property
     def target(self) -> str:
         return "cpu" if self.cpu else "gpu"
+
+    @property
+    def head(self) -> str:
+        """The LM head dtype exported: ``lm_head`` for the quantised plans, else the plan row's."""
+        return head_dtype(self.plan, self.lm_head)
+
+    def gptq_head(self) -> bool:
+        """GPTQ quantises the LM head too: an int4 head of a plan whose decoder GPTQ runs."""
+        return self.head == "int4" and self.head_method == "gptq"
 
     def resolved_work_dir(self) -> Path:
         return self.work_dir or self.out.parent / f"{self.out.name}.work"
@@ -208,7 +219,7 @@ def _run(opts: ExportOptions, ckpt: LoadedCheckpoint) -> ExportReport:
 
 def _memory_plan(cfg: QwenVLConfig, opts: ExportOptions) -> MemoryPlan:
     mem = plan_memory(cfg, opts.plan, opts.device_profile, opts.context, target=opts.target,
-                      group_size=opts.group_size, lm_head=head_dtype(opts.plan, opts.lm_head))
+                      group_size=opts.group_size, lm_head=opts.head)
     for line in mem.lines():
         log.info("%s", line)
     if not mem.fits and not opts.force:
@@ -251,11 +262,18 @@ class _Flow:
         quantized = PLANS[opts.plan].quantized
         if not quantized or self.ckpt.quantized:
             if quantized:
-                log.info("checkpoint is GPTQ-quantised already: GPTQ skipped")
+                log.info("checkpoint is GPTQ-quantised already: GPTQ skipped%s",
+                         "; the int4 LM head is rounded to nearest (no calibration pass)"
+                         if opts.gptq_head() else "")
             self._done()
             return self.ckpt.path if quantized else None
+        head = {}
+        if opts.gptq_head():  # the GPTQ checkpoint then holds the head too (cached with it)
+            from quant.lm_head import INT4_GROUP
+
+            head = {"head": ["gptq", INT4_GROUP]}
         qkey = stage_key(ckpt=self.digest, data=data_key, g=opts.group_size, act=opts.desc_act,
-                         damp=opts.damp_percent)
+                         damp=opts.damp_percent, **head)
         res = run_stage(self.work, "quant", qkey,
                         lambda tmp: _quantize(self.ckpt, calib_items, opts, tmp))
         self._done(res)
@@ -293,7 +311,7 @@ class _Flow:
         kvkey = next((s.key for s in self.report.stages if s.name == "kv_scales"), "")
         # the target's decoder settings (attention, bias, dtypes) and the graph's I/O contract
         # key the stage: a changed plan row or contract re-exports a cached decoder
-        dkey = stage_key(ckpt=self.digest, plan=opts.plan, quant=qkey, lm_head=opts.lm_head,
+        dkey = stage_key(ckpt=self.digest, plan=opts.plan, quant=qkey, lm_head=opts.head,
                          cpu=opts.cpu, io=DECODER_IO_VERSION,
                          target=PLANS[opts.plan].target(opts.target).decoder_kwargs(),
                          **({"kv": kvkey} if kvkey else {}))
@@ -406,6 +424,7 @@ def _quantize(ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
     from quant.calibration import CalibItem, build_calibration
     from quant.checkpoint import save_gptq_checkpoint
     from quant.gptq import quantize_decoder
+    from quant.lm_head import INT4_GROUP
 
     model = load_model(ckpt.path, "fp32", cfg=ckpt.cfg)
     images = _materialise(items, tmp.parent / "images")
@@ -413,10 +432,23 @@ def _quantize(ckpt: LoadedCheckpoint, items: list, opts: ExportOptions,
              for it, img in zip(items, images)]
     batches = build_calibration(model, calib, ckpt.path)
     qcfg = _quant_config(opts)
-    result = quantize_decoder(model, batches, qcfg)
-    save_gptq_checkpoint(model, result, qcfg, tmp / "gptq")
+    result = quantize_decoder(model, batches, qcfg, keep_outputs=opts.gptq_head())
+    head = _gptq_head(model, result, opts) if opts.gptq_head() else None
+    save_gptq_checkpoint(model, result, qcfg, tmp / "gptq", head=head)
     return {"layers": len(result.losses),
-            "mean_rel_loss": sum(l.rel_loss for l in result.losses) / max(1, len(result.losses))}
+            "mean_rel_loss": sum(l.rel_loss for l in result.losses) / max(1, len(result.losses)),
+            "lm_head": f"gptq int4 g{INT4_GROUP}" if head is not None else None}
+
+
+def _gptq_head(model: Any, result: Any, opts: ExportOptions) -> Any:
+    """GPTQ int4 LM head on the Hessian of its inputs: the calibration prompts' hidden states
+    after the GPTQ decoder (``result.outputs``) and the final norm (quant/lm_head.py)."""
+    from quant.lm_head import INT4_GROUP, gptq_head, head_hessian
+
+    hessian = head_hessian(model.transformer.ln_f, result.outputs)
+    result.outputs = []
+    return gptq_head(model.lm_head.weight, hessian, INT4_GROUP, desc_act=opts.desc_act,
+                     damp_percent=opts.damp_percent, progress=True)
 
 
 def _calibrate_kv(ckpt: LoadedCheckpoint, gptq_dir: Path | None, items: list,
@@ -538,7 +570,7 @@ def _export_decoder(ckpt: LoadedCheckpoint, gptq_dir: Path | None, opts: ExportO
                                                 ckpt.cfg if gptq_dir == ckpt.path else None)
         res = export_decoder(WeightSource.from_checkpoint(gptq_dir, gcfg), tmp / "decoder.onnx",
                              plan=opts.plan, quant_tensors=tensors, group_size=opts.group_size,
-                             lm_head=opts.lm_head, **plan.target(opts.target).decoder_kwargs(),
+                             lm_head=opts.head, **plan.target(opts.target).decoder_kwargs(),
                              **extra)
     else:
         res = export_decoder(WeightSource.from_checkpoint(ckpt.path, ckpt.cfg),
@@ -583,7 +615,7 @@ def _validate(bundle: Path, ckpt: LoadedCheckpoint, items: list, opts: ExportOpt
         from quant.kv_scales import KVScales
 
         scales = KVScales.load(kv_scales)
-    same = same_precision_reference(reference, opts.plan, gptq_dir, opts.lm_head,
+    same = same_precision_reference(reference, opts.plan, gptq_dir, opts.head,
                                     ckpt.cfg if gptq_dir == ckpt.path else None, opts.target,
                                     kv_scales=scales)
     rep = run_validation(bundle, reference, items, opts.plan, tmp / "report",

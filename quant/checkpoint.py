@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from runtime.files import atomic_dir
 
 from .fake_quant import LINEAR_SUFFIXES, quantized_linear_names
 from .gptq import QuantConfig, QuantError, QuantResult
+from .lm_head import HEAD_KEY, INT4_GROUP
 from .packing import GPTQTensors, PackingError, dequantize
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def _source_tensors(source) -> tuple[QwenVLConfig, Iterator[tuple[str, torch.Ten
 
 def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
                          config: QuantConfig | None, out_dir: str | Path,
-                         max_shard_bytes: int = 2 << 30) -> Path:
+                         max_shard_bytes: int = 2 << 30, head: GPTQTensors | None = None) -> Path:
     """Write the GPTQ tensors + the unquantised tensors of ``source`` as a GPTQ v1 checkpoint.
 
     ``source``: the fp model the GPTQ run used (``QWenLMHeadModel``), or its checkpoint directory /
@@ -92,7 +94,10 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
     ``quant``: a ``QuantResult`` or ``{"transformer.h.{i}.attn.c_attn": GPTQTensors, ...}`` (e.g.
     RTN tensors from ``quant.fake_quant``); ``config``: the settings written to
     ``quantize_config.json`` (``None``: the ``QuantResult``'s). Tokenizer, generation and
-    remote-code files are copied from the source directory when known.
+    remote-code files are copied from the source directory when known. ``head``: a GPTQ int4 LM
+    head (``quant.lm_head.gptq_head``), stored as ``lm_head.qweight`` / ``qzeros`` / ``scales`` /
+    ``g_idx`` (GPTQModel's names for a quantised head) beside the fp16 ``lm_head.weight``, which
+    stays for the plans whose head is int8 or fp16; its group size is read back from its scales.
     """
     if isinstance(quant, QuantResult):
         config = config or quant.config
@@ -109,7 +114,7 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
         raise GPTQCheckpointError(
             f"the GPTQ tensors cover {len(names) - len(missing)} of {len(names)} Linears (first "
             f"missing {missing[0]}): quantise every decoder layer before saving")
-    stream = _gptq_stream(tensors, quant, set(names), expected_shapes(cfg), qc)
+    stream = _gptq_stream(tensors, quant, set(names), expected_shapes(cfg), qc, head)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, only_checkpoint_dirs) as tmp:
         _copy_side_files(src_dir, tmp)
@@ -121,8 +126,8 @@ def save_gptq_checkpoint(source, quant: QuantResult | Mapping[str, GPTQTensors],
 
 
 def _gptq_stream(tensors: Iterator[tuple[str, torch.Tensor]], quant: Mapping[str, GPTQTensors],
-                 quant_names: set[str], shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+                 quant_names: set[str], shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig,
+                 head: GPTQTensors | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors in source order: GPTQ parts for quantised Linears, fp16 else.
 
     A generator, so the source is streamed one tensor at a time into the shard writer.
@@ -138,10 +143,14 @@ def _gptq_stream(tensors: Iterator[tuple[str, torch.Tensor]], quant: Mapping[str
                              else t.detach().to(torch.float16))
             continue
         yield name, t.detach().to(torch.float16)
+        if name == f"{HEAD_KEY}.weight" and head is not None:
+            n_out, k_in = shapes[name]
+            yield from _gptq_parts(HEAD_KEY, head, shapes, replace(
+                qc, group_size=k_in // max(1, head.n_groups)), bias=False)
 
 
-def _gptq_parts(mod: str, g: GPTQTensors, shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def _gptq_parts(mod: str, g: GPTQTensors, shapes: Mapping[str, tuple[int, ...]], qc: QuantConfig,
+                bias: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """One Linear's qweight/qzeros/scales/g_idx (+ zero bias when bias-free), shape-checked."""
     from .fake_quant import check_gptq_shape
 
@@ -158,7 +167,7 @@ def _gptq_parts(mod: str, g: GPTQTensors, shapes: Mapping[str, tuple[int, ...]],
     yield f"{mod}.qzeros", torch.from_numpy(np.ascontiguousarray(g.qzeros))
     yield f"{mod}.scales", torch.from_numpy(g.scales.astype(np.float16))
     yield f"{mod}.g_idx", torch.from_numpy(g.g_idx.astype(np.int32))
-    if f"{mod}.bias" not in shapes:  # bias-free Linear: zeros, as AutoGPTQ
+    if bias and f"{mod}.bias" not in shapes:  # bias-free Linear: zeros, as AutoGPTQ
         yield f"{mod}.bias", torch.zeros(n_out, dtype=torch.float16)
 
 
@@ -297,8 +306,26 @@ def load_gptq_checkpoint(path: str | Path, cfg: QwenVLConfig | None = None
     for name in quantized_linear_names(cfg.num_hidden_layers):
         n_out, k_in = shapes[f"{name}.weight"]
         tensors[name] = read_gptq_linear(reader, name, n_out, k_in, qc, f"{name}.bias" in shapes)
+    head = read_gptq_head(reader, cfg, qc)
+    if head is not None:
+        tensors[HEAD_KEY] = head
     cfg.extra["quantization_config"] = cfg.quantization_config or qc.quantize_config()
     return cfg, tensors, reader
+
+
+def read_gptq_head(reader: CheckpointReader, cfg: QwenVLConfig, qc: QuantConfig
+                   ) -> GPTQTensors | None:
+    """The GPTQ int4 LM head (``save_gptq_checkpoint(head=...)``), or None when the checkpoint
+    has only the fp16 head; its group size is that of its scales."""
+    if f"{HEAD_KEY}.qweight" not in reader:
+        return None
+    n_groups = _as_np(reader, f"{HEAD_KEY}.scales", ("float",), "float16").shape[0]
+    k_in = cfg.hidden_size
+    if n_groups < 1 or k_in % n_groups:
+        raise GPTQCheckpointError(f"{reader.path}: {HEAD_KEY}.scales has {n_groups} groups for "
+                                  f"{k_in} inputs: the tensor is corrupt")
+    return read_gptq_linear(reader, HEAD_KEY, cfg.vocab_size, k_in,
+                            replace(qc, group_size=k_in // n_groups), has_bias=False)
 
 
 def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
@@ -308,17 +335,17 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     """The fake-quant reference: a ``QWenLMHeadModel`` holding the dequantised GPTQ weights.
 
     ``lm_head``: ``fp16`` (as stored), or ``int8`` (the per-channel int8 head the default ``int4``
-    plan exports; see ``quant.lm_head``). ``embed``: ``fp16`` (as stored) or the ``int8`` /
+    plan exports; see ``quant.lm_head``), or ``int4``: the checkpoint's GPTQ head when it has one,
+    else round-to-nearest in groups of 32. ``embed``: ``fp16`` (as stored) or the ``int8`` /
     ``int4`` rows the ``edge`` plan gathers (``quant.embedding``). ``prefixes``: load only those
     parameters (the rest stay on the meta device), as ``models.checkpoint.load_model``.
     ``int8_acts``: the Linears' inputs quantised as the ``cpu`` target's MatMulNBits does
     (``quant.fake_quant.int8_activations``).
     """
-    from .fake_quant import int8_activations
-    from .lm_head import quantize_lm_head
-
     dtype = parse_dtype(dtype)
     cfg, tensors, reader = load_gptq_checkpoint(path, cfg)
+    if lm_head != "int4":  # the stored fp16 head is this plan's source
+        tensors.pop(HEAD_KEY, None)
     shapes = expected_shapes(cfg)
     quant = set(tensors)
     names = set(reader.names())
@@ -328,6 +355,7 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         raise GPTQCheckpointError(f"{path}: lacks {len(missing)} unquantised tensor(s), first "
                                   f"{missing[0]}: the checkpoint is incomplete or for another model")
     known = set(needed) | {f"{m}.{p}" for m in quant for p in GPTQ_PARTS}
+    known |= {f"{HEAD_KEY}.weight"} | {f"{HEAD_KEY}.{p}" for p in GPTQ_PARTS}
     unexpected = sorted(n for n in names if n not in known and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         log.warning("ignoring %d unexpected tensor(s) in %s, first %s", len(unexpected), path,
@@ -346,7 +374,20 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         return torch.from_numpy(t.bias.astype(np.float32))  # only Linears with a bias ask
 
     model = build_model(cfg, get, dtype, prefixes)
-    if lm_head != "fp16" and not model.lm_head.weight.is_meta:
+    _engine_head_and_table(model, tensors, lm_head, embed, int8_acts, dtype)
+    model.source_path = str(path)
+    model.quant_config = read_quant_config(path, cfg)
+    return model
+
+
+def _engine_head_and_table(model: nn.Module, tensors: Mapping[str, GPTQTensors], lm_head: str,
+                           embed: str, int8_acts: bool, dtype: torch.dtype) -> None:
+    """The head, the embedding rows and (``int8_acts``) the MatMulNBits input rounding the
+    engine applies, on the fake-quant model in place; a GPTQ head is already in it."""
+    from .fake_quant import int8_activations
+    from .lm_head import quantize_lm_head
+
+    if lm_head != "fp16" and HEAD_KEY not in tensors and not model.lm_head.weight.is_meta:
         head = quantize_lm_head(model.lm_head.weight.detach(), lm_head)
         model.lm_head.weight.data = head.dequantized.to(dtype)
     wte = model.transformer.wte.weight
@@ -355,10 +396,10 @@ def load_gptq_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
 
         wte.data = embedding_weight(wte.detach(), embed).to(dtype)
     if int8_acts:
-        int8_activations(model, {m: t.g_idx for m, t in tensors.items()}, lm_head == "int8")
-    model.source_path = str(path)
-    model.quant_config = read_quant_config(path, cfg)
-    return model
+        groups = {m: t.g_idx for m, t in tensors.items()}
+        if lm_head == "int4" and HEAD_KEY not in groups:  # round-to-nearest head: groups of 32
+            groups[HEAD_KEY] = np.arange(model.cfg.hidden_size) // INT4_GROUP
+        int8_activations(model, groups, lm_head == "int8")
 
 
 class GPTQBlocks:
@@ -383,5 +424,5 @@ class GPTQBlocks:
 
 
 __all__ = ["GPTQCheckpointError", "save_gptq_checkpoint", "load_gptq_checkpoint",
-           "load_gptq_model", "read_quant_config", "read_gptq_linear", "gptq_config_dict",
-           "GPTQ_PARTS", "GPTQBlocks", "LINEAR_SUFFIXES"]
+           "load_gptq_model", "read_quant_config", "read_gptq_linear", "read_gptq_head",
+           "gptq_config_dict", "GPTQ_PARTS", "GPTQBlocks", "LINEAR_SUFFIXES"]

@@ -30,11 +30,21 @@ INT4_BLOCK = 32
 SCALE_BYTES = 2  # fp16 scales
 
 
-def block_size(hidden: int, mode: str) -> int:
+#: Clip ratios tried per block by the MSE-optimal scale search
+#: (``quantize_embedding(mse_clip=True)``).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
+
+
+def block_size(hidden: int, mode: str, block: int | None = None) -> int:
     """Values per scale: a whole row for int8 (the largest power of two >= 16 dividing it,
-    since the kernel needs a power of two), :data:`INT4_BLOCK` for int4."""
+    since the kernel needs a power of two), :data:`INT4_BLOCK` for int4 (or ``block``, a power
+    of two >= 16 dividing ``hidden``)."""
     if mode == "int4":
-        return INT4_BLOCK
+        blk = INT4_BLOCK if block is None else block
+        if blk < 16 or blk & (blk - 1) or hidden % blk:
+            raise ValueError(f"int4 embedding block {blk}: must be a power of two >= 16 "
+                             f"dividing the hidden size {hidden}")
+        return blk
     if mode != "int8":
         raise ValueError(f"embedding mode '{mode}' is not quantised: use int8 or int4")
     b = hidden & -hidden  # largest power of two dividing hidden
@@ -43,11 +53,11 @@ def block_size(hidden: int, mode: str) -> int:
     return b
 
 
-def table_bytes(vocab: int, hidden: int, mode: str) -> int:
+def table_bytes(vocab: int, hidden: int, mode: str, block: int | None = None) -> int:
     """Bytes of the stored table: codes plus fp16 scales (the memory planner's formula)."""
     if mode not in QUANT_BITS:
         return vocab * hidden * {"fp32": 4, "fp16": 2}[mode]
-    blk = block_size(hidden, mode)
+    blk = block_size(hidden, mode, block)
     return vocab * hidden * QUANT_BITS[mode] // 8 + vocab * -(-hidden // blk) * SCALE_BYTES
 
 
@@ -83,11 +93,36 @@ class QuantizedEmbedding:
         return deq.reshape(v, h).astype(np.float16).astype(np.float32)
 
 
-def quantize_embedding(w: Any, mode: str = "int8", chunk_rows: int = 8192) -> QuantizedEmbedding:
+def _block_scales(g: np.ndarray, qmax: int, mse_clip: bool) -> np.ndarray:
+    """fp16 scale per block of ``g`` [rows, blocks, block]: ``amax / qmax``, or with
+    ``mse_clip`` the clipped ``ratio * amax / qmax`` (ratio in :data:`CLIP_RATIOS`) whose codes
+    reconstruct the block with the least squared error."""
+    amax = np.abs(g).max(-1)
+    best_s = best_err = None
+    for ratio in (CLIP_RATIOS if mse_clip else (1.0,)):
+        s = (amax * ratio / qmax).astype(np.float16)
+        s = np.where(s > 0, s, np.float16(1.0))  # an all-zero block (e.g. padding rows)
+        if not mse_clip:
+            return s
+        s32 = s.astype(np.float32)[..., None]  # float64 error: the same choice on every CPU
+        q = np.clip(np.round(g / s32), -qmax, qmax)
+        err = np.square(q.astype(np.float64) * s32 - g).sum(-1)
+        if best_s is None:
+            best_s, best_err = s, err
+        else:
+            better = err < best_err
+            best_s, best_err = np.where(better, s, best_s), np.where(better, err, best_err)
+    return best_s
+
+
+def quantize_embedding(w: Any, mode: str = "int8", chunk_rows: int = 8192,
+                       block: int | None = None, mse_clip: bool = False) -> QuantizedEmbedding:
     """Symmetric per-block quantisation of an embedding table ``[vocab, hidden]`` (numpy or
-    torch, any float dtype), in row chunks (an fp32 copy of the full table is 2.5 GB)."""
+    torch, any float dtype), in row chunks (an fp32 copy of the full table is 2.5 GB).
+    ``block``: int4 values per scale (default :data:`INT4_BLOCK`); ``mse_clip``: per-block
+    clipped scales (``_block_scales``) instead of the block's peak."""
     v, h = w.shape
-    blk = block_size(h, mode)
+    blk = block_size(h, mode, block)
     if h % blk:
         raise ValueError(f"hidden size {h} is not a multiple of the {mode} block {blk}")
     qmax = (1 << (QUANT_BITS[mode] - 1)) - 1
@@ -96,8 +131,7 @@ def quantize_embedding(w: Any, mode: str = "int8", chunk_rows: int = 8192) -> Qu
         part = w[a:a + chunk_rows]
         part = part.float().numpy() if hasattr(part, "numpy") else np.asarray(part, np.float32)
         g = part.reshape(len(part), h // blk, blk)
-        s = (np.abs(g).max(-1) / qmax).astype(np.float16)
-        s = np.where(s > 0, s, np.float16(1.0))  # an all-zero block (e.g. padding rows)
+        s = _block_scales(g, qmax, mse_clip)
         q = np.clip(np.round(g / s.astype(np.float32)[..., None]), -qmax, qmax).astype(np.int32)
         q = (q + qmax + 1).reshape(len(part), h).astype(np.uint8)
         data.append(q if mode == "int8" else (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8))

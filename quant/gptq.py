@@ -134,6 +134,9 @@ class QuantResult:
     n_items: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: hidden states leaving the last quantised block, one per calibration item (only with
+    #: ``quantize_decoder(keep_outputs=True)``): the LM head's calibration inputs before ``ln_f``
+    outputs: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
         rel = np.array([x.rel_loss for x in self.losses]) if self.losses else np.zeros(1)
@@ -266,23 +269,58 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Qu
         return _gptq(weight, hessian, config, name, compute_dtype, round_scales_fp16)
 
 
+@torch.no_grad()
+def gptq_quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+                       name: str = "linear", chunk_rows: int = 8192,
+                       progress: bool = False) -> Iterator[QuantizedWeight]:
+    """GPTQ a tall weight [N, K] in slices of ``chunk_rows`` output rows, one result per slice.
+
+    GPTQ propagates a weight's rounding error along its own row only, so rows are independent
+    given the Hessian: the slices share one inverse-Hessian factor (one Cholesky, not one per
+    slice) and the temporaries stay the size of a slice (the 151936-row LM head is 2.5 GB in
+    fp32). Used for the LM head (``quant.lm_head.gptq_head``).
+    """
+    n_out = weight.shape[0]
+    factor: tuple[torch.Tensor, float] | None = None
+    starts = range(0, n_out, chunk_rows)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=f"GPTQ {name}", unit="slice")
+    for a in starts:
+        part = weight[a:a + chunk_rows]
+        with _num_threads(1 if part.numel() < (1 << 22) else torch.get_num_threads()):
+            qw, factor = _gptq_factored(part, hessian, config, f"{name}[{a}:]", torch.float32,
+                                        True, factor)
+        yield qw
+
+
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str,
           compute_dtype: torch.dtype, round_scales_fp16: bool) -> QuantizedWeight:
+    return _gptq_factored(weight, hessian, config, name, compute_dtype, round_scales_fp16)[0]
+
+
+def _gptq_factored(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, name: str,
+                   compute_dtype: torch.dtype, round_scales_fp16: bool,
+                   factor: tuple[torch.Tensor, float] | None = None
+                   ) -> tuple[QuantizedWeight, tuple[torch.Tensor, float]]:
+    """``_gptq`` that reuses (or returns) the inverse-Hessian factor ``(U, damp)``."""
     gs = config.group_size
     n_out, k = weight.shape
     _check_gptq_inputs(hessian, k, gs, name)
     wt, h, perm = _prepare(weight, hessian, config, compute_dtype)
-    u, damp = _inverse_cholesky(h, config.damp_percent, name)
+    if factor is None:
+        factor = _inverse_cholesky(h, config.damp_percent, name)
+    u, damp = factor
     del h
     codes, qt, scales, zeros = _quantize_columns(wt, u, config, compute_dtype, round_scales_fp16)
-    del u, wt
+    del wt
     g_idx = torch.arange(k, dtype=torch.int32) // gs
     if perm is not None:
         inv = torch.argsort(perm)
         codes, qt, g_idx = codes[inv], qt[inv], g_idx[inv]
     return QuantizedWeight(codes=codes.T.contiguous(), scales=scales.T.float().contiguous(),
                            zeros=zeros.T.to(torch.int32).contiguous(), g_idx=g_idx.contiguous(),
-                           dequant=qt.T.float().contiguous(), damp=damp)
+                           dequant=qt.T.float().contiguous(), damp=damp), factor
 
 
 def _check_gptq_inputs(hessian: torch.Tensor, k: int, gs: int, name: str) -> None:
@@ -522,7 +560,7 @@ def _collect_hessians(block: QWenBlock, names: Sequence[str], inputs: Sequence[t
 def quantize_decoder(model: QWenLMHeadModel | BlockSource, calib_batches: Sequence[torch.Tensor],
                      config: QuantConfig | None = None, *, inplace: bool = False,
                      max_blocks: int | None = None, progress: bool = True,
-                     num_threads: int | None = None) -> QuantResult:
+                     num_threads: int | None = None, keep_outputs: bool = False) -> QuantResult:
     """GPTQ every quantised Linear of the decoder, block by block.
 
     ``model``: the reference model (blocks are copied; ``inplace=True`` writes the fake-quant
@@ -530,14 +568,19 @@ def quantize_decoder(model: QWenLMHeadModel | BlockSource, calib_batches: Sequen
     fit in memory. ``calib_batches``: hidden states entering block 0, each ``[1, T, hidden]``
     (``quant.calibration.build_calibration``). ``max_blocks``: stop after that many blocks (timing
     runs). ``num_threads``: torch threads for the run (default: 1 for tiny test models, whose
-    ops are too small to share, else torch's setting). Returns the GPTQ tensors keyed
-    ``transformer.h.{i}.{linear}`` and the per-Linear losses.
+    ops are too small to share, else torch's setting). ``keep_outputs``: keep the hidden states
+    leaving the last block in ``QuantResult.outputs`` (the quantised decoder's, for GPTQ of the LM
+    head without another pass). Returns the GPTQ tensors keyed ``transformer.h.{i}.{linear}``
+    and the per-Linear losses.
     """
     source: BlockSource = ModelBlocks(model, inplace) if isinstance(model, QWenLMHeadModel) else model
     if num_threads is None:
         num_threads = 1 if source.cfg.hidden_size < 1024 else torch.get_num_threads()
     with _num_threads(num_threads):
-        return _quantize_decoder(source, calib_batches, config, max_blocks, progress)
+        result = _quantize_decoder(source, calib_batches, config, max_blocks, progress)
+    if not keep_outputs:
+        result.outputs = []
+    return result
 
 
 def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor],
@@ -571,6 +614,7 @@ def _quantize_decoder(source: BlockSource, calib_batches: Sequence[torch.Tensor]
         source.done(i, block)
         del block
     result.seconds = time.perf_counter() - t_start
+    result.outputs = inputs  # replaced block by block by _final_pass: the last block's outputs
     s = result.summary()
     log.info("GPTQ done: %d Linears over %d blocks, %d items / %d tokens, mean rel loss %.3e, "
              "worst %s, %.1fs", len(result.tensors), n_blocks, len(inputs), n_tokens,
@@ -690,6 +734,6 @@ def fake_quant_rtn_weight(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 
 __all__ = ["QuantConfig", "QuantResult", "LayerLoss", "QuantError", "QuantizedWeight",
-           "gptq_quantize_weight", "group_params", "Hessian", "quantize_decoder",
-           "quantize_checkpoint", "ModelBlocks", "CheckpointBlocks", "BlockSource", "STAGES",
-           "fake_quant_rtn_weight", "block_forward"]
+           "gptq_quantize_weight", "gptq_quantize_rows", "group_params", "Hessian",
+           "quantize_decoder", "quantize_checkpoint", "ModelBlocks", "CheckpointBlocks",
+           "BlockSource", "STAGES", "fake_quant_rtn_weight", "block_forward"]

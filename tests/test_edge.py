@@ -141,8 +141,9 @@ def test_bench_edge_decoder_nano():
     from quant.embedding import table_bytes
 
     r = subprocess.run([sys.executable, "-m", "bench.edge_decoder", "--max-items", "2",
-                        "--variants", "fp16:int8", "int8:int8", "int8:int4"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                        "--n-calib", "8", "--variants", "fp16:int8", "int8:int8", "int8:int4",
+                        "int4/16+mse:gptq/32"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert len(lines) == 1
@@ -150,7 +151,12 @@ def test_bench_edge_decoder_nano():
     rows = {(v["embed"], v["lm_head"]): v for v in rec["variants"]}
     assert rows["int8", "int8"]["embed_bytes"] == table_bytes(1088, 128, "int8")  # nano table
     assert rows["int8", "int8"]["embed_bytes"] < rows["fp16", "int8"]["embed_bytes"] / 1.9
-    assert rows["int8", "int4"]["lm_head_bytes"] < rows["int8", "int8"]["lm_head_bytes"]
+    assert rows["int8", "int4/32"]["lm_head_bytes"] < rows["int8", "int8"]["lm_head_bytes"]
+    gptq = rows["int4/16+mse", "gptq/32"]  # GPTQ head: the round-to-nearest head's bytes
+    assert gptq["lm_head_bytes"] == rows["int8", "int4/32"]["lm_head_bytes"]
+    assert gptq["embed_bytes"] == table_bytes(1088, 128, "int4", 16) < table_bytes(1088, 128,
+                                                                                     "int8")
+    assert rec["head_calib_items"] == 8
     assert all(0 <= v["kl_mean"] and 0 < v["top1"] <= 1 for v in rows.values())
     full = rec["full_size_bytes"]["embed"]
     assert full["int8"] == 151936 * 4096 + 151936 * 2 and full["fp16"] == 151936 * 4096 * 2
@@ -188,3 +194,100 @@ def test_edge_cpu_target_keeps_an_int8_kv_calibrated_on_the_calib_split(edge_bun
         "What is in the picture?", images=[str(images[0])], max_new_tokens=4,
         temperature=0.0).result()
     assert len(res.token_ids) > 0
+
+
+def test_int4_head_export_quantises_the_head_with_gptq(edge_bundle, nano_ckpt):
+    """``export.py --plan edge --lm-head int4``: the quant stage (cached with the decoder's GPTQ)
+    stores a GPTQ head in the GPTQ checkpoint; the engine's head is that head's MatMulNBits form
+    (not round-to-nearest), and the same-precision reference multiplies by exactly its weights."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from exporters.pipeline import ExportOptions, run_export
+    from quant.checkpoint import load_gptq_checkpoint, load_gptq_model
+    from quant.lm_head import HEAD_KEY, INT4_GROUP, head_weights
+    from quant.packing import dequantize, gptq_to_matmul_nbits
+
+    work = edge_bundle.parent / "bundle.work"  # the edge bundle's stages: vision is reused
+    rep = run_export(ExportOptions(checkpoint=nano_ckpt, plan="edge", out=edge_bundle.parent /
+                                   "int4-head", work_dir=work, lm_head="int4", n_calib=8,
+                                   skip_validation=True, demo=False))
+    quant = next(s for s in rep.stages if s.name == "quant")
+    assert quant.info["lm_head"] == f"gptq int4 g{INT4_GROUP}"
+    assert next(s for s in rep.stages if s.name == "vision").cached
+    gptq = work / "quant" / "gptq"
+    _, tensors, reader = load_gptq_checkpoint(gptq)
+    head = tensors[HEAD_KEY]
+    assert head.n_groups == head.in_features // INT4_GROUP
+    dec = onnx.load(str(rep.bundle / "decoder.onnx"), load_external_data=True,)
+    inits = {t.name: t for t in dec.graph.initializer}
+    got = numpy_helper.to_array(inits["lm_head.qweight"])
+    assert np.array_equal(got, gptq_to_matmul_nbits(head, INT4_GROUP).B)
+    assert not np.array_equal(got, head_weights(reader.get("lm_head.weight"), "int4").B)
+    ref = load_gptq_model(gptq, "fp32", lm_head="int4", embed="int8")
+    assert torch.equal(ref.lm_head.weight, torch.from_numpy(dequantize(head)))
+    int8 = load_gptq_model(gptq, "fp32", lm_head="int8")  # the fp16 head stays the int8's source
+    assert not torch.equal(int8.lm_head.weight, ref.lm_head.weight)
+
+
+def test_gptq_head_decoder_matches_its_same_precision_reference(nano_model, tmp_path):
+    """A GPTQ head (act-order: the engine gathers the hidden state first) saved with the GPTQ
+    checkpoint: the fp32-activation engine's logits equal its fake-quant reference's."""
+    import torch
+
+    from exporters.decoder import WeightSource, export_decoder, run_decoder
+    from quant.checkpoint import load_gptq_checkpoint, load_gptq_model, save_gptq_checkpoint
+    from quant.fake_quant import rtn_gptq_tensors
+    from quant.gptq import QuantConfig
+    from quant.lm_head import gptq_head, head_hessian
+    from runtime.engines import open_session
+
+    qt = rtn_gptq_tensors(nano_model, group_size=32)
+    hidden = [torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    head = gptq_head(nano_model.lm_head.weight, head_hessian(nano_model.transformer.ln_f, hidden),
+                     32, desc_act=True)
+    gptq = save_gptq_checkpoint(nano_model, qt, QuantConfig(group_size=32), tmp_path / "gptq",
+                                head=head)
+    cfg, tensors, _ = load_gptq_checkpoint(gptq)
+    res = export_decoder(WeightSource.from_checkpoint(gptq, cfg), tmp_path / "decoder.onnx",
+                         plan="edge", quant_tensors=tensors, group_size=32, lm_head="int4",
+                         act_dtype="fp32", kv_dtype="fp32", accuracy_level=0)
+    ref_model = load_gptq_model(gptq, "fp32", lm_head="int4", embed="int8")
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ref_model(ids).logits[0].numpy()
+    got = run_decoder(open_session(res.onnx_path, ["CPUExecutionProvider"]), ids.numpy())[0][0]
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+
+@pytest.mark.parametrize("gptq_head_", [False, True])
+def test_cpu_reference_rounds_the_int4_heads_inputs_as_the_kernel(nano_model, tmp_path,
+                                                                   gptq_head_):
+    """MatMulNBits at accuracy level 4 (the cpu target) quantises an int4 head's input to int8
+    per head block (in the act-order head's permuted order): the same-precision reference's
+    head does the same (before, only an int8 head's input was rounded)."""
+    import torch
+
+    from quant.checkpoint import load_gptq_model, save_gptq_checkpoint
+    from quant.fake_quant import _block_order, int8_block_quant, rtn_gptq_tensors
+    from quant.gptq import QuantConfig
+    from quant.lm_head import gptq_head, head_hessian
+
+    head = None
+    if gptq_head_:
+        hidden = [torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(0))]
+        head = gptq_head(nano_model.lm_head.weight,
+                         head_hessian(nano_model.transformer.ln_f, hidden), 32, desc_act=True)
+    gptq = save_gptq_checkpoint(nano_model, rtn_gptq_tensors(nano_model, group_size=32),
+                                QuantConfig(group_size=32), tmp_path / "gptq", head=head)
+    ref = load_gptq_model(gptq, "fp32", lm_head="int4", int8_acts=True)
+    g_idx = head.g_idx if head is not None else np.arange(128) // 32
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    linear = torch.nn.functional.linear
+    want = linear(int8_block_quant(x, _block_order(g_idx)), ref.lm_head.weight)
+    with torch.no_grad():
+        got = ref.lm_head(x)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, linear(x, ref.lm_head.weight))
