@@ -244,10 +244,14 @@ def _head_tensor(x: Variant, model, hessian):
     return gptq_head(w, hessian, x.group, desc_act=x.act_order)
 
 
-def _same_precision(gptq: Path | None, x: Variant, head_t, table):
+def _same_precision(gptq: Path | None, x: Variant, head_t, table, decoder: Path):
     """The same-precision reference of variant ``x`` (gpu target): the GPTQ checkpoint
-    dequantised, with exactly the variant's head and embedding rows."""
+    dequantised, with exactly the variant's head and embedding rows (and the int8 KV cache of
+    the engine ``decoder``, with its scales, when the target stores one)."""
     import torch
+
+    from quant.kv_scales import int8_kv, read_engine_scales
+    from quant.plans import PLANS
 
     from quant.checkpoint import load_gptq_model
     from quant.packing import dequantize
@@ -260,6 +264,8 @@ def _same_precision(gptq: Path | None, x: Variant, head_t, table):
         same.lm_head.weight.data = torch.from_numpy(dequantize(head_t))
     if table is not None:
         same.transformer.wte.weight.data = torch.from_numpy(table.dequantized())
+    if PLANS["edge"].target("gpu").int8_kv:
+        int8_kv(same, read_engine_scales(decoder))
     return same
 
 
@@ -298,7 +304,8 @@ def _run_variant(x: Variant, out: Path, ctx: dict) -> dict:
     ctx["vision"] = ctx.get("vision") or out / "vision.onnx"
     judge: dict = {"stages": ("decoder",)}
     if args.full_report:
-        judge = {"fake_quant_model": _same_precision(args.gptq, x, head_t, table),
+        judge = {"fake_quant_model": _same_precision(args.gptq, x, head_t, table,
+                                                     out / "decoder.onnx"),
                  "stages": ("vision", "decoder", "task")}
     summ = run_validation(out, model, ctx["items"], "edge", max_items=args.max_items,
                           threads=args.threads, plots=False, **judge).summary()
