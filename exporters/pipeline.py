@@ -673,19 +673,31 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         return write_bundle(out, files, fields)
 
 
-def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path, n_items: int = 8) -> Any:
-    """int8-KV scales for :func:`build_bundle`: the first ``n_items`` calibration items (with
-    their images) through the in-memory fp32 model, as the export's kv_scales stage does with
-    every item; validation mirrors whatever scales the engine holds."""
+_QUICK_KV: dict[tuple[str, int], Any] = {}  # (checkpoint, id(model)) -> scales, per process
+
+
+def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path,
+                     n_items: int | None = None) -> Any:
+    """int8-KV scales for :func:`build_bundle`: the calibration items (with their images)
+    through the in-memory fp32 model, as the export's kv_scales stage does. Every item by
+    default: per-channel amax over the first 8 items came out at a third of the 64 items' in
+    some channels on the nano, and the clipped cache then lost the task (KL 0.88); over all 64
+    they are within 6 % of the export's. Computed once per process and model."""
     from quant.calibration import CalibItem, build_calibration
     from quant.kv_scales import calibrate_kv_scales
 
+    key = (str(ckpt.path), id(model))
+    if n_items is None and key in _QUICK_KV:
+        return _QUICK_KV[key]
     items = [it for it in _load_items(ExportOptions()) if it.split == "calib"][:n_items]
     images = _materialise(items, tmp / "images")
     calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
              for it, img in zip(items, images)]
-    return calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path,
-                                                        min_items=len(calib)))
+    scales = calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path,
+                                                          min_items=len(calib)))
+    if n_items is None:
+        _QUICK_KV[key] = scales
+    return scales
 
 
 def _rtn_quant(model: Any, quant_tensors: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def test_edge_plan_row_describes_what_is_built():
     from quant.plans import traced_vision, vision_precisions
 
     edge, int4 = PLANS["edge"], PLANS["int4"]
-    assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int8", "int8", 4)
+    assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int4", "int4", 4)
     assert edge.exportable
     assert edge.target("cpu") == dataclasses.replace(int4.target("cpu"), kv_dtype="int8")
     # the Jetson target: GroupQueryAttention on one int8 KV buffer, without the bias that
@@ -66,8 +66,10 @@ def test_edge_plan_row_describes_what_is_built():
     assert ec.kv_bytes_per_token == ic.kv_bytes_per_token / 4 == 2 * 32 * 4096  # 1 byte a value
     assert ec.other_bytes - ic.other_bytes == ec.kv_scale_bytes == 2 * 32 * 4096 * 4
     assert e.decoder_linear_bytes == i.decoder_linear_bytes
-    assert e.embed_bytes == table_bytes(cfg.vocab_size, cfg.hidden_size, "int8")
-    assert e.embed_bytes == pytest.approx(i.embed_bytes / 2, rel=1e-3)  # + one fp16 scale a row
+    assert e.embed_bytes == table_bytes(cfg.vocab_size, cfg.hidden_size, "int4")
+    # 4 bits a value + one fp16 scale per block of 32
+    assert e.embed_bytes == pytest.approx(i.embed_bytes * (4 + 16 / 32) / 16, rel=1e-3)
+    assert e.lm_head_bytes == pytest.approx(e.embed_bytes, rel=1e-3)  # int4, groups of 32
 
 
 def test_targets_of_the_plans():
