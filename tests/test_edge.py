@@ -61,7 +61,8 @@ def test_edge_decoder_matches_its_same_precision_reference(nano_model, tmp_path)
 
     qt = rtn_gptq_tensors(nano_model, group_size=32)
     res = export_decoder(nano_model, tmp_path / "decoder.onnx", plan="edge", quant_tensors=qt,
-                         group_size=32, act_dtype="fp32", kv_dtype="fp32", accuracy_level=0)
+                         group_size=32, act_dtype="fp32", kv_dtype="fp32", accuracy_level=0,
+                         lm_head="int8", embed="int8")  # the int8 head and rows, explicitly
     assert res.op_counts.get("com.microsoft::GatherBlockQuantized") == 1
     assert res.weight_bytes["embedding"] < 0.6 * nano_model.transformer.wte.weight.numel() * 2
     fq = fake_quant_model(nano_model, qt, lm_head="int8")
@@ -252,8 +253,8 @@ def test_gptq_head_decoder_matches_its_same_precision_reference(nano_model, tmp_
     cfg, tensors, _ = load_gptq_checkpoint(gptq)
     res = export_decoder(WeightSource.from_checkpoint(gptq, cfg), tmp_path / "decoder.onnx",
                          plan="edge", quant_tensors=tensors, group_size=32, lm_head="int4",
-                         act_dtype="fp32", kv_dtype="fp32", accuracy_level=0)
-    ref_model = load_gptq_model(gptq, "fp32", lm_head="int4", embed="int8")
+                         embed="int4", act_dtype="fp32", kv_dtype="fp32", accuracy_level=0)
+    ref_model = load_gptq_model(gptq, "fp32", lm_head="int4", embed="int4")  # the edge row
     ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = ref_model(ids).logits[0].numpy()
