@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -673,7 +674,8 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, plan: str = "fp32"
         return write_bundle(out, files, fields)
 
 
-_QUICK_KV: dict[tuple[str, int], Any] = {}  # (checkpoint, id(model)) -> scales, per process
+# model -> {checkpoint: scales}; weak, so a later model never inherits a freed one's scales
+_QUICK_KV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path,
@@ -686,9 +688,9 @@ def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path,
     from quant.calibration import CalibItem, build_calibration
     from quant.kv_scales import calibrate_kv_scales
 
-    key = (str(ckpt.path), id(model))
-    if n_items is None and key in _QUICK_KV:
-        return _QUICK_KV[key]
+    cached = _QUICK_KV.setdefault(model, {})
+    if n_items is None and str(ckpt.path) in cached:
+        return cached[str(ckpt.path)]
     items = [it for it in _load_items(ExportOptions()) if it.split == "calib"][:n_items]
     images = _materialise(items, tmp / "images")
     calib = [CalibItem(image=img, prompt=it.query_parts(), answer=it.answer)
@@ -696,7 +698,7 @@ def _quick_kv_scales(model: Any, ckpt: LoadedCheckpoint, tmp: Path,
     scales = calibrate_kv_scales(model, build_calibration(model, calib, ckpt.path,
                                                           min_items=len(calib)))
     if n_items is None:
-        _QUICK_KV[key] = scales
+        cached[str(ckpt.path)] = scales
     return scales
 
 
