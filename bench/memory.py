@@ -14,10 +14,10 @@ reading it).
 
 What the predicted peak counts: the planner's engines + KV (``MemoryPlan.peak_bytes``) on top of
 the process's measured start-up RSS (Python, numpy, onnxruntime, before any engine), which stands
-in for the plan's runtime allowance (a GPU figure: CUDA context, arenas); KV at the tokens used
-(prompt + new tokens): the runtime allocates KV buffers for the whole 2048-token budget, but on
-the CPU only the pages of the tokens used become resident. The plan's own figure (allowance, KV at
-the budget) is printed beside it.
+in for the plan's runtime allowance (a GPU figure: CUDA context, arenas); the runtime allocates KV
+buffers for the whole 2048-token budget: a shared (GroupQueryAttention) buffer is resident whole
+after the first prefill, a concat layout's pages only for the tokens used (prompt + new tokens).
+The plan's own figure (allowance, KV at the budget) is printed beside it.
 """
 
 from __future__ import annotations
@@ -231,8 +231,9 @@ def rss_rows(mem: Any, runs: list[dict[str, Any]], context: int) -> list[dict[st
         vis = replace(mem, kv_bytes_per_token=0, logits_bytes_per_token=0,
                       cpu_load_transient_bytes=0, cpu_cast_decoder_bytes=0,
                       **({"decoder_linear_bytes": 0, "lm_head_bytes": 0, "embed_bytes": 0,
-                          "other_bytes": 0} if seq else {}))
-        dec = replace(mem, **({"vision_bytes": 0, "cpu_cast_vision_bytes": 0} if seq else
+                          "other_bytes": 0, "cpu_prepack_bytes": 0} if seq else {}))
+        dec = replace(mem, **({"vision_bytes": 0, "cpu_cast_vision_bytes": 0,
+                               "cpu_vision_act_bytes": 0} if seq else
                               {"cpu_load_transient_bytes": 0}))
         phases = {k: start - mem.overhead_bytes + m.peak_bytes(seq, used, prompt, on_cpu=True)
                   for k, m in (("vision", vis), ("decode", dec))}

@@ -68,6 +68,18 @@ DECODER_LOAD_S_PER_GB: float | None = 1.05
 DECODER_LOAD_SOURCE = ("measured: full-size int4 cpu decoder of 5.31 GB loaded in 5.55 s from the "
                        "page cache, onnxruntime CPU, AMD EPYC 2 cores, 2026-12-06")
 
+# What onnxruntime's CPU executor holds beyond the files (each measured at full size with
+# /proc/self/smaps, bench/RESULTS.md "Where the decode phase's memory goes"):
+#: MatMulNBits at accuracy level 4 prepacks its weight at load: the codes move into the packed
+#: buffer, which adds an fp32 copy of each block's scale and an fp32 block sum, while the
+#: original scales stay memory-mapped (and resident: the prepack read them). 4-bit: bytes per
+#: block; 8-bit (one block per row): one fp32 per 64 weights along K.
+PREPACK_BYTES_PER_4BIT_BLOCK = 8
+PREPACK_BYTES_PER_8BIT_K64 = 4
+#: A row gathered from the memory-mapped embedding table brings the kernel's readahead around
+#: it into the resident set, once per tensor (codes, scales): Linux's default 128 KiB window.
+READAHEAD_BYTES = 128 * 1024
+
 
 @dataclass
 class MemoryPlan:
@@ -100,6 +112,9 @@ class MemoryPlan:
     cpu_cast_decoder_bytes: float = 0.0
     embed_row_bytes: float = 0.0  # one embedding row (+ its scale)
     cpu_load_transient_bytes: float = 0.0  # a MatMulNBits head held twice while prepacked
+    cpu_prepack_bytes: float = 0.0  # MatMulNBits' packed scales + block sums (accuracy 4)
+    embed_read_bytes_per_token: float = 0.0  # a gathered row's readahead, all its tensors
+    cpu_vision_act_bytes: float = 0.0  # the vision encode's largest activations, one image
     vision_load_s: float | None = None  # estimated reload per request in sequential mode
     vision_load_note: str = ""
     decoder_load_s: float | None = None  # ... and the decoder's, after the vision engine
@@ -134,17 +149,22 @@ class MemoryPlan:
         (default ``tokens``: a prompt filling the context). ``on_cpu``: onnxruntime's CPU
         executor as measured (bench/RESULTS.md): fp32 copies of fp16 weights while an engine
         runs (kept by the memory arena of a resident engine), the memory-mapped embedding
-        table resident only in its gathered rows, and the LM head twice while it is prepacked
-        at load."""
+        table resident only in its gathered rows (with the readahead around each), the packed
+        MatMulNBits extras, the LM head twice while it is prepacked at load, the vision
+        encode's activations, and a shared KV buffer resident at its whole capacity (the
+        planned context: the first prefill touches all of it)."""
         tokens = self.context if tokens is None else tokens
         prompt = tokens if prompt is None else prompt
         weights, vision_run, load = self.decoder_bytes, self.vision_bytes, 0.0
+        kv = self.kv_bytes(tokens)
         if on_cpu:
-            rows = min(self.embed_bytes, tokens * max(self.embed_row_bytes, PAGE))
-            weights += rows - self.embed_bytes
-            vision_run += self.cpu_cast_vision_bytes
+            row = max(self.embed_row_bytes, PAGE, self.embed_read_bytes_per_token)
+            weights += min(self.embed_bytes, tokens * row) - self.embed_bytes
+            weights += self.cpu_prepack_bytes
+            vision_run += self.cpu_cast_vision_bytes + self.cpu_vision_act_bytes
             load = self.cpu_load_transient_bytes
-        dec_run = (weights + self.kv_bytes(tokens) + self.prefill_logits_bytes(prompt)
+            kv = self.kv_bytes(max(tokens, self.context) if self.kv_buffers == 1 else tokens)
+        dec_run = (weights + kv + self.prefill_logits_bytes(prompt)
                    + (self.cpu_cast_decoder_bytes if on_cpu else 0.0))
         if sequential:
             body = max(vision_run, weights + load, dec_run)
@@ -211,6 +231,7 @@ class _Storage:
     kv: float  # bytes of one KV element
     kv_buffers: int  # KV buffer sets the runtime holds for the target's layout
     kv_dtype: str  # the KV element dtype counted
+    int8_gemm: bool  # MatMulNBits at accuracy level 4 (prepacked for int8 activations on CPU)
 
 
 def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: str | None,
@@ -222,7 +243,8 @@ def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: 
                     group_size=(group_size or spec.group_size) if spec.quantized else None,
                     head=DTYPE_BITS[lm_head or spec.lm_head], embed=spec.embed,
                     act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8,
-                    kv_buffers=KV_BUFFERS[t.kv_layout], kv_dtype=kv_dtype)
+                    kv_buffers=KV_BUFFERS[t.kv_layout], kv_dtype=kv_dtype,
+                    int8_gemm=t.accuracy_level == 4)
 
 
 def kv_scale_bytes(cfg: QwenVLConfig, kv_dtype: str) -> float:
@@ -314,6 +336,37 @@ def _cpu_cast_bytes(cfg: QwenVLConfig, s: _Storage, parts: dict[str, float],
         dec += 2 * parts["linear"] if s.linear == 16 else 0.0
         dec += 2 * parts["lm_head"] if s.head == 16 else 0.0
     return vis, dec
+
+
+def _cpu_prepack_bytes(cfg: QwenVLConfig, s: _Storage) -> float:
+    """What MatMulNBits' CPU prepack adds at accuracy level 4 (:data:`PREPACK_BYTES_PER_4BIT_BLOCK`):
+    the decoder Linears and a 4- or 8-bit LM head."""
+    if not s.int8_gemm:
+        return 0.0
+
+    def extra(rows: int, k: int, bits: int, block: int) -> float:
+        if bits == 4:
+            return rows * -(-k // block) * PREPACK_BYTES_PER_4BIT_BLOCK
+        return rows * -(-k // 64) * PREPACK_BYTES_PER_8BIT_K64 if bits == 8 else 0.0
+
+    total = 0.0
+    for name, shape in expected_shapes(cfg).items():
+        if name.startswith("transformer.visual."):
+            continue
+        if name.endswith(QUANT_SUFFIXES) and s.group_size:
+            total += extra(shape[0], shape[1], s.linear, s.group_size)
+        elif name == "lm_head.weight" and s.head < 16:
+            total += extra(shape[0], shape[1], s.head, _int4_head_group(shape[1])
+                           if s.head == 4 else shape[1])
+    return total
+
+
+def _vision_act_bytes(cfg: QwenVLConfig) -> float:
+    """The vision encode's largest live activations on CPU, one image: the attention scores and
+    probabilities of one layer (fp32, heads x patches^2) and its MLP's input and output of the
+    hidden width (measured at full size: 0.30 GB above the loaded int8 engine)."""
+    v = cfg.visual
+    return 2 * v.heads * v.n_patches ** 2 * 4 + 2 * v.n_patches * v.mlp_width * 4
 
 
 def _logits_bytes_per_token(cfg: QwenVLConfig, s: _Storage) -> float:
@@ -411,6 +464,10 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       cpu_cast_decoder_bytes=cast_decoder,
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
                       cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,
+                      cpu_prepack_bytes=_cpu_prepack_bytes(cfg, s),
+                      embed_read_bytes_per_token=READAHEAD_BYTES * (1 if s.embed in ("fp16", "fp32")
+                                                                    else 2),
+                      cpu_vision_act_bytes=_vision_act_bytes(cfg),
                       vision_load_s=load_s, vision_load_note=load_note,
                       decoder_load_s=dec_s, decoder_load_note=dec_note, kv_dtype=s.kv_dtype,
                       kv_scale_bytes=kv_scale_bytes(cfg, s.kv_dtype))

@@ -277,13 +277,26 @@ def test_sequential_peak_is_the_larger_engine():
     # onnxruntime CPU: fp32 copies of the fp16 vision weights while it runs; the mmapped
     # embedding resident only in the rows gathered
     assert cpu.cpu_cast_vision_bytes == pytest.approx(2 * cpu.vision_bytes)
+    # the encode's activations: one layer's scores + probabilities and its MLP's two tensors
+    v = cfg.visual
+    assert cpu.cpu_vision_act_bytes == 2 * 16 * 1024 ** 2 * 4 + 2 * 1024 * v.mlp_width * 4
     # (full size on the CPU: the fp16 vision engine's run is the larger side)
-    assert cpu.peak_bytes(True, 100, on_cpu=True) == pytest.approx(cpu.overhead_bytes
-                                                                   + 3 * cpu.vision_bytes)
-    weights = cpu.decoder_bytes - cpu.embed_bytes + 100 * cpu.embed_row_bytes
+    assert cpu.peak_bytes(True, 100, on_cpu=True) == pytest.approx(
+        cpu.overhead_bytes + 3 * cpu.vision_bytes + cpu.cpu_vision_act_bytes)
+    # MatMulNBits' CPU prepack (accuracy level 4): 8 B per 4-bit block of 128 (50.59 M blocks
+    # in the 32 layers' Linears) + one fp32 per 64 weights of the int8 head's rows
+    assert cpu.cpu_prepack_bytes == 50_593_792 * 8 + 151936 * 64 * 4
+    # a gathered row of the mmapped fp16 table costs the readahead window; the shared (GQA) KV
+    # buffer is resident at its whole capacity, not the 100 tokens used
+    weights = (cpu.decoder_bytes - cpu.embed_bytes + 100 * 128 * 1024
+               + cpu.cpu_prepack_bytes)
+    assert cpu.kv_buffers == 1
     assert cpu.peak_bytes(False, 100, on_cpu=True) == pytest.approx(
-        cpu.overhead_bytes + 3 * cpu.vision_bytes + weights + cpu.kv_bytes(100)
-        + cpu.logits_bytes_per_token)
+        cpu.overhead_bytes + 3 * cpu.vision_bytes + cpu.cpu_vision_act_bytes + weights
+        + cpu.kv_bytes(cpu.context) + cpu.logits_bytes_per_token)
+    edge = plan_memory(cfg, "edge", target="cpu")  # int4 rows: codes and scales, two windows
+    assert edge.embed_read_bytes_per_token == 2 * 128 * 1024
+    assert plan_memory(cfg, "edge").cpu_prepack_bytes == 0  # gpu target: accuracy level 0
 
 
 # ---- bench.memory ----------------------------------------------------------------------------
