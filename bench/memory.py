@@ -15,8 +15,8 @@ reading it).
 What the predicted peak counts: the planner's engines + KV (``MemoryPlan.peak_bytes``) on top of
 the process's measured start-up RSS (Python, numpy, onnxruntime, before any engine), which stands
 in for the plan's runtime allowance (a GPU figure: CUDA context, arenas); the runtime allocates KV
-buffers for the whole 2048-token budget: a shared (GroupQueryAttention) buffer is resident whole
-after the first prefill, a concat layout's pages only for the tokens used (prompt + new tokens).
+buffers for the whole 2048-token budget, but on the CPU only the pages of the tokens used (prompt
++ new tokens) become resident (its host buffers refuse transparent huge pages).
 The plan's own figure (allowance, KV at the budget) is printed beside it.
 """
 

@@ -150,9 +150,9 @@ class MemoryPlan:
         executor as measured (bench/RESULTS.md): fp32 copies of fp16 weights while an engine
         runs (kept by the memory arena of a resident engine), the memory-mapped embedding
         table resident only in its gathered rows (with the readahead around each), the packed
-        MatMulNBits extras, the LM head twice while it is prepacked at load, the vision
-        encode's activations, and a shared KV buffer resident at its whole capacity (the
-        planned context: the first prefill touches all of it)."""
+        MatMulNBits extras, the LM head twice while it is prepacked at load and the vision
+        encode's activations; KV pages only for the tokens held (the runtime's host KV buffers
+        refuse transparent huge pages: runtime/engines.host_buffer)."""
         tokens = self.context if tokens is None else tokens
         prompt = tokens if prompt is None else prompt
         weights, vision_run, load = self.decoder_bytes, self.vision_bytes, 0.0
@@ -163,7 +163,6 @@ class MemoryPlan:
             weights += self.cpu_prepack_bytes
             vision_run += self.cpu_cast_vision_bytes + self.cpu_vision_act_bytes
             load = self.cpu_load_transient_bytes
-            kv = self.kv_bytes(max(tokens, self.context) if self.kv_buffers == 1 else tokens)
         dec_run = (weights + kv + self.prefill_logits_bytes(prompt)
                    + (self.cpu_cast_decoder_bytes if on_cpu else 0.0))
         if sequential:

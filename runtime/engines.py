@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -142,13 +143,29 @@ def decoder_contract(session: ort.InferenceSession, vocab_size: int | None = Non
                              meta.get(KV_LAYOUT_KEY, "concat"), meta.get(PADDING_KEY, "masked"))
 
 
+def host_buffer(n: int, dtype) -> np.ndarray:
+    """``n`` zeroed elements of fresh anonymous memory that refuses transparent huge pages.
+
+    A KV buffer is written from the start of each head's slab (``[B, H, capacity, D]``), so
+    with 4 KiB pages only the tokens used become resident. numpy asks for huge pages on large
+    arrays, and one 2 MiB page spans several heads' slabs: the whole capacity became resident
+    (full size, fp32 KV: 2.04 GB at 350 of 2048 tokens, bench/RESULTS.md) or not, depending on
+    what the kernel had free."""
+    dtype = np.dtype(dtype)
+    buf = mmap.mmap(-1, max(int(n), 1) * dtype.itemsize)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere there is nothing to refuse
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype)  # the array keeps the mapping alive
+
+
 class DeviceBuffer:
-    """A flat preallocated buffer on the engine's device (numpy on CPU, OrtValue on CUDA)."""
+    """A flat preallocated buffer on the engine's device (host memory without huge pages on
+    CPU, an OrtValue on CUDA)."""
 
     def __init__(self, n: int, dtype, device: str):
         self.n, self.dtype, self.device = int(n), np.dtype(dtype), device
         if device == "cpu":
-            self.array = np.empty(max(self.n, 1), self.dtype)
+            self.array = host_buffer(self.n, self.dtype)
             self.ptr = self.array.ctypes.data
             self.ortvalue = None
         else:

@@ -16,6 +16,7 @@ import json
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import shared_bundle
@@ -286,14 +287,14 @@ def test_sequential_peak_is_the_larger_engine():
     # MatMulNBits' CPU prepack (accuracy level 4): 8 B per 4-bit block of 128 (50.59 M blocks
     # in the 32 layers' Linears) + one fp32 per 64 weights of the int8 head's rows
     assert cpu.cpu_prepack_bytes == 50_593_792 * 8 + 151936 * 64 * 4
-    # a gathered row of the mmapped fp16 table costs the readahead window; the shared (GQA) KV
-    # buffer is resident at its whole capacity, not the 100 tokens used
+    # a gathered row of the mmapped fp16 table costs the readahead window; KV pages are
+    # resident for the 100 tokens used only (runtime/engines.host_buffer: no huge pages)
     weights = (cpu.decoder_bytes - cpu.embed_bytes + 100 * 128 * 1024
                + cpu.cpu_prepack_bytes)
     assert cpu.kv_buffers == 1
     assert cpu.peak_bytes(False, 100, on_cpu=True) == pytest.approx(
         cpu.overhead_bytes + 3 * cpu.vision_bytes + cpu.cpu_vision_act_bytes + weights
-        + cpu.kv_bytes(cpu.context) + cpu.logits_bytes_per_token)
+        + cpu.kv_bytes(100) + cpu.logits_bytes_per_token)
     edge = plan_memory(cfg, "edge", target="cpu")  # int4 rows: codes and scales, two windows
     assert edge.embed_read_bytes_per_token == 2 * 128 * 1024
     assert plan_memory(cfg, "edge").cpu_prepack_bytes == 0  # gpu target: accuracy level 0
@@ -391,3 +392,40 @@ def test_planner_counts_the_kv_buffers_of_the_targets_layout():
     assert (cpu.kv_buffers, gpu.kv_buffers) == (1, 2)
     assert cpu.kv_bytes() == cpu.kv_bytes_per_token * 512
     assert gpu.kv_bytes() == 2 * gpu.kv_bytes_per_token * 512
+
+
+# ---- host KV buffers ---------------------------------------------------------------------
+
+def _resident_bytes(addr: int, nbytes: int) -> int | None:
+    """Rss of the mappings over ``[addr, addr + nbytes)`` (Linux /proc/self/smaps, pro rata
+    where a mapping sticks out), else None."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    total, share = 0.0, 0.0
+    for line in smaps.read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            share = max(0, min(hi, addr + nbytes) - max(lo, addr)) / (hi - lo)
+        elif share and head == "Rss:":
+            total += int(line.split()[1]) * 1024 * share
+    return int(total)
+
+
+def test_host_kv_buffer_is_resident_only_where_written():
+    """A KV buffer written at the start of each head's slab holds only those pages: numpy's
+    huge-page advice made the whole capacity resident (a 2 MiB page spans several slabs)."""
+    from runtime.engines import DeviceBuffer
+
+    slab = 1 << 20  # one head's slab of a 2048-token fp32 buffer (2048 x 128 x 4 bytes)
+    buf = DeviceBuffer(64 * slab, np.uint8, "cpu")
+    assert buf.array.flags.writeable and buf.array.dtype == np.uint8
+    view = buf.view((64, slab))
+    view[:, :512] = 7  # one token's row at the start of every slab
+    rss = _resident_bytes(buf.ptr, buf.array.nbytes)  # before any read: reads map pages too
+    assert (view[:, :512] == 7).all() and not view[:, 512:1024].any()  # fresh memory is zero
+    if rss is None:
+        pytest.skip("no /proc/self/smaps on this OS: residency cannot be read")
+    # numpy's np.empty: 65 MB resident here (huge pages); these 64 touched pages: 0.26 MB
+    assert rss <= 64 * 4096 * 2, f"{rss} B resident for 64 touched pages"
