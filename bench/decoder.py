@@ -28,8 +28,10 @@ fell back to one thread):
 - ``eager``: ``models.qwen_vl`` in ``--eager-dtype`` with its KV cache (``--eager-tokens`` steps),
   once, after the others.
 
-Ours and genai run alternately, ``--rounds`` times each (A B A B ...); ``ours_over_genai`` is
-genai's decode time / ours per round (> 1: ours is faster) with its median, min and max, and
+Ours and genai run alternately, ``--rounds`` times each, odd rounds in reverse order (A B, B A,
+...: a box that favours whichever process runs second shows up as spread); ``ours_over_genai`` is
+genai's decode time / ours per round (> 1: ours is faster) with its median, min and max,
+``prefill_ours_over_genai`` the same for the prefill, and
 ``ours``/``genai`` are each contender's median run. The prompt is ``--prompt-tokens`` long with
 ``--image-tokens`` image rows (random features); genai, text-only, gets the same number of
 random ids. ``--layers`` keeps the first N decoder blocks of the checkpoint for every contender.
@@ -475,17 +477,32 @@ def alternate(args, decoders: dict[str, Path], cfg, genai: Path | None, threads:
                  str(genai)] + sizes
     ours: dict[str, list[dict]] = {variant_key(i, a): [] for i, a in enumerate(decoders)}
     theirs, rounds = [], []
+
+    def run_ours_variant(r: int, key: str, att: str, decoder: Path) -> None:
+        cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder",
+               str(decoder), "--image-start-id", str(cfg.image_start_id), "--image-tokens",
+               str(args.image_tokens), "--device", args.device] + sizes
+        ours[key].append(_run(cmd + (["--profile"] if r == 0 and args.profile else []),
+                              f"{key} ({att}) {r + 1}", record=True))
+        ours[key][-1]["attention"] = att
+        check_run(key, ours[key][-1], threads)
+        rounds[-1][key] = summary(ours[key][-1])
+
+    def run_genai(r: int) -> None:
+        theirs.append(_run(genai_cmd, f"genai {r + 1}", record=True))
+        check_run("genai", theirs[-1], threads)
+        rounds[-1]["genai"] = summary(theirs[-1])
+
     for r in range(args.rounds):
-        rounds.append({})
-        for (key, runs), (att, decoder) in zip(ours.items(), decoders.items()):
-            cmd = [sys.executable, "-m", "bench.decoder", "--run", "ours", "--decoder",
-                   str(decoder), "--image-start-id", str(cfg.image_start_id), "--image-tokens",
-                   str(args.image_tokens), "--device", args.device] + sizes
-            runs.append(_run(cmd + (["--profile"] if r == 0 and args.profile else []),
-                             f"{key} ({att}) {r + 1}", record=True))
-            runs[-1]["attention"] = att
-            check_run(key, runs[-1], threads)
-            rounds[-1][key] = summary(runs[-1])
+        # odd rounds run the contenders in reverse (A B, B A, ...): a machine that favours
+        # whichever process runs second shows up as spread, not as a winner
+        steps = [lambda r=r, k=k, a=a, d=d: run_ours_variant(r, k, a, d)
+                 for k, (a, d) in zip(ours, decoders.items())]
+        if genai is not None:
+            steps.append(lambda r=r: run_genai(r))
+        rounds.append({"order": "forward" if r % 2 == 0 else "reverse"})
+        for step in (steps if r % 2 == 0 else steps[::-1]):
+            step()
         base = ours["ours"][-1]
         for key, runs in list(ours.items())[1:]:  # > 1: the default variant is faster
             att = key.split("_", 1)[1]
@@ -494,11 +511,10 @@ def alternate(args, decoders: dict[str, Path], cfg, genai: Path | None, threads:
             rounds[-1][f"prefill_ours_over_{att}"] = round(runs[-1]["prefill_s"] /
                                                            base["prefill_s"], 3)
         if genai is not None:
-            theirs.append(_run(genai_cmd, f"genai {r + 1}", record=True))
-            check_run("genai", theirs[-1], threads)
-            rounds[-1]["genai"] = summary(theirs[-1])
             rounds[-1]["ours_over_genai"] = round(theirs[-1]["decode"]["median_ms"] /
                                                   base["decode"]["median_ms"], 3)
+            rounds[-1]["prefill_ours_over_genai"] = round(theirs[-1]["prefill_s"] /
+                                                          base["prefill_s"], 3)
     record["rounds"] = rounds
     for runs in ours.values():
         if runs[0].get("profile"):
@@ -570,6 +586,8 @@ def drive(args, threads: int) -> int:
         record["genai"] = _with_ceiling(median_run(theirs), weights_read_per_token(
             genai / "model.onnx"), mean_ctx * kv_genai, bw)
         record["ours_over_genai"] = spread([r["ours_over_genai"] for r in record["rounds"]])
+        record["prefill_ours_over_genai"] = spread([r["prefill_ours_over_genai"]
+                                                    for r in record["rounds"]])
     if not args.no_eager:
         eager = _run([sys.executable, "-m", "bench.decoder", "--run", "eager", "--checkpoint",
                       str(ckpt), "--layers", str(args.layers), "--eager-dtype", args.eager_dtype,

@@ -36,6 +36,8 @@ def test_bench_decoder_nano(tmp_path: Path) -> None:
     # the thread count is explicit and recorded for every contender, with its CPU utilisation
     assert rec["threads"] == ours["threads"] == eager["threads"] == 1
     assert [r["ours"]["threads"] for r in rec["rounds"]] == [1, 1]
+    # the second round runs the contenders in reverse order (both orders in the spread)
+    assert [r["order"] for r in rec["rounds"]] == ["forward", "reverse"]
     for r in [*rec["rounds"], {"ours": eager}]:
         assert r["ours"]["cpu_util"]["prefill"] > 0 and r["ours"]["cpu_util"]["decode"] > 0
     # ours is the median of its alternating runs (the lower middle one of two)
