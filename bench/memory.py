@@ -229,9 +229,10 @@ def rss_rows(mem: Any, runs: list[dict[str, Any]], context: int) -> list[dict[st
         # the vision phase runs no decoder; the decode phase no vision engine (resident: both
         # stay loaded; low-memory: the decoder is loaded in the decode phase)
         vis = replace(mem, kv_bytes_per_token=0, logits_bytes_per_token=0,
-                      cpu_load_transient_bytes=0, cpu_cast_decoder_bytes=0,
+                      cpu_load_transient_bytes=0,
                       **({"decoder_linear_bytes": 0, "lm_head_bytes": 0, "embed_bytes": 0,
-                          "other_bytes": 0, "cpu_prepack_bytes": 0} if seq else {}))
+                          "other_bytes": 0, "cpu_prepack_bytes": 0,
+                          "cpu_cast_decoder_bytes": 0} if seq else {}))
         dec = replace(mem, **({"vision_bytes": 0, "cpu_cast_vision_bytes": 0,
                                "cpu_vision_act_bytes": 0} if seq else
                               {"cpu_load_transient_bytes": 0}))

@@ -107,11 +107,15 @@ class MemoryPlan:
     # the prefill keeps the last position's logits (decoder input ``logits_to_keep``); False:
     # a decoder exported before it returns every prompt position's
     logits_last_only: bool = True
-    # fp16 weights onnxruntime's CPU kernels re-materialise in fp32 while an engine runs
+    # fp16 weights onnxruntime's CPU executor re-materialises in fp32: while the vision engine
+    # runs; the decoder's when its graph is optimised at load (the fp16 originals then freed)
     cpu_cast_vision_bytes: float = 0.0
     cpu_cast_decoder_bytes: float = 0.0
+    cpu_embed_mapped: bool = True  # the table stays memory-mapped (False: converted to fp32)
     embed_row_bytes: float = 0.0  # one embedding row (+ its scale)
-    cpu_load_transient_bytes: float = 0.0  # a MatMulNBits head held twice while prepacked
+    # at load: a MatMulNBits head held twice while prepacked, or the largest fp32 weight made
+    # twice while an fp16 graph is optimised
+    cpu_load_transient_bytes: float = 0.0
     cpu_prepack_bytes: float = 0.0  # MatMulNBits' packed scales + block sums (accuracy 4)
     embed_read_bytes_per_token: float = 0.0  # a gathered row's readahead, all its tensors
     cpu_vision_act_bytes: float = 0.0  # the vision encode's largest activations, one image
@@ -159,12 +163,12 @@ class MemoryPlan:
         kv = self.kv_bytes(tokens)
         if on_cpu:
             row = max(self.embed_row_bytes, PAGE, self.embed_read_bytes_per_token)
-            weights += min(self.embed_bytes, tokens * row) - self.embed_bytes
-            weights += self.cpu_prepack_bytes
+            if self.cpu_embed_mapped:
+                weights += min(self.embed_bytes, tokens * row) - self.embed_bytes
+            weights += self.cpu_prepack_bytes + self.cpu_cast_decoder_bytes
             vision_run += self.cpu_cast_vision_bytes + self.cpu_vision_act_bytes
             load = self.cpu_load_transient_bytes
-        dec_run = (weights + kv + self.prefill_logits_bytes(prompt)
-                   + (self.cpu_cast_decoder_bytes if on_cpu else 0.0))
+        dec_run = weights + kv + self.prefill_logits_bytes(prompt)
         if sequential:
             body = max(vision_run, weights + load, dec_run)
         else:
@@ -325,16 +329,29 @@ def _decoder_parts(cfg: QwenVLConfig, s: _Storage) -> dict[str, float]:
 
 def _cpu_cast_bytes(cfg: QwenVLConfig, s: _Storage, parts: dict[str, float],
                     vision: float) -> tuple[float, float]:
-    """fp16 weights onnxruntime's CPU kernels re-materialise as fp32 while the engine runs
-    (measured: bench/RESULTS.md, "Memory planner vs measured"): the vision engine's fp16
-    matrices and, with fp16 activations, the decoder's fp16 Linears and head (the embedding
-    table is gathered in fp16, the int4/int8 MatMulNBits kernels keep their own layout)."""
+    """fp16 weights onnxruntime's CPU executor re-materialises as fp32 (measured:
+    bench/RESULTS.md, "Memory planner vs measured"): the vision engine's fp16 matrices while it
+    runs (kept beside the fp16 ones); with fp16 activations, every fp16 decoder weight when the
+    graph is optimised at load, the embedding table included (the fp16 originals are freed, so
+    the extra is their own size; measured at 4 layers: resident = 2x the decoder's file)."""
     vis = 2 * vision if s.vision == 16 else 0.0
     dec = 0.0
     if s.act == 2:
-        dec += 2 * parts["linear"] if s.linear == 16 else 0.0
-        dec += 2 * parts["lm_head"] if s.head == 16 else 0.0
+        dec += parts["linear"] if s.linear == 16 else 0.0
+        dec += parts["lm_head"] if s.head == 16 else 0.0
+        dec += parts["embed"] if s.embed == "fp16" else 0.0
     return vis, dec
+
+
+def _cpu_load_transient(s: _Storage, parts: dict[str, float]) -> float:
+    """Memory held only while the decoder loads on CPU: a MatMulNBits head twice while it is
+    prepacked; with fp16 activations, the largest fp16 weight's fp32 copy made twice while
+    the graph is optimised (measured at 4 layers: +2.49 GB = the fp32 head)."""
+    if s.head < 16:
+        return parts["lm_head"]
+    if s.act == 2:
+        return 2 * max(parts["lm_head"], parts["embed"] if s.embed == "fp16" else 0.0)
+    return 0.0
 
 
 def _cpu_prepack_bytes(cfg: QwenVLConfig, s: _Storage) -> float:
@@ -462,7 +479,8 @@ def plan_memory(cfg: QwenVLConfig, plan: str = "int4", device: str = "desktop",
                       cpu_cast_vision_bytes=cast_vision,
                       cpu_cast_decoder_bytes=cast_decoder,
                       embed_row_bytes=table_bytes(1, cfg.hidden_size, s.embed),
-                      cpu_load_transient_bytes=p["lm_head"] if s.head < 16 else 0.0,
+                      cpu_embed_mapped=not (s.act == 2 and s.embed == "fp16"),
+                      cpu_load_transient_bytes=_cpu_load_transient(s, p),
                       cpu_prepack_bytes=_cpu_prepack_bytes(cfg, s),
                       embed_read_bytes_per_token=READAHEAD_BYTES * (1 if s.embed in ("fp16", "fp32")
                                                                     else 2),

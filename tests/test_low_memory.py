@@ -295,6 +295,16 @@ def test_sequential_peak_is_the_larger_engine():
     assert cpu.peak_bytes(False, 100, on_cpu=True) == pytest.approx(
         cpu.overhead_bytes + 3 * cpu.vision_bytes + cpu.cpu_vision_act_bytes + weights
         + cpu.kv_bytes(100) + cpu.logits_bytes_per_token)
+    # the fp16 plan on CPU: the optimised graph holds every fp16 weight in fp32 (2x the file,
+    # the table included: not memory-mapped), the largest made twice while loading
+    f16 = plan_memory(cfg, "fp16")
+    assert not f16.cpu_embed_mapped and f16.cpu_prepack_bytes == 0
+    assert f16.cpu_cast_decoder_bytes == pytest.approx(
+        f16.decoder_linear_bytes + f16.lm_head_bytes + f16.embed_bytes)
+    assert f16.cpu_load_transient_bytes == 2 * f16.lm_head_bytes
+    assert f16.peak_bytes(True, 100, on_cpu=True) == pytest.approx(
+        f16.overhead_bytes + f16.decoder_bytes + f16.cpu_cast_decoder_bytes
+        + 2 * f16.lm_head_bytes)  # loading is the larger side: the 100 tokens' KV is smaller
     edge = plan_memory(cfg, "edge", target="cpu")  # int4 rows: codes and scales, two windows
     assert edge.embed_read_bytes_per_token == 2 * 128 * 1024
     assert plan_memory(cfg, "edge").cpu_prepack_bytes == 0  # gpu target: accuracy level 0
