@@ -38,8 +38,9 @@ random ids. ``--layers`` keeps the first N decoder blocks of the checkpoint for 
 Bytes read per token = the engine's initializers except the embedding table (gathered, not
 read) + the KV cache at the mean context. ``ours`` records the peak RSS of each phase (load,
 prefill, decode: ``VmHWM`` reset between them) and how many logits rows its prefill returned
-(1 on a decoder with ``logits_to_keep``, the prompt length on one exported before it). ``--profile`` adds onnxruntime's per-operator profile
-of our decode step (first round): where the next millisecond is.
+(1 on a decoder with ``logits_to_keep``, the prompt length on one exported before it).
+``--profile`` adds onnxruntime's per-operator profile of our decode step (first round, in a
+session of its own after the timed one is dropped): where the next millisecond is.
 """
 
 from __future__ import annotations

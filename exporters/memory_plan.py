@@ -69,7 +69,7 @@ DECODER_LOAD_SOURCE = ("measured: full-size int4 cpu decoder of 5.31 GB loaded i
                        "page cache, onnxruntime CPU, AMD EPYC 2 cores, 2026-12-06")
 
 # What onnxruntime's CPU executor holds beyond the files (each measured at full size with
-# /proc/self/smaps, bench/RESULTS.md "Where the decode phase's memory goes"):
+# /proc/self/smaps, bench/RESULTS.md "Where the decode phase's memory went"):
 #: MatMulNBits at accuracy level 4 prepacks its weight at load: the codes move into the packed
 #: buffer, which adds an fp32 copy of each block's scale and an fp32 block sum, while the
 #: original scales stay memory-mapped (and resident: the prepack read them). 4-bit: bytes per
@@ -355,8 +355,8 @@ def _cpu_load_transient(s: _Storage, parts: dict[str, float]) -> float:
 
 
 def _cpu_prepack_bytes(cfg: QwenVLConfig, s: _Storage) -> float:
-    """What MatMulNBits' CPU prepack adds at accuracy level 4 (:data:`PREPACK_BYTES_PER_4BIT_BLOCK`):
-    the decoder Linears and a 4- or 8-bit LM head."""
+    """What MatMulNBits' CPU prepack adds at accuracy level 4 to the decoder Linears and a 4- or
+    8-bit LM head (:data:`PREPACK_BYTES_PER_4BIT_BLOCK`, :data:`PREPACK_BYTES_PER_8BIT_K64`)."""
     if not s.int8_gemm:
         return 0.0
 
