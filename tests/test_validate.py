@@ -494,3 +494,15 @@ def test_reference_far_below_the_manifest_is_flagged_as_broken():
     assert "reads 0/5 true OCR texts" in why
     # a sound reference on the same items: nothing flagged
     assert not _scripted_task(lambda it: it.answer, lambda it: it.answer, 5, 5).inconclusive
+
+
+def test_same_precision_head_follows_the_bundle():
+    """``python -m validate --gptq`` mirrors the head the bundle shipped (its manifest's memory
+    plan), not a fixed int8, unless ``--lm-head`` says otherwise."""
+    from validate.__main__ import bundle_head
+
+    shipped = {"memory_plan": {"lm_head": "int4"}}
+    assert bundle_head(shipped, "edge", None) == "int4"
+    assert bundle_head(shipped, "edge", "int8") == "int8"
+    assert bundle_head({}, "int4", None) == "int8"  # an older manifest: the plan row's head
+    assert bundle_head({}, "edge", None) == "int4"

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gptq", type=Path, default=None,
                     help="int4, edge: the GPTQ checkpoint the bundle was built from (its dequantised "
                          "model judges the exporter's own error)")
-    ap.add_argument("--lm-head", choices=("int8", "int4", "fp16"), default="int8",
-                    help="int4, edge: the LM head the bundle ships (default int8)")
+    ap.add_argument("--lm-head", choices=("int8", "int4", "fp16"), default=None,
+                    help="int4, edge: the LM head the bundle ships (default: the one its "
+                         "manifest's memory plan names, else the plan row's)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -85,8 +86,20 @@ def _same_precision(a: argparse.Namespace):
 
     man = read_manifest(a.bundle)
     plan = a.plan or man.precision
-    return same_precision_reference(None, plan, a.gptq, a.lm_head, target=a.target or man.target,
+    return same_precision_reference(None, plan, a.gptq, bundle_head(man.data, plan, a.lm_head),
+                                    target=a.target or man.target,
                                     kv_scales=read_engine_scales(a.bundle / "decoder.onnx"))
+
+
+def bundle_head(manifest: dict, plan: str, requested: str | None) -> str:
+    """The LM head to mirror: ``--lm-head``, else what the exporter recorded in the manifest's
+    memory plan (the head it shipped), else the plan row's."""
+    from quant.plans import PLANS
+
+    if requested:
+        return requested
+    recorded = (manifest.get("memory_plan") or {}).get("lm_head")
+    return recorded or (PLANS[plan].lm_head if plan in PLANS else "int8")
 
 
 def main(argv: list[str] | None = None) -> int:
