@@ -143,7 +143,7 @@ def export_plan_engines(checkpoint: Path, work: Path, plans: list[str], targets:
     out = []
     for plan, target in plan_targets(plans, targets):
         label = plan_label(plan, target)
-        vprec = PLANS[plan].vision
+        vprec = PLANS[plan].vision_dtype(target)
         t = time.perf_counter()
         vision = vision_engine(checkpoint, cfg, work, vprec, calib_images)
         decoder = decoder_engine(checkpoint, cfg, work / label / "decoder.onnx", plan, target)

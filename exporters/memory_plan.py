@@ -242,7 +242,7 @@ def _storage(spec: PrecisionPlan, target: str, group_size: int | None, lm_head: 
     t = spec.target(target if target in spec.targets else "gpu")
     kv_dtype = next((n for n, b in DTYPE_BITS.items() if b == kv_bits), "") if kv_bits \
         else t.kv_dtype
-    return _Storage(vision=DTYPE_BITS[spec.vision], linear=spec.linear_bits,
+    return _Storage(vision=DTYPE_BITS[spec.vision_dtype(target)], linear=spec.linear_bits,
                     group_size=(group_size or spec.group_size) if spec.quantized else None,
                     head=DTYPE_BITS[lm_head or spec.lm_head], embed=spec.embed,
                     act=DTYPE_BITS[t.act_dtype] / 8, kv=(kv_bits or DTYPE_BITS[t.kv_dtype]) / 8,
@@ -401,7 +401,7 @@ def head_dtype(plan: str, requested: str | None) -> str:
 
 def plan_bits(plan: PrecisionPlan, target: str = "gpu") -> dict[str, int]:
     """Bits per weight of each engine part (and of the KV cache) of ``plan`` on ``target``."""
-    return {"vision": DTYPE_BITS[plan.vision], "linear": plan.linear_bits,
+    return {"vision": DTYPE_BITS[plan.vision_dtype(target)], "linear": plan.linear_bits,
             "lm_head": DTYPE_BITS[plan.lm_head], "embed": DTYPE_BITS[plan.embed],
             "small": DTYPE_BITS[plan.small], "kv": DTYPE_BITS[plan.target(target).kv_dtype]}
 

@@ -298,7 +298,7 @@ class _Flow:
     def engines(self, calib_items: list, gptq_dir: Path | None,
                 kv_scales: Path | None = None) -> dict[str, Path]:
         opts, ckpt = self.opts, self.ckpt
-        vprec = PLANS[opts.plan].vision
+        vprec = PLANS[opts.plan].vision_dtype(opts.target)
         vkey = stage_key(ckpt=self.digest, precision=vprec)
         if vprec in QUANTIZED_VISION:  # calibrated: the calibration set and settings count too
             from quant.vision_int8 import Int8Config
@@ -374,7 +374,7 @@ class _Flow:
 
         ckpt, opts = self.ckpt, self.opts
         fields = manifest_fields(ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
-                                 vision_precision=PLANS[opts.plan].vision,
+                                 vision_precision=PLANS[opts.plan].vision_dtype(opts.target),
                                  target=opts.target,
                                  validation=_validation_summary(self.report.validation),
                                  memory_plan={k: v for k, v in asdict(self.report.memory).items()})
@@ -598,7 +598,7 @@ def _write_candidate(tmp: Path, files: dict[str, Path], ckpt: LoadedCheckpoint,
 
     write_bundle(tmp / "bundle", files, manifest_fields(
         ckpt.path, opts.plan, checkpoint_id=str(ckpt.path), cfg=ckpt.cfg,
-        vision_precision=PLANS[opts.plan].vision, target=opts.target))
+        vision_precision=PLANS[opts.plan].vision_dtype(opts.target), target=opts.target))
     return {}
 
 

@@ -41,6 +41,8 @@ class TargetSettings:
     # supported in GroupQueryAttention cuda kernel"), so a CUDA target builds without it and its
     # engine takes unpadded rows only (runtime/contract.py, ``padding``)
     attention_bias: bool = True
+    # the vision engine's dtype on this target when it is not the plan row's (None: the row's)
+    vision: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_dtype == "int8" and self.attention != "gqa":
@@ -87,6 +89,11 @@ class PrecisionPlan:
     exportable: bool = True  # False: planned and judged, but no exporter builds it yet
     note: str = field(default="", compare=False)
 
+    def vision_dtype(self, target: str = "gpu") -> str:
+        """The vision engine's dtype on ``target``: its override, else the row's."""
+        t = self.targets.get(target, self.targets["gpu"])
+        return t.vision or self.vision
+
     def target(self, name: str = "gpu") -> TargetSettings:
         try:
             return self.targets[name]
@@ -125,9 +132,13 @@ def _same(act: str, kv: str) -> dict[str, TargetSettings]:
 # is ~50x slower on CPU; an fp32 KV cache removes the per-step Cast of the whole past (11 % of a
 # step) and is 24 % faster again at 8 full-size layers. GroupQueryAttention on one shared KV
 # buffer: its node 1.7-1.8x faster than MultiHeadAttention's at 8 full-size layers (issue 20,
-# bench/RESULTS.md), half the KV memory, same tokens.
+# bench/RESULTS.md), half the KV memory, same tokens. Its vision engine is fp32: onnxruntime's CPU
+# executor runs an fp16 one through fp32 copies of its weights (3x the fp16 bytes while it runs:
+# 11.7 GB peak at full size) and 2.1x slower than the fp32 engine (75.8 s vs 35.8 s per image at
+# full size; bench/RESULTS.md, "Vision engine" and "Memory planner vs measured").
 _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
-                 "cpu": TargetSettings("fp32", "fp32", accuracy_level=4, attention="gqa")}
+                 "cpu": TargetSettings("fp32", "fp32", accuracy_level=4, attention="gqa",
+                                       vision="fp32")}
 
 # edge: int8 vision (quant/vision_int8.py), int8 embedding rows with an fp16 scale per row
 # (quant/embedding.py), the int4 decoder's cpu target with an int8 KV cache, and on the gpu
@@ -142,7 +153,7 @@ _INT4_TARGETS = {"gpu": TargetSettings("fp16", "fp16"),
 # The gpu target stores the same int8 cache with fp16 activations (the (fp16, int8) kernel the
 # CUDA provider registers; here run and judged on the CPU kernel only).
 _EDGE_TARGETS = {"gpu": TargetSettings("fp16", "int8", attention="gqa", attention_bias=False),
-                 "cpu": replace(_INT4_TARGETS["cpu"], kv_dtype="int8")}
+                 "cpu": replace(_INT4_TARGETS["cpu"], kv_dtype="int8", vision=None)}
 
 PLANS: dict[str, PrecisionPlan] = {p.name: p for p in (
     PrecisionPlan("fp32", vision="fp32", linear_bits=32, lm_head="fp32", embed="fp32",
@@ -188,7 +199,8 @@ def traced_vision(precision: str) -> str:
 
 def vision_precisions() -> tuple[str, ...]:
     """Vision graphs the exporter traces (those the exportable plans need, int8 via fp32)."""
-    return tuple(dict.fromkeys(traced_vision(PLANS[n].vision) for n in exportable_plans()))
+    return tuple(dict.fromkeys(traced_vision(PLANS[n].vision_dtype(t)) for n in exportable_plans()
+                               for t in PLANS[n].targets))
 
 
 __all__ = ["DEFAULT_GROUP_SIZE", "DTYPE_BITS", "PLANS", "PrecisionPlan", "QUANTIZED_VISION",

@@ -51,7 +51,13 @@ def test_edge_plan_row_describes_what_is_built():
     edge, int4 = PLANS["edge"], PLANS["int4"]
     assert (edge.vision, edge.embed, edge.lm_head, edge.linear_bits) == ("int8", "int4", "int4", 4)
     assert edge.exportable
-    assert edge.target("cpu") == dataclasses.replace(int4.target("cpu"), kv_dtype="int8")
+    assert edge.target("cpu") == dataclasses.replace(int4.target("cpu"), kv_dtype="int8",
+                                                     vision=None)
+    # the vision engine per target: int8 on both for edge; int4 ships fp16 to a GPU and fp32 to
+    # a CPU (onnxruntime's CPU runs fp16 through fp32 copies, slower and larger)
+    assert [edge.vision_dtype(t) for t in ("gpu", "cpu")] == ["int8", "int8"]
+    assert [int4.vision_dtype(t) for t in ("gpu", "cpu")] == ["fp16", "fp32"]
+    assert plan_memory(qwen_vl_chat_config(), "int4", target="cpu").cpu_cast_vision_bytes == 0
     # the Jetson target: GroupQueryAttention on one int8 KV buffer, without the bias that
     # onnxruntime's CUDA kernel rejects (an unpadded engine)
     gpu = edge.target("gpu")
