@@ -18,6 +18,7 @@ int4 decoder 3.4 GB; int8 head 0.6 GB; KV 524 KB/token in fp16).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from models.checkpoint import expected_shapes
@@ -300,22 +301,34 @@ def _int4_head_group(k: int) -> int:
     return INT4_GROUP if k % INT4_GROUP == 0 else k
 
 
+def _nbits_weights(cfg: QwenVLConfig, s: _Storage) -> Iterator[tuple[str, int, int, int, int]]:
+    """``(part, rows, K, bits, block)`` of each MatMulNBits weight the decoder exporter writes:
+    the Linears when quantised, the LM head when 8- or 4-bit (int8: one block per row,
+    quant.packing.quantize_int8_per_channel; int4: groups)."""
+    shapes = expected_shapes(cfg)
+    if s.group_size:
+        for name, shape in shapes.items():
+            if name.endswith(QUANT_SUFFIXES) and not name.startswith("transformer.visual."):
+                yield "linear", shape[0], shape[1], s.linear, s.group_size
+    if s.head < 16:
+        rows, k = shapes["lm_head.weight"]
+        block = (1 << max(4, math.ceil(math.log2(k)))) if s.head == 8 else _int4_head_group(k)
+        yield "lm_head", rows, k, s.head, block
+
+
 def _decoder_parts(cfg: QwenVLConfig, s: _Storage) -> dict[str, float]:
     """Decoder initializers by part (exporters/decoder.py's layout)."""
     parts = dict.fromkeys(("linear", "lm_head", "embed", "other"), 0.0)
+    for part, rows, k, bits, block in _nbits_weights(cfg, s):
+        parts[part] += _nbits_bytes(rows, k, bits, block, s.act)
     for name, shape in expected_shapes(cfg).items():
         n = math.prod(shape)
         if name.startswith("transformer.visual."):
             continue
         if name.endswith(QUANT_SUFFIXES):
-            parts["linear"] += (_nbits_bytes(shape[0], shape[1], s.linear, s.group_size, s.act)
-                                if s.group_size else n * s.linear / 8)
+            parts["linear"] += 0.0 if s.group_size else n * s.linear / 8  # else MatMulNBits
         elif name == "lm_head.weight":
-            # int8: one block per row (quant.packing.quantize_int8_per_channel); int4: groups
-            block = (1 << max(4, math.ceil(math.log2(shape[1]))) if s.head == 8
-                     else _int4_head_group(shape[1]))
-            parts["lm_head"] += (_nbits_bytes(shape[0], shape[1], s.head, block, s.act)
-                                 if s.head < 16 else n * s.head / 8)
+            parts["lm_head"] += 0.0 if s.head < 16 else n * s.head / 8
         elif name == "transformer.wte.weight":  # codes + fp16 scales (quant/embedding.py)
             parts["embed"] += table_bytes(shape[0], shape[1], s.embed)
         else:  # norms and biases, in the activation dtype
@@ -359,22 +372,9 @@ def _cpu_prepack_bytes(cfg: QwenVLConfig, s: _Storage) -> float:
     8-bit LM head (:data:`PREPACK_BYTES_PER_4BIT_BLOCK`, :data:`PREPACK_BYTES_PER_8BIT_K64`)."""
     if not s.int8_gemm:
         return 0.0
-
-    def extra(rows: int, k: int, bits: int, block: int) -> float:
-        if bits == 4:
-            return rows * -(-k // block) * PREPACK_BYTES_PER_4BIT_BLOCK
-        return rows * -(-k // 64) * PREPACK_BYTES_PER_8BIT_K64 if bits == 8 else 0.0
-
-    total = 0.0
-    for name, shape in expected_shapes(cfg).items():
-        if name.startswith("transformer.visual."):
-            continue
-        if name.endswith(QUANT_SUFFIXES) and s.group_size:
-            total += extra(shape[0], shape[1], s.linear, s.group_size)
-        elif name == "lm_head.weight" and s.head < 16:
-            total += extra(shape[0], shape[1], s.head, _int4_head_group(shape[1])
-                           if s.head == 4 else shape[1])
-    return total
+    return sum(rows * -(-k // block) * PREPACK_BYTES_PER_4BIT_BLOCK if bits == 4 else
+               rows * -(-k // 64) * PREPACK_BYTES_PER_8BIT_K64 if bits == 8 else 0.0
+               for _, rows, k, bits, block in _nbits_weights(cfg, s))
 
 
 def _vision_act_bytes(cfg: QwenVLConfig) -> float:
